@@ -1,0 +1,428 @@
+"""minimind: a small Llama3/Qwen3-style language model, dense or Mixture-of-Experts.
+
+    from minimind import MiniMind, PRESETS
+    model = MiniMind(PRESETS["tiny"])
+    logits, loss = model(idx, targets)          # idx, targets: (B, T) int64
+
+Architecture choices (all presets):
+- decoder-only transformer, pre-norm RMSNorm (fp32 statistics), no biases anywhere
+- rotary position embedding (rotate-half convention), theta = 1e6, optional YaRN scaling for
+  inference beyond the training context
+- grouped-query attention through `F.scaled_dot_product_attention` (causal; block-diagonal when
+  rows pack several documents); optional RMSNorm of each q/k head (Qwen3)
+- SwiGLU feed-forward; or a Mixture-of-Experts of SwiGLU experts: softmax router, top-k,
+  renormalised for k > 1, optional always-on shared experts (DeepSeek), load-balance aux loss
+- tied input embedding and output head, vocabulary 6400
+- a preallocated KV cache for decoding (written in place, never grown by torch.cat)
+- no host syncs in forward: the dense model compiles with `fullgraph=True`
+"""
+import math
+from dataclasses import dataclass, asdict, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400
+    dim: int = 512
+    n_layers: int = 8
+    n_heads: int = 8
+    n_kv_heads: int = 2
+    head_dim: Optional[int] = None  # None: dim // n_heads
+    ffn_dim: int = 1408  # SwiGLU hidden size (of each expert, for MoE)
+    norm_eps: float = 1e-5
+    qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Qwen3)
+    rope_theta: float = 1e6
+    rope_scaling: Optional[dict] = None  # {"type": "yarn", "factor": 16, "original_max_position_embeddings": 2048}
+    max_seq_len: int = 32768  # longest context a KV cache may be built for
+    n_experts: int = 0  # 0: dense model
+    n_shared_experts: int = 0  # MoE: experts every token goes through
+    top_k: int = 1  # MoE: routed experts per token
+    norm_topk: bool = True  # MoE: renormalise the top-k weights to sum to 1 (only meaningful for k > 1)
+    aux_loss_coef: float = 0.01  # MoE: weight of the load-balance loss in the total loss
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.dim // self.n_heads
+        assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
+        assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
+        assert self.n_experts == 0 or 1 <= self.top_k <= self.n_experts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+PRESETS = {
+    # fits a 2-core CPU: ~4.6M parameters, trains in minutes
+    "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704),
+    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704, n_experts=4, top_k=1),
+    # MiniMind2 family (Llama-like: no q/k norm)
+    "minimind2-small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408),  # 25.8M
+    "minimind2": ModelConfig(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, ffn_dim=2048),  # 104.0M
+    "minimind2-moe": ModelConfig(dim=640, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1728,
+                                 n_experts=4, n_shared_experts=1, top_k=2),  # 145.0M
+    # MiniMind-3 family (Qwen3-like: q/k norm, head_dim 96)
+    "minimind-3": ModelConfig(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=96, ffn_dim=2432,
+                              qk_norm=True, norm_eps=1e-6),  # 63.9M
+    "minimind-3-moe": ModelConfig(dim=768, n_layers=8, n_heads=8, n_kv_heads=4, head_dim=96, ffn_dim=2432,
+                                  qk_norm=True, norm_eps=1e-6, n_experts=4, top_k=1),  # 198.4M, 63.9M active
+}
+
+
+# -----------------------------------------------------------------------------
+# primitives
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+def yarn_inv_freq(head_dim: int, theta: float, scaling: dict):
+    """YaRN (Peng et al. 2023) frequencies and attention factor, as transformers computes them:
+    high frequencies are kept, low ones are interpolated by `factor`, a linear ramp in between."""
+    factor = scaling["factor"]
+    orig = scaling["original_max_position_embeddings"]
+    beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+    attn_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(n_rot):  # the dim whose wavelength completes n_rot turns in `orig` positions
+        return head_dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), head_dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate
+    inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
+    return inv_freq, attn_factor
+
+
+def rope_cache(cfg: ModelConfig, seq_len: int):
+    """cos, sin tables of shape (seq_len, head_dim), fp32."""
+    d = cfg.head_dim
+    if cfg.rope_scaling:
+        inv_freq, attn_factor = yarn_inv_freq(d, cfg.rope_theta, cfg.rope_scaling)
+    else:
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        attn_factor = 1.0
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)  # (T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, D): rotate-half layout
+    return emb.cos() * attn_factor, emb.sin() * attn_factor
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of every layer, written in place as decoding advances.
+
+    `pad` (B,) counts left-padding tokens of each row (batched prompts of different lengths):
+    those slots are never attended to and positions of a row start after its padding."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
+        super().__init__()
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)  # (L, B, Hk, Tmax, D)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.pad = pad.to(device) if pad is not None else None
+        self.max_len = max_len
+        self.len = 0  # filled positions, a Python int: decoding is host-driven anyway
+
+    def update(self, layer: int, k, v):
+        # k, v: (B, Hk, T, D) for the T new positions; returns all keys/values so far
+        T = k.shape[2]
+        if self.len + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.len} + {T} > {self.max_len} positions")
+        self.k[layer, :, :, self.len:self.len + T] = k
+        self.v[layer, :, :, self.len:self.len + T] = v
+        end = self.len + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+# -----------------------------------------------------------------------------
+# attention, feed-forward, mixture of experts
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, mask=None, cache: Optional[KVCache] = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hk, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hk, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = kernels.rope(q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hk, T_past + T, D)
+        # causal without a mask: SDPA aligns the causal triangle to the top-left, so with a cache
+        # (T_past > 0) the caller passes an explicit mask unless T == 1 (attend to everything)
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*D)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (weights stacked per expert for grouped GEMMs) + optional shared experts.
+
+    N = tokens, D = dim, F = expert hidden, E = routed experts, K = experts per token."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, D, Fh = cfg.n_experts, cfg.dim, cfg.ffn_dim
+        self.top_k, self.norm_topk, self.n_experts = cfg.top_k, cfg.norm_topk, E
+        self.router = nn.Linear(D, E, bias=False)
+        self.w1 = nn.Parameter(torch.empty(E, Fh, D))  # gate, nn.Linear layout (out, in) per expert
+        self.w3 = nn.Parameter(torch.empty(E, Fh, D))  # up
+        self.w2 = nn.Parameter(torch.empty(E, D, Fh))  # down
+        self.shared = nn.ModuleList(FeedForward(D, Fh) for _ in range(cfg.n_shared_experts))
+        self.aux_loss = None  # load-balance loss of the last forward
+
+    def forward(self, x):
+        B, T, D = x.shape
+        xf = x.reshape(B * T, D)  # (N, D)
+        weights, experts, probs = kernels.moe_route(self.router(xf), self.top_k, self.norm_topk)  # (N, K), (N, K), (N, E)
+        y = kernels.moe_experts(xf, weights, experts, self.w1, self.w3, self.w2)  # (N, D)
+        for shared in self.shared:
+            y = y + shared(xf)
+        if self.training:
+            # Switch-Transformer balance loss: E * sum_e (fraction of slots sent to e) * (mean prob of e);
+            # equals 1 when routing is uniform. Counts carry no gradient; the probs do.
+            frac = torch.zeros_like(probs[0]).scatter_add_(0, experts.reshape(-1),
+                                                           torch.ones_like(experts.reshape(-1), dtype=probs.dtype))
+            frac = frac / experts.numel()
+            self.aux_loss = self.n_experts * (frac * probs.mean(0)).sum()
+        return y.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoE(cfg) if cfg.n_experts else FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+class MiniMind(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied
+        self.rope_len = 0
+        self._grow_rope(4096)
+        self.init_weights()
+
+    def init_weights(self):
+        """All initialisation in one place: N(0, 0.02) for embeddings and projections, residual
+        output projections scaled by 1/sqrt(2 * n_layers) (GPT-2), norms at 1."""
+        std = 0.02
+        resid_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight", ".w2")):
+                nn.init.normal_(p, std=resid_std)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def _grow_rope(self, seq_len: int):
+        cos, sin = rope_cache(self.config, seq_len)
+        dev = self.embed.weight.device
+        self.register_buffer("rope_cos", cos.to(dev), persistent=False)
+        self.register_buffer("rope_sin", sin.to(dev), persistent=False)
+        self.rope_len = seq_len
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameters (the tied embedding counted once). active=True counts only the experts a
+        token goes through."""
+        n = sum(p.numel() for p in self.parameters())
+        cfg = self.config
+        if active and cfg.n_experts:
+            per_expert = 3 * cfg.dim * cfg.ffn_dim
+            n -= cfg.n_layers * (cfg.n_experts - cfg.top_k) * per_expert
+        return n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 * active matmul params + attention
+        (PaLM appendix B). The embedding lookup is free; the tied head is a matmul and counts."""
+        cfg = self.config
+        n = self.num_params(active=True)
+        attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len / 2  # causal: half the scores
+        return 6 * n + attn
+
+    def forward(self, idx, targets=None, *, pos=None, doc=None, cache: Optional[KVCache] = None):
+        """idx: (B, T) token ids. targets: (B, T), -1 = ignored. Returns (logits, loss).
+
+        pos: (B, T) positions, default 0..T-1 (packed rows restart them per document).
+        doc: (B, T) document ids of packed rows: attention stays inside a document.
+        cache: a KVCache to decode with; logits are then computed for the last position only."""
+        B, T = idx.shape
+        x = self.embed(idx)  # (B, T, C)
+        start = cache.len if cache is not None else 0  # positions already in the cache
+        mask = None  # None: plain causal attention (or, for one new token, attend to all)
+        if cache is not None and cache.pad is not None:
+            key_pos = torch.arange(start + T, device=idx.device)  # (Tk,)
+            query_pos = key_pos[start:]  # (T,)
+            pad = cache.pad[:, None, None]  # (B, 1, 1)
+            causal = key_pos[None, None, :] <= query_pos[None, :, None]  # (1, T, Tk)
+            # padding keys are never attended to; a padding query attends to itself only, so that
+            # its (unused) output stays finite instead of a softmax over nothing
+            mask = (causal & (key_pos[None, None, :] >= pad)) | (key_pos[None, None, :] == query_pos[None, :, None])
+            mask = mask[:, None]  # (B, 1, T, Tk)
+            pos = (query_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T)
+        elif cache is not None and start > 0 and T > 1:
+            key_pos = torch.arange(start + T, device=idx.device)
+            mask = key_pos[None, :] <= key_pos[start:, None]  # (T, Tk) causal, offset by the past
+        elif doc is not None:
+            same_doc = doc[:, :, None] == doc[:, None, :]  # (B, T, T)
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = (same_doc & causal)[:, None]  # (B, 1, T, T)
+        if start + T > self.rope_len:
+            self._grow_rope(max(start + T, 2 * self.rope_len))
+        if pos is not None:
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, D)
+        else:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.len += T
+            x = x[:, -1:]
+        x = self.norm(x)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            if self.config.n_experts and self.training and self.config.aux_loss_coef:
+                aux = sum(block.ffn.aux_loss for block in self.layers)
+                loss = loss + self.config.aux_loss_coef * aux
+        return logits, loss
+
+    # -------------------------------------------------------------------------
+    # generation
+
+    def new_cache(self, batch_size: int, max_len: int, pad=None) -> KVCache:
+        p = self.embed.weight
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype, pad)
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                        top_p: Optional[float] = None, repetition_penalty: float = 1.0, eos_id: Optional[int] = None,
+                        pad=None, generator: Optional[torch.Generator] = None):
+        """Yield the next token of every row, (B,) int64, for up to `max_new_tokens` steps.
+
+        idx: (B, T) prompts, left-padded when their lengths differ, `pad` (B,) giving each row's
+        number of padding tokens. temperature 0 = greedy. Rows that produced `eos_id` keep
+        yielding `eos_id`; the stream ends when every row has (or after max_new_tokens)."""
+        B, T = idx.shape
+        cache = self.new_cache(B, T + max_new_tokens, pad)
+        seen = None
+        if repetition_penalty != 1.0:  # (B, V) tokens already in each row, vectorised penalty
+            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device)
+            valid = torch.ones_like(idx, dtype=torch.bool)
+            if pad is not None:
+                valid = torch.arange(T, device=idx.device)[None, :] >= cache.pad[:, None]
+            seen.scatter_(1, idx, valid)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        logits, _ = self(idx, cache=cache)
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1].float()  # (B, V)
+            if seen is not None:
+                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen, penalised, logits)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+                done = done | (nxt == eos_id)
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
+            yield nxt
+            if eos_id is not None and bool(done.all()):
+                return
+            logits, _ = self(nxt[:, None], cache=cache)
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, **kw):
+        """Return idx with up to `max_new_tokens` generated tokens appended, (B, T + n)."""
+        out = [idx]
+        for tok in self.generate_stream(idx, max_new_tokens, **kw):
+            out.append(tok[:, None])
+        return torch.cat(out, dim=1)
+
+
+def sample_next(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], generator=None):
+    """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest set reaching top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
