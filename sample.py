@@ -1,0 +1,364 @@
+"""Sample from a minimind checkpoint: continue a prompt, chat in the terminal, or benchmark decoding.
+
+    python sample.py --ckpt out/pretrain --prompt "人工智能是" --max-new-tokens 100
+    python sample.py --ckpt out/pretrain --prompt "春天" --prompt "The weather today" --temperature 0
+    python sample.py --ckpt out/sft --chat --system "你是一个乐于助人的助手。"
+
+One --prompt streams its continuation (a pretrained model sees bos + prompt tokens). Several
+--prompt flags are decoded together as one left-padded batch: with --temperature 0 every result
+is the same as that prompt decoded alone. --chat is a multi-turn conversation in the tokenizer's
+chat template: the history is kept across turns and its oldest turns are dropped when it no longer
+fits the context window; /reset clears it, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.
+
+Streamed text never shows half a character: the byte-level tokenizer can split one UTF-8
+character over several tokens, so bytes are held back until they form complete characters.
+
+The context window is --context, else the training sequence length stored in the checkpoint
+(state.json args.seq_len), else 2048.
+"""
+import argparse
+import codecs
+import json
+import sys
+import time
+from typing import Optional
+
+import torch
+
+import kernels
+from common import load_for_inference, pick_device, pick_dtype, resolve_checkpoint
+
+DEFAULT_CONTEXT = 2048
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def checkpoint_context(ckpt, model, requested: Optional[int] = None) -> int:
+    """The context window to serve a checkpoint with: `requested`, else the sequence length it was
+    trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
+    if requested:
+        ctx = requested
+    else:
+        state_path = resolve_checkpoint(ckpt) / "state.json"
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+        ctx = (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
+    return min(int(ctx), model.config.max_seq_len)
+
+
+def load(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None):
+    """(model, tokenizer, device) ready for inference; `kernel_backend` goes to kernels.set_backend."""
+    if kernel_backend:
+        kernels.set_backend(kernel_backend)
+    device = pick_device(device)
+    model, tok = load_for_inference(ckpt, device)
+    model.to(pick_dtype(dtype, device))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+    return model, tok, device
+
+
+# -----------------------------------------------------------------------------
+# streaming detokenization
+
+def _byte_level_alphabet() -> dict:
+    """The printable character that byte-level BPE (GPT-2) uses for each byte -> that byte.
+    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to 256 + n."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, shifted = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + shifted)] = b
+            shifted += 1
+    return chars
+
+
+def token_bytes(tok, skip_special_tokens: bool = True) -> list:
+    """The UTF-8 bytes of every token id (a token may hold part of a character). Special tokens
+    are b"" when skipped. Tokenizers that are not byte-level fall back to decoding each token."""
+    hf = tok.tok
+    special = {t.content for t in hf.get_added_tokens_decoder().values()}
+    byte_level = json.loads(hf.to_str()).get("decoder", {}).get("type") == "ByteLevel"
+    alphabet = _byte_level_alphabet()
+    table = []
+    for i in range(hf.get_vocab_size()):
+        piece = hf.id_to_token(i)
+        if piece is None:
+            table.append(b"")
+        elif piece in special:
+            table.append(b"" if skip_special_tokens else piece.encode("utf-8"))
+        elif byte_level and all(c in alphabet for c in piece):
+            table.append(bytes(alphabet[c] for c in piece))
+        else:
+            table.append(tok.decode([i]).encode("utf-8"))
+    return table
+
+
+class TokenDecoder:
+    """Token ids in, text out, one token at a time; text is released only as whole characters.
+
+        dec = TokenDecoder(tok)
+        for t in tokens: print(dec.feed(t), end="")
+        print(dec.flush())
+
+    Bytes that do not (yet) form a complete UTF-8 character are held; invalid bytes become U+FFFD."""
+
+    def __init__(self, tok, skip_special_tokens: bool = True, table: Optional[list] = None):
+        self.table = table if table is not None else token_bytes(tok, skip_special_tokens)
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        b = self.table[token_id] if 0 <= token_id < len(self.table) else b""
+        return self.utf8.decode(b)
+
+    def flush(self) -> str:
+        return self.utf8.decode(b"", final=True)
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+def _sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
+              generator=None) -> dict:
+    return dict(temperature=temperature, top_k=top_k or None,
+                top_p=top_p if top_p is not None and top_p < 1.0 else None,
+                repetition_penalty=repetition_penalty, generator=generator)
+
+
+@torch.no_grad()
+def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] = None, temperature: float = 1.0,
+                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
+                  generator=None):
+    """Yield the generated token ids of one prompt, stopping after `eos_id` (which is yielded)."""
+    if max_new_tokens <= 0:
+        return
+    device = model.embed.weight.device
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    pad = torch.zeros(1, dtype=torch.long)  # the batch path, so a prompt decodes the same alone or batched
+    for nxt in model.generate_stream(idx, max_new_tokens, eos_id=eos_id, pad=pad,
+                                     **_sampling(temperature, top_k, top_p, repetition_penalty, generator)):
+        t = int(nxt[0])
+        yield t
+        if t == eos_id:
+            return
+
+
+@torch.no_grad()
+def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
+                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   repetition_penalty: float = 1.0, generator=None) -> list:
+    """Decode several prompts (lists of ids, any lengths) as one left-padded batch.
+    Returns the generated ids of each prompt, cut before its first `eos_id`."""
+    if not prompts or max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    device = model.embed.weight.device
+    T = max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)  # (B,)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, T)
+    steps = [nxt.tolist() for nxt in model.generate_stream(
+        idx, max_new_tokens, eos_id=eos_id, pad=pad, **_sampling(temperature, top_k, top_p, repetition_penalty,
+                                                                   generator))]
+    out = []
+    for b in range(len(prompts)):
+        row = [s[b] for s in steps]
+        if eos_id is not None and eos_id in row:
+            row = row[:row.index(eos_id)]
+        out.append(row)
+    return out
+
+
+def fit_history(tok, messages: list, context: int, reserve: int):
+    """Drop the oldest turns (never the system message nor the newest message) until the chat
+    prompt leaves `reserve` tokens of the context for the reply. Returns (messages, prompt ids)."""
+    messages = list(messages)
+    while True:
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) + reserve <= context or len(messages) - first <= 1:
+            return messages, ids
+        del messages[first]
+        # a conversation restarts with the user: drop an orphaned assistant reply too
+        while len(messages) - first > 1 and messages[first]["role"] != "user":
+            del messages[first]
+
+
+# -----------------------------------------------------------------------------
+# command line modes
+
+def run_prompts(model, tok, args, context: int):
+    gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               repetition_penalty=args.repetition_penalty)
+    prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        sys.exit(f"error: a prompt of {longest} tokens does not fit the context window of {context} (--context)")
+    max_new = min(args.max_new_tokens, context - longest)
+    if max_new < args.max_new_tokens:
+        print(f"[--max-new-tokens {args.max_new_tokens} capped to {max_new} by the context window of {context}]",
+              file=sys.stderr)
+    if len(prompts) > 1:  # a batch: results printed when all are done
+        t0 = time.time()
+        outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, **gen)
+        dt = time.time() - t0
+        for i, (p, o) in enumerate(zip(args.prompt, outs)):
+            print(f"--- [{i}] " + p + tok.decode(o, skip_special_tokens=True))
+        n = sum(len(o) for o in outs)
+        print(f"[{len(outs)} prompts, {n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+        return
+    dec = TokenDecoder(tok)
+    print(args.prompt[0], end="", flush=True)
+    n, t0 = 0, time.time()
+    for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, **gen):
+        n += 1
+        print(dec.feed(t), end="", flush=True)
+    print(dec.flush())
+    dt = time.time() - t0
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+
+
+def run_chat(model, tok, args, context: int):
+    """Read a line, stream the reply, repeat. Commands: /reset, /exit."""
+    gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               repetition_penalty=args.repetition_penalty)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    reserve = min(args.max_new_tokens, context // 2)  # room kept for the reply when trimming history
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"[chat: context {context} tokens; /reset clears the history, /exit quits]", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return
+        if text == "/reset":
+            history = list(system)
+            print("[history cleared]", file=sys.stderr)
+            continue
+        history, ids = fit_history(tok, history + [{"role": "user", "content": line}], context, reserve)
+        max_new = min(args.max_new_tokens, context - len(ids))
+        if max_new <= 0:
+            print(f"[message too long: {len(ids)} tokens, the context window is {context}]", file=sys.stderr)
+            history.pop()
+            continue
+        dec, reply, n, t0 = TokenDecoder(tok), [], 0, time.time()
+        try:
+            for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, **gen):
+                n += 1
+                if t == tok.eos_id:
+                    break
+                piece = dec.feed(t)
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this reply, keep chatting
+            print(" [interrupted]", end="")
+        reply.append(dec.flush())
+        print(reply[-1], flush=True)
+        dt = time.time() - t0
+        print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr, flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# -----------------------------------------------------------------------------
+# benchmark (called by bench.py)
+
+@torch.no_grad()
+def _naive_decode(model, idx, n: int):
+    """Greedy decoding without a cache: the whole sequence goes through the model for every token."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_sizes=(1, 8), prompt_len: int = 32,
+                 new_tokens: int = 32) -> None:
+    """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch)
+    against a naive loop that re-runs the whole sequence for each token.
+
+    Appends to out["decode"] one dict per (preset, batch): model, batch, prompt_len, new_tokens,
+    kv_tok_s and naive_tok_s (generated tokens per second, all rows counted, prefill included),
+    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2)."""
+    from minimind import MiniMind, PRESETS
+    rows = out.setdefault("decode", [])
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for name in presets:
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS[name]).to(device).eval()
+        for B in batch_sizes:
+            lens = [prompt_len - (prompt_len // 2) * b // max(B - 1, 1) for b in range(B)]
+            prompts = [torch.randint(3, model.config.vocab_size, (n,)).tolist() for n in lens]
+            generate_batch(model, prompts, 2, temperature=0)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            generate_batch(model, prompts, new_tokens, temperature=0)
+            sync()
+            kv = B * new_tokens / (time.perf_counter() - t0)
+            idx = torch.tensor([p[:min(lens)] for p in prompts], device=device)  # naive: equal lengths, no pads
+            _naive_decode(model, idx, 1)
+            sync()
+            t0 = time.perf_counter()
+            _naive_decode(model, idx, new_tokens)
+            sync()
+            naive = B * new_tokens / (time.perf_counter() - t0)
+            rows.append({"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2)})
+        del model
+
+
+# -----------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to run
+    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text to continue; repeat the flag to decode several prompts as one batch")
+    p.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (chat template)")
+    p.add_argument("--system", default="", help="--chat: system message")
+    # sampling
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (per reply)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive logits of tokens already present by this (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+    # runtime
+    p.add_argument("--context", type=int, default=0,
+                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation (kernels.set_backend)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.chat == bool(args.prompt):
+        sys.exit("error: give either --prompt TEXT (repeatable) or --chat")
+    if args.max_new_tokens <= 0:
+        sys.exit("error: --max-new-tokens must be positive")
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    try:
+        model, tok, _ = load(args.ckpt, args.device, args.dtype, args.kernels)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    context = checkpoint_context(args.ckpt, model, args.context)
+    if args.chat:
+        run_chat(model, tok, args, context)
+    else:
+        run_prompts(model, tok, args, context)
+
+
+if __name__ == "__main__":
+    main()
