@@ -57,3 +57,29 @@ def pretrain_dir(corpus, tokenizer_dir, tmp_path_factory):
     run(["prepare.py", "pretrain", "--input", corpus, "--tokenizer", tokenizer_dir, "--out", out,
          "--val-fraction", "0.1", "--workers", "2", "--quiet"])
     return out
+
+
+@pytest.fixture(scope="session")
+def random_ckpt(tokenizer_dir, tmp_path_factory):
+    """A tiny random-weight checkpoint (trained seq_len 256) for sampling and serving tests.
+
+    At the usual init a random model with a tied embedding just repeats its last token, so its
+    output would not depend on positions or masks. Here the attention and MLP weights are scaled
+    up to outweigh the embedding (the output depends on the whole context) and the final norm is
+    scaled so that the top logits are far apart (greedy decoding is stable to rounding)."""
+    import torch
+    from common import Tokenizer, save_checkpoint
+    from minimind import MiniMind, ModelConfig
+    tok = Tokenizer(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128)
+    model = MiniMind(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "norm.weight":
+                p.mul_(100)
+            elif not name.endswith("norm.weight") and name != "embed.weight":
+                p.mul_(8)
+    out = tmp_path_factory.mktemp("ckpt") / "random"
+    save_checkpoint(out, 0, model, state={"kind": "pretrain", "args": {"seq_len": 256}}, tokenizer_dir=tokenizer_dir)
+    return out
