@@ -1,20 +1,56 @@
 """Mixture-of-Experts routing and grouped expert SwiGLU FFN.
 
-Axes: N = tokens, D = model dim, F = expert hidden dim, E = experts, K = experts per token.
+Axes: N = tokens, D = model dim, F = expert hidden dim, E = experts, K = experts per token,
+S = N*K token slots (slot s = n*K + k), R = rows of the padded sorted layout.
 
-    probs   = softmax(x @ Wr^T)                          (N, E), fp32
-    w, idx  = topk(probs, K)                             (N, K)
+Routing (one fused kernel, fp32 math):
+    probs   = softmax(logits)                            (N, E)
+    w, idx  = topk(probs, K)                             (N, K), ties to the lowest expert index
     w       = w / sum(w)     if renormalise and K > 1    (with K = 1 renormalising makes every
                                                           weight the constant 1.0 and cuts the router
                                                           off from the LM loss, so it is skipped)
-    y_n     = sum_k w_nk * FFN_{idx_nk}(x_n),   FFN_e(x) = (silu(x W1_e^T) * (x W3_e^T)) W2_e^T
+  backward, from dw (N, K) and dprobs (N, E) (the load-balance loss reads probs):
+    dp      = dprobs + scatter(idx, dw')   dw'_k = (dw_k - sum_j dw_j w_j) / sum_j p_idx_j  if renormalised
+    dlogits = p * (dp - sum(p * dp))
 
-PyTorch twins: `moe_route_torch`, `moe_experts_torch` (sort by expert + `F.grouped_mm`: no
-host sync, no capacity drop). The Triton kernels land here too (see issue 3).
+Experts:
+    y_n     = sum_k w_nk * FFN_{idx_nk}(x_n),   FFN_e(x) = (silu(x W1_e^T) * (x W3_e^T)) W2_e^T
+computed as
+    1. `moe_align`: sort the S slots by expert into contiguous groups, each padded to a multiple of
+       BLOCK_M rows, so that every block of BLOCK_M rows belongs to one expert. Buffers are sized
+       for the worst case, R = (cdiv(S, BLOCK_M) + E - 1) * BLOCK_M: no host sync, no token dropped.
+    2. up:   h1, h3 = x[token(r)] @ W1_e^T, x[token(r)] @ W3_e^T ;  h = silu(h1) * h3   (R, F)
+             (gathers the token rows itself: the (S, D) permuted copy of x is never built)
+    3. down: ys = h @ W2_e^T                                                            (R, D)
+    4. combine: y_n = sum_k w_nk * ys[row(n, k)]          (a gather per token: no atomics)
+  backward, from dy (N, D):
+    dw_nk        = <dy_n, ys[row(n, k)]>
+    dh           = (w * dy[token(r)]) @ W2_e ;  dh1 = dh * h3 * silu'(h1),  dh3 = dh * silu(h1)
+    dx_n         = sum_k (dh1 @ W1_e + dh3 @ W3_e)[row(n, k)]
+    dW2_e        = sum_{r in e} (w * dy[token(r)])^T h[r]
+    dW1_e, dW3_e = sum_{r in e} dh1[r]^T x[token(r)],  dh3[r]^T x[token(r)]
+Every weight-gradient tile belongs to one program that walks its expert's rows: deterministic.
+
+Entry points: `moe_route(logits, top_k, renormalize)` and `moe_experts(x, weights, experts, w1, w3, w2)`.
+Layers: kernels `_moe_*_kernel` -> launchers (custom ops minimind::moe_*) -> `MoERouteFunction`,
+`MoEExpertsFunction` -> `moe_route`, `moe_experts`. PyTorch twins: `moe_route_torch`,
+`moe_experts_torch` (sort by expert + `F.grouped_mm`: no host sync, no capacity drop).
 """
+from __future__ import annotations
+
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
+import kernels
+from kernels._triton import cdiv, dot_precision, jit, launcher, next_pow2
+
+tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
+
+
+# -----------------------------------------------------------------------------
+# PyTorch twins
 
 def moe_route_torch(logits: torch.Tensor, top_k: int, renormalize: bool):
     probs = logits.float().softmax(dim=-1)  # (N, E)
@@ -24,27 +60,637 @@ def moe_route_torch(logits: torch.Tensor, top_k: int, renormalize: bool):
     return weights, experts, probs
 
 
+def _grouped_mm_fake(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@launcher("grouped_mm", _grouped_mm_fake)
+def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """F.grouped_mm(a (M, P), b (G, P, Q), offs) -> (M, Q). A custom op under torch.compile because the
+    meta function of aten._grouped_mm rejects fp32 on CPU; eager calls F.grouped_mm (with its autograd)."""
+    return F.grouped_mm(a, b, offs=offs)
+
+
+@launcher("grouped_mm_wgrad", lambda a, dy, offs: a.new_empty(offs.shape[0], a.shape[1], dy.shape[1]))
+def grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Per group g: a_g^T dy_g, (G, P, Q): the weight gradient of `grouped_mm`."""
+    return F.grouped_mm(a.t(), dy, offs=offs)
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _grouped_mm_backward(ctx, dy):
+    a, b, offs = ctx.saved_tensors
+    dy = dy.contiguous()  # aten._grouped_mm rejects expanded (stride 0) gradients
+    return grouped_mm.op(dy, b.transpose(1, 2), offs), grouped_mm_wgrad.op(a, dy, offs), None
+
+
+torch.library.register_autograd("minimind::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
 def moe_experts_torch(x, weights, experts, w1, w3, w2):
     # x: (N, D); weights, experts: (N, K); w1, w3: (E, F, D); w2: (E, D, F)
     N, K = experts.shape
     E = w1.shape[0]
-    flat = experts.reshape(-1)  # (N*K,) expert of each token slot
+    flat = experts.reshape(-1)  # (S,) expert of each token slot
     order = flat.argsort(stable=True)  # slots grouped by expert
-    token_of_slot = order // K  # (N*K,) source token of each sorted slot
-    xs = x[token_of_slot]  # (N*K, D) tokens in expert order
-    counts = torch.bincount(flat, minlength=E)
-    offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's group
-    h = F.silu(F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)) * F.grouped_mm(xs, w3.transpose(1, 2), offs=offs)
-    ys = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)  # (N*K, D)
+    token_of_slot = order // K  # (S,) source token of each sorted slot
+    xs = x[token_of_slot]  # (S, D) tokens in expert order
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's group (bincount would sync on CUDA)
+    h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
+    ys = grouped_mm(h, w2.transpose(1, 2), offs)  # (S, D)
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
     return torch.zeros_like(x).index_add_(0, token_of_slot, ys)  # combine the K slots per token
 
 
+# -----------------------------------------------------------------------------
+# Triton kernels: routing
+
+@jit
+def _top1(cand, cols, BLOCK_E: tl.constexpr):
+    # largest entry of each row of cand (BLOCK_M, BLOCK_E) and its lowest column index
+    best = tl.max(cand, axis=1)
+    idx = tl.min(tl.where(cand == best[:, None], cols[None, :], BLOCK_E), axis=1)
+    return best, idx
+
+
+@jit
+def _moe_route_fwd_kernel(LOGITS, PROBS, WEIGHTS, EXPERTS, n_rows, n_experts, stride_l,
+                          TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < n_rows
+    col_ok = cols < n_experts
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)
+    z = tl.load(LOGITS + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.where(col_ok[None, :], z, -float("inf"))
+    e = tl.exp(z - tl.max(z, axis=1)[:, None])
+    p = e / tl.sum(e, axis=1)[:, None]  # (BLOCK_M, BLOCK_E)
+    tl.store(PROBS + rows[:, None] * n_experts + cols[None, :], p, mask=mask)
+    # top-k by repeated arg-max; a first pass sums the top-k probabilities when renormalising
+    cand = tl.where(col_ok[None, :], p, -1.0)
+    total = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if RENORM:
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        c = cand
+        for i in tl.static_range(TOP_K):
+            best, idx = _top1(c, cols, BLOCK_E)
+            total += best
+            c = tl.where(cols[None, :] == idx[:, None], -1.0, c)
+    for i in tl.static_range(TOP_K):
+        best, idx = _top1(cand, cols, BLOCK_E)
+        tl.store(WEIGHTS + rows * TOP_K + i, best / total, mask=row_ok)
+        tl.store(EXPERTS + rows * TOP_K + i, idx.to(tl.int64), mask=row_ok)
+        cand = tl.where(cols[None, :] == idx[:, None], -1.0, cand)
+
+
+@jit
+def _moe_route_bwd_kernel(PROBS, DPROBS, WEIGHTS, DWEIGHTS, EXPERTS, DLOGITS, n_rows, n_experts,
+                          HAS_DPROBS: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_E)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_experts)[None, :]
+    rows = rows.to(tl.int64)
+    offs = rows[:, None] * n_experts + cols[None, :]
+    p = tl.load(PROBS + offs, mask=mask, other=0.0)
+    if HAS_DPROBS:
+        dp = tl.load(DPROBS + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dp = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
+    # renormalised weights w_k = p_k / s: dp_k = (dw_k - <dw, w>) / s; else dp_k = dw_k (dot 0, s 1)
+    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    s = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if RENORM:
+        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for i in tl.static_range(TOP_K):
+            idx = tl.load(EXPERTS + rows * TOP_K + i, mask=row_ok, other=0)
+            w = tl.load(WEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0)
+            dw = tl.load(DWEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0).to(tl.float32)
+            dot += dw * w
+            s += tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), axis=1)
+        s = tl.where(row_ok, s, 1.0)
+    for i in tl.static_range(TOP_K):
+        idx = tl.load(EXPERTS + rows * TOP_K + i, mask=row_ok, other=0)
+        dw = tl.load(DWEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0).to(tl.float32)
+        g = (dw - dot) / s
+        dp += tl.where(cols[None, :] == idx[:, None], g[:, None], 0.0)
+    dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
+    tl.store(DLOGITS + offs, dl.to(DLOGITS.dtype.element_ty), mask=mask)
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels: experts. GEMM programs are (block of BLOCK_M sorted rows, tile of BLOCK_N columns);
+# BLOCK_EXPERT[block] is the block's expert, n_experts for blocks past the last group (they return).
+
+@jit
+def _moe_up_kernel(X, W1, W3, H, H1, H3, SLOT_OF_ROW, BLOCK_EXPERT, n_slots, n_experts, top_k, dim, hidden,
+                   stride_x, stride_we, stride_wf, stride_wd,
+                   SAVE: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # h[r] = silu(x[tok] @ W1_e^T) * (x[tok] @ W3_e^T) for the rows r of one block; H1, H3 keep the
+    # pre-activations for backward (SAVE)
+    pid_m = tl.program_id(0)
+    e = tl.load(BLOCK_EXPERT + pid_m)
+    if e < n_experts:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(SLOT_OF_ROW + rows)
+        row_ok = slot < n_slots  # padding rows hold slot n_slots
+        tok = (slot // top_k).to(tl.int64)
+        f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        f_ok = f < hidden
+        kk = tl.arange(0, BLOCK_K)
+        x_off = tok[:, None] * stride_x + kk[None, :]  # (BLOCK_M, BLOCK_K)
+        w_off = e.to(tl.int64) * stride_we + f[None, :] * stride_wf + kk[:, None] * stride_wd  # (BLOCK_K, BLOCK_N)
+        acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            k_ok = kk < dim - k0
+            a = tl.load(X + x_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            b1 = tl.load(W1 + w_off, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            b3 = tl.load(W3 + w_off, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            acc1 = tl.dot(a, b1, acc1, input_precision=PRECISION)
+            acc3 = tl.dot(a, b3, acc3, input_precision=PRECISION)
+            x_off += BLOCK_K
+            w_off += BLOCK_K * stride_wd
+        h = acc1 * tl.sigmoid(acc1) * acc3
+        out = rows.to(tl.int64)[:, None] * hidden + f[None, :]
+        tl.store(H + out, h.to(H.dtype.element_ty), mask=f_ok[None, :])
+        if SAVE:
+            tl.store(H1 + out, acc1.to(H1.dtype.element_ty), mask=f_ok[None, :])
+            tl.store(H3 + out, acc3.to(H3.dtype.element_ty), mask=f_ok[None, :])
+
+
+@jit
+def _moe_gemm_kernel(A, B, A2, B2, C, SLOT_OF_ROW, BLOCK_EXPERT, n_slots, n_experts, n_k, n_n,
+                     stride_a, stride_be, stride_bk, stride_bn,
+                     DUAL: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # C[r] = A[r] @ B_e (+ A2[r] @ B2_e when DUAL), A in the sorted layout, B_e read as (k, n) through
+    # strides (so W or W^T); A2, B2 share the strides of A, B. C is (R, n_n), contiguous.
+    pid_m = tl.program_id(0)
+    e = tl.load(BLOCK_EXPERT + pid_m)
+    if e < n_experts:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = tl.load(SLOT_OF_ROW + rows) < n_slots
+        rows = rows.to(tl.int64)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < n_n
+        kk = tl.arange(0, BLOCK_K)
+        a_off = rows[:, None] * stride_a + kk[None, :]
+        b_off = e.to(tl.int64) * stride_be + kk[:, None] * stride_bk + n[None, :] * stride_bn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, n_k, BLOCK_K):
+            k_ok = kk < n_k - k0
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            b_mask = k_ok[:, None] & n_ok[None, :]
+            acc = tl.dot(tl.load(A + a_off, mask=a_mask, other=0.0), tl.load(B + b_off, mask=b_mask, other=0.0),
+                         acc, input_precision=PRECISION)
+            if DUAL:
+                acc = tl.dot(tl.load(A2 + a_off, mask=a_mask, other=0.0),
+                             tl.load(B2 + b_off, mask=b_mask, other=0.0), acc, input_precision=PRECISION)
+            a_off += BLOCK_K
+            b_off += BLOCK_K * stride_bk
+        tl.store(C + rows[:, None] * n_n + n[None, :], acc.to(C.dtype.element_ty), mask=n_ok[None, :])
+
+
+@jit
+def _moe_down_bwd_kernel(DY, ROUTE_W, W2, H1, H3, DH1, DH3, SLOT_OF_ROW, BLOCK_EXPERT, n_slots, n_experts, top_k,
+                         dim, hidden, stride_dy, stride_we, stride_wd, stride_wf, PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dh[r] = (w[slot] * dy[tok]) @ W2_e, then the SwiGLU backward:
+    #   dh1 = dh * h3 * sig(h1) * (1 + h1 * (1 - sig(h1))),   dh3 = dh * h1 * sig(h1)
+    pid_m = tl.program_id(0)
+    e = tl.load(BLOCK_EXPERT + pid_m)
+    if e < n_experts:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        slot = tl.load(SLOT_OF_ROW + rows)
+        row_ok = slot < n_slots
+        tok = (slot // top_k).to(tl.int64)
+        scale = tl.load(ROUTE_W + slot, mask=row_ok, other=0.0).to(tl.float32)  # (BLOCK_M,)
+        f = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        f_ok = f < hidden
+        kk = tl.arange(0, BLOCK_K)
+        a_off = tok[:, None] * stride_dy + kk[None, :]
+        b_off = e.to(tl.int64) * stride_we + kk[:, None] * stride_wd + f[None, :] * stride_wf
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, dim, BLOCK_K):
+            k_ok = kk < dim - k0
+            a = tl.load(DY + a_off, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            a = (a * scale[:, None]).to(W2.dtype.element_ty)
+            b = tl.load(W2 + b_off, mask=k_ok[:, None] & f_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            a_off += BLOCK_K
+            b_off += BLOCK_K * stride_wd
+        out = rows.to(tl.int64)[:, None] * hidden + f[None, :]
+        h1 = tl.load(H1 + out, mask=f_ok[None, :], other=0.0).to(tl.float32)
+        h3 = tl.load(H3 + out, mask=f_ok[None, :], other=0.0).to(tl.float32)
+        sig = tl.sigmoid(h1)
+        dh1 = acc * h3 * sig * (1.0 + h1 * (1.0 - sig))
+        dh3 = acc * h1 * sig
+        tl.store(DH1 + out, dh1.to(DH1.dtype.element_ty), mask=f_ok[None, :])
+        tl.store(DH3 + out, dh3.to(DH3.dtype.element_ty), mask=f_ok[None, :])
+
+
+@jit
+def _moe_wgrad_kernel(G, G2, X, ROUTE_W, DW, DW2, SLOT_OF_ROW, GROUP_START, GROUP_SIZE, n_slots, top_k, n_n, n_k,
+                      stride_g, stride_x,
+                      G_TOKENS: tl.constexpr, X_TOKENS: tl.constexpr, DUAL: tl.constexpr, PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # DW_e[n, k] = sum over the rows r of expert e of G[r, n] * X[r, k] (DW2 likewise from G2).
+    # G_TOKENS: row r of G is w[slot] * G[tok] (dy); X_TOKENS: row r of X is X[tok] (x); else sorted rows.
+    # Program (tile, e): one (BLOCK_N, BLOCK_K) tile of one expert, whole; DW is (E, n_n, n_k) contiguous.
+    e = tl.program_id(1)
+    tiles_k = tl.cdiv(n_k, BLOCK_K)
+    n = (tl.program_id(0) // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = (tl.program_id(0) % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = n < n_n
+    k_ok = k < n_k
+    start = tl.load(GROUP_START + e)
+    size = tl.load(GROUP_SIZE + e)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, size, BLOCK_M):
+        i = r0 + tl.arange(0, BLOCK_M)
+        row_ok = i < size
+        rows = (start + i).to(tl.int64)
+        slot = tl.load(SLOT_OF_ROW + rows, mask=row_ok, other=0)
+        tok = (slot // top_k).to(tl.int64)
+        if G_TOKENS:
+            g_rows = tok
+        else:
+            g_rows = rows
+        if X_TOKENS:
+            x_rows = tok
+        else:
+            x_rows = rows
+        g_off = g_rows[:, None] * stride_g + n[None, :]
+        g_mask = row_ok[:, None] & n_ok[None, :]
+        g = tl.load(G + g_off, mask=g_mask, other=0.0)  # (BLOCK_M, BLOCK_N)
+        if G_TOKENS:
+            scale = tl.load(ROUTE_W + slot, mask=row_ok, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * scale[:, None]).to(X.dtype.element_ty)
+        xv = tl.load(X + x_rows[:, None] * stride_x + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(g), xv, acc, input_precision=PRECISION)
+        if DUAL:
+            g2 = tl.load(G2 + g_off, mask=g_mask, other=0.0)
+            acc2 = tl.dot(tl.trans(g2), xv, acc2, input_precision=PRECISION)
+    out = e.to(tl.int64) * n_n * n_k + n[:, None] * n_k + k[None, :]
+    tl.store(DW + out, acc.to(DW.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+    if DUAL:
+        tl.store(DW2 + out, acc2.to(DW2.dtype.element_ty), mask=n_ok[:, None] & k_ok[None, :])
+
+
+@jit
+def _moe_combine_kernel(YS, ROUTE_W, ROW_OF_SLOT, Y, n_tokens, dim, stride_ys,
+                        HAS_WEIGHTS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # y[t] = sum_k w[t, k] * YS[row(t, k)]   (w = 1 without HAS_WEIGHTS); Y is (N, dim) contiguous
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    t_ok = t < n_tokens
+    mask = t_ok[:, None] & (d < dim)[None, :]
+    t = t.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for i in tl.static_range(TOP_K):
+        row = tl.load(ROW_OF_SLOT + t * TOP_K + i, mask=t_ok, other=0).to(tl.int64)
+        v = tl.load(YS + row[:, None] * stride_ys + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_WEIGHTS:
+            v = v * tl.load(ROUTE_W + t * TOP_K + i, mask=t_ok, other=0.0).to(tl.float32)[:, None]
+        acc += v
+    tl.store(Y + t[:, None] * dim + d[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@jit
+def _moe_combine_bwd_kernel(DY, YS, ROW_OF_SLOT, DW, n_slots, dim, top_k, stride_dy, stride_ys,
+                            BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # dw[slot] = <dy[tok], YS[row(slot)]>
+    s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_ok = s < n_slots
+    tok = (s // top_k).to(tl.int64)
+    row = tl.load(ROW_OF_SLOT + s, mask=s_ok, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        mask = s_ok[:, None] & (d < dim)[None, :]
+        dy = tl.load(DY + tok[:, None] * stride_dy + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        ys = tl.load(YS + row[:, None] * stride_ys + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += dy * ys
+    tl.store(DW + s, tl.sum(acc, axis=1), mask=s_ok)
+
+
+# -----------------------------------------------------------------------------
+# launch configuration. BLOCK_M also fixes the padding of the sorted layout (moe_align), so it is
+# one number per device kind; the rest may differ per kernel. Tuned for nothing yet on GPU (first
+# guesses for H100-class parts); tests shrink the CPU blocks to exercise more of the tiling.
+
+GEMM_CONFIG = {
+    "cuda": dict(block_m=64, up=(64, 64, 4, 3), gemm=(128, 64, 8, 3), wgrad=(64, 64, 4, 3)),  # (BLOCK_N, BLOCK_K, warps, stages)
+    "cpu": dict(block_m=16, up=(32, 32, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)),
+}
+
+
+def _config(t: torch.Tensor) -> dict:
+    return GEMM_CONFIG["cuda" if t.is_cuda else "cpu"]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# -----------------------------------------------------------------------------
+# launchers: routing
+
+def _route_fwd_fake(logits, top_k, renormalize):
+    N = logits.shape[0]
+    return (logits.new_empty(N, top_k, dtype=torch.float32), logits.new_empty(N, top_k, dtype=torch.int64),
+            logits.new_empty(logits.shape, dtype=torch.float32))
+
+
+@launcher("moe_route_fwd", _route_fwd_fake)
+def moe_route_fwd(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    N, E = logits.shape
+    assert 1 <= top_k <= E, f"moe_route: top_k={top_k} with {E} experts"
+    logits = _rows(logits)
+    weights, experts, probs = _route_fwd_fake(logits, top_k, renormalize)
+    if N == 0:
+        return weights, experts, probs
+    block_e = next_pow2(E)
+    block_m = max(1, min(64 if logits.is_cuda else 256, 4096 // block_e))
+    _moe_route_fwd_kernel[(cdiv(N, block_m),)](
+        logits, probs, weights, experts, N, E, logits.stride(0),
+        TOP_K=top_k, RENORM=renormalize and top_k > 1, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
+    return weights, experts, probs
+
+
+@launcher("moe_route_bwd", lambda dweights, dprobs, weights, experts, probs, renormalize, dtype:
+          probs.new_empty(probs.shape, dtype=dtype))
+def moe_route_bwd(dweights: torch.Tensor, dprobs: Optional[torch.Tensor], weights: torch.Tensor,
+                  experts: torch.Tensor, probs: torch.Tensor, renormalize: bool, dtype: torch.dtype) -> torch.Tensor:
+    N, E = probs.shape
+    K = experts.shape[1]
+    dlogits = torch.empty(N, E, dtype=dtype, device=probs.device)
+    if N == 0:
+        return dlogits
+    dweights = dweights.contiguous()
+    dprobs = dprobs.contiguous() if dprobs is not None else None
+    block_e = next_pow2(E)
+    block_m = max(1, min(64 if probs.is_cuda else 256, 4096 // block_e))
+    _moe_route_bwd_kernel[(cdiv(N, block_m),)](
+        probs, dprobs if dprobs is not None else probs, weights, dweights, experts, dlogits, N, E,
+        HAS_DPROBS=dprobs is not None, TOP_K=K, RENORM=renormalize and K > 1,
+        BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
+    return dlogits
+
+
+# -----------------------------------------------------------------------------
+# launchers: experts
+
+def moe_align(experts: torch.Tensor, n_experts: int, block_m: int):
+    """Sort the S = N*K token slots (slot n*K + k routed to experts[n, k]) into per-expert groups,
+    each padded to a multiple of `block_m` rows. Device-side torch ops only: no host sync.
+
+    Returns (R = (cdiv(S, block_m) + E - 1) * block_m rows, capped at S blocks: the worst case)
+        slot_of_row  (R,)   int32  slot held by each row; S for padding rows
+        row_of_slot  (S,)   int32  row of each slot: the inverse permutation
+        block_expert (R/block_m,) int32  expert of each block of rows; E for blocks past the last group
+        group_start  (E,)   int32  first row of each expert's group
+        group_size   (E,)   int32  slots routed to each expert
+    Within a group, slots keep their order (stable sort): rows follow the tokens."""
+    S, E = experts.numel(), n_experts
+    dev = experts.device
+    n_blocks = min(cdiv(S, block_m) + E - 1, S)
+    flat = experts.reshape(-1)
+    sorted_e, order = torch.sort(flat, stable=True)  # (S,), (S,)
+    size = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (size + block_m - 1) // block_m * block_m
+    end = padded.cumsum(0)
+    start = end - padded  # (E,) padded group starts
+    first = size.cumsum(0) - size  # (E,) unpadded group starts
+    row = start[sorted_e] + torch.arange(S, device=dev) - first[sorted_e]  # (S,) row of each sorted slot
+    row_of_slot = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order, row.to(torch.int32))
+    slot_of_row = torch.full((n_blocks * block_m,), S, dtype=torch.int32, device=dev)
+    slot_of_row = slot_of_row.scatter(0, row, order.to(torch.int32))
+    block_start = torch.arange(n_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(end, block_start, right=True).to(torch.int32)  # skips empty groups
+    return slot_of_row, row_of_slot, block_expert, start.to(torch.int32), size.to(torch.int32)
+
+
+@launcher("moe_up", lambda x, w1, w3, slot_of_row, block_expert, top_k, save: (
+    x.new_empty(slot_of_row.shape[0], w1.shape[1]),
+    *(x.new_empty(slot_of_row.shape[0] if save else 0, w1.shape[1]) for _ in range(2))))
+def moe_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, slot_of_row: torch.Tensor, block_expert: torch.Tensor,
+           top_k: int, save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h = silu(x W1_e^T) * (x W3_e^T) in the sorted layout (R, F); (h1, h3) pre-activations if save."""
+    (N, D), (E, Fh, _) = x.shape, w1.shape
+    R = slot_of_row.shape[0]
+    x = _rows(x)
+    w1, w3 = w1.contiguous(), w3.contiguous()
+    h = x.new_empty(R, Fh)
+    h1, h3 = (x.new_empty(R if save else 0, Fh) for _ in range(2))
+    if R == 0:
+        return h, h1, h3
+    cfg = _config(x)
+    block_n, block_k, warps, stages = cfg["up"]
+    _moe_up_kernel[(R // cfg["block_m"], cdiv(Fh, block_n))](
+        x, w1, w3, h, h1 if save else h, h3 if save else h, slot_of_row, block_expert, N * top_k, E, top_k, D, Fh,
+        x.stride(0), *w1.stride(),
+        SAVE=save, PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return h, h1, h3
+
+
+@launcher("moe_gemm", lambda a, b, a2, b2, slot_of_row, block_expert, n_slots, trans_b:
+          a.new_empty(a.shape[0], b.shape[1] if trans_b else b.shape[2]))
+def moe_gemm(a: torch.Tensor, b: torch.Tensor, a2: Optional[torch.Tensor], b2: Optional[torch.Tensor],
+             slot_of_row: torch.Tensor, block_expert: torch.Tensor, n_slots: int, trans_b: bool) -> torch.Tensor:
+    """Sorted-layout grouped GEMM: c[r] = a[r] @ b_e (+ a2[r] @ b2_e), b (E, P, Q) used as (P, Q), or as
+    its transpose (Q, P) if trans_b (nn.Linear weights)."""
+    R, n_k = a.shape
+    E = b.shape[0]
+    n_n = b.shape[1] if trans_b else b.shape[2]
+    a = _rows(a)
+    b = b.contiguous()
+    if a2 is not None:
+        a2, b2 = _rows(a2), b2.contiguous()
+        assert a2.stride() == a.stride() and b2.shape == b.shape
+    c = a.new_empty(R, n_n)
+    if R == 0:
+        return c
+    sbe, sbp, sbq = b.stride()
+    stride_bk, stride_bn = (sbq, sbp) if trans_b else (sbp, sbq)
+    cfg = _config(a)
+    block_n, block_k, warps, stages = cfg["gemm"]
+    _moe_gemm_kernel[(R // cfg["block_m"], cdiv(n_n, block_n))](
+        a, b, a2 if a2 is not None else a, b2 if b2 is not None else b, c, slot_of_row, block_expert, n_slots, E,
+        n_k, n_n, a.stride(0), sbe, stride_bk, stride_bn,
+        DUAL=a2 is not None, PRECISION=dot_precision(a.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return c
+
+
+@launcher("moe_down_bwd", lambda dy, weights, w2, h1, h3, slot_of_row, block_expert, top_k: (
+    h1.new_empty(h1.shape), h1.new_empty(h1.shape)))
+def moe_down_bwd(dy: torch.Tensor, weights: torch.Tensor, w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor,
+                 slot_of_row: torch.Tensor, block_expert: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dh1, dh3) (R, F): the down projection and the SwiGLU, backward."""
+    (N, D), (E, _, Fh) = dy.shape, w2.shape
+    R = slot_of_row.shape[0]
+    dy, w2, weights = _rows(dy), w2.contiguous(), weights.contiguous()
+    dh1, dh3 = h1.new_empty(h1.shape), h1.new_empty(h1.shape)
+    if R == 0:
+        return dh1, dh3
+    cfg = _config(dy)
+    block_n, block_k, warps, stages = cfg["gemm"]
+    _moe_down_bwd_kernel[(R // cfg["block_m"], cdiv(Fh, block_n))](
+        dy, weights, w2, h1, h3, dh1, dh3, slot_of_row, block_expert, N * top_k, E, top_k, D, Fh,
+        dy.stride(0), *w2.stride(),
+        PRECISION=dot_precision(w2.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=warps, num_stages=stages)
+    return dh1, dh3
+
+
+def _wgrad_fake(g, g2, x, weights, slot_of_row, group_start, group_size, top_k, n_slots, g_tokens, x_tokens):
+    shape = (group_start.shape[0], g.shape[1], x.shape[1])
+    return x.new_empty(shape), x.new_empty(shape if g2 is not None else (0,))
+
+
+@launcher("moe_wgrad", _wgrad_fake)
+def moe_wgrad(g: torch.Tensor, g2: Optional[torch.Tensor], x: torch.Tensor, weights: Optional[torch.Tensor],
+              slot_of_row: torch.Tensor, group_start: torch.Tensor, group_size: torch.Tensor, top_k: int,
+              n_slots: int, g_tokens: bool, x_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """dW_e = sum over expert e's rows of g[r]^T x[r] (E, n_n, n_k), and dW2_e from g2 when given.
+    g_tokens: g is token-major (N, n_n), row r reading weights[slot] * g[token]; x_tokens: x is token-major."""
+    E, n_n, n_k = group_start.shape[0], g.shape[1], x.shape[1]
+    g, x = _rows(g), _rows(x)
+    if g2 is not None:
+        g2 = _rows(g2)
+        assert g2.stride() == g.stride()
+    dw, dw2 = _wgrad_fake(g, g2, x, weights, slot_of_row, group_start, group_size, top_k, n_slots, g_tokens, x_tokens)
+    cfg = _config(x)
+    block_n, block_k, warps, stages = cfg["wgrad"]
+    _moe_wgrad_kernel[(cdiv(n_n, block_n) * cdiv(n_k, block_k), E)](
+        g, g2 if g2 is not None else g, x, weights.contiguous() if weights is not None else x,
+        dw, dw2 if g2 is not None else dw, slot_of_row, group_start, group_size, n_slots, top_k, n_n, n_k,
+        g.stride(0), x.stride(0),
+        G_TOKENS=g_tokens, X_TOKENS=x_tokens, DUAL=g2 is not None, PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return dw, dw2
+
+
+@launcher("moe_combine", lambda ys, weights, row_of_slot, top_k:
+          ys.new_empty(row_of_slot.shape[0] // top_k, ys.shape[1]))
+def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y[n] = sum_k weights[n, k] * ys[row(n, k)] (N, D); plain sum when weights is None."""
+    N, D = row_of_slot.shape[0] // top_k, ys.shape[1]
+    ys = _rows(ys)
+    y = ys.new_empty(N, D)
+    if N == 0:
+        return y
+    block_d = min(next_pow2(D), 256 if ys.is_cuda else 1024)
+    block_t = max(1, (4096 if ys.is_cuda else 16384) // block_d)
+    _moe_combine_kernel[(cdiv(N, block_t), cdiv(D, block_d))](
+        ys, weights.contiguous() if weights is not None else ys, row_of_slot, y, N, D, ys.stride(0),
+        HAS_WEIGHTS=weights is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+    return y
+
+
+@launcher("moe_combine_bwd", lambda dy, ys, row_of_slot, top_k:
+          dy.new_empty(row_of_slot.shape[0] // top_k, top_k, dtype=torch.float32))
+def moe_combine_bwd(dy: torch.Tensor, ys: torch.Tensor, row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+    """dweights[n, k] = <dy[n], ys[row(n, k)]>, (N, K) fp32."""
+    S, D = row_of_slot.shape[0], ys.shape[1]
+    dy, ys = _rows(dy), _rows(ys)
+    dw = torch.empty(S // top_k, top_k, dtype=torch.float32, device=dy.device)
+    if S == 0:
+        return dw
+    block_d = min(next_pow2(D), 128 if dy.is_cuda else 1024)
+    block_s = max(1, (4096 if dy.is_cuda else 16384) // block_d)
+    _moe_combine_bwd_kernel[(cdiv(S, block_s),)](
+        dy, ys, row_of_slot, dw, S, D, top_k, dy.stride(0), ys.stride(0),
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    return dw
+
+
+# -----------------------------------------------------------------------------
+# autograd
+
+class MoERouteFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, top_k, renormalize):
+        weights, experts, probs = moe_route_fwd(logits, top_k, renormalize)
+        ctx.mark_non_differentiable(experts)
+        ctx.save_for_backward(weights, experts, probs)
+        ctx.renormalize, ctx.dtype = renormalize, logits.dtype
+        return weights, experts, probs
+
+    @staticmethod
+    def backward(ctx, dweights, dexperts, dprobs):
+        weights, experts, probs = ctx.saved_tensors
+        return moe_route_bwd(dweights, dprobs, weights, experts, probs, ctx.renormalize, ctx.dtype), None, None
+
+
+class MoEExpertsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, experts, w1, w3, w2):
+        N, K = experts.shape
+        plan = moe_align(experts, w1.shape[0], _config(x)["block_m"])
+        slot_of_row, row_of_slot, block_expert, group_start, group_size = plan
+        save = any(ctx.needs_input_grad)
+        h, h1, h3 = moe_up(x, w1, w3, slot_of_row, block_expert, K, save)
+        ys = moe_gemm(h, w2, None, None, slot_of_row, block_expert, N * K, True)  # (R, D) unweighted
+        y = moe_combine(ys, weights, row_of_slot, K)
+        if save:
+            ctx.save_for_backward(x, weights, w1, w3, w2, h, h1, h3, ys, *plan)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weights, w1, w3, w2, h, h1, h3, ys, slot_of_row, row_of_slot, block_expert, group_start, group_size = \
+            ctx.saved_tensors
+        N, K = weights.shape
+        need_x, need_w, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        dx = dweights = dw1 = dw3 = dw2 = None
+        if need_w:
+            dweights = moe_combine_bwd(dy, ys, row_of_slot, K).to(weights.dtype)
+        if need_x or need_w1 or need_w3:
+            dh1, dh3 = moe_down_bwd(dy, weights, w2, h1, h3, slot_of_row, block_expert, K)
+            if need_x:
+                dxs = moe_gemm(dh1, w1, dh3, w3, slot_of_row, block_expert, N * K, False)  # (R, D)
+                dx = moe_combine(dxs, None, row_of_slot, K)
+            if need_w1 or need_w3:
+                dw1, dw3 = moe_wgrad(dh1, dh3, x, None, slot_of_row, group_start, group_size, K, N * K, False, True)
+        if need_w2:
+            dw2, _ = moe_wgrad(dy, None, h, weights, slot_of_row, group_start, group_size, K, N * K, True, False)
+        return dx, dweights, None, dw1, dw3, dw2
+
+
+# -----------------------------------------------------------------------------
+# module functions
+
 def moe_route(logits, top_k: int, renormalize: bool):
-    """Router: logits (N, E) -> (weights (N, K) fp32, experts (N, K) int64, probs (N, E) fp32)."""
-    return moe_route_torch(logits, top_k, renormalize)
+    """Router: logits (N, E) -> (weights (N, K) fp32, experts (N, K) int64, probs (N, E) fp32).
+    Differentiable through weights and probs (the load-balance loss uses probs)."""
+    if not kernels.use_triton(logits):
+        return moe_route_torch(logits, top_k, renormalize)
+    return MoERouteFunction.apply(logits, top_k, renormalize)
 
 
 def moe_experts(x, weights, experts, w1, w3, w2):
-    """Expert SwiGLU FFN of each token's K experts, weighted and summed: (N, D) -> (N, D)."""
-    return moe_experts_torch(x, weights, experts, w1, w3, w2)
+    """Expert SwiGLU FFN of each token's K experts, weighted and summed: (N, D) -> (N, D).
+
+    x: (N, D); weights: (N, K) (fp32 from `moe_route`); experts: (N, K) int64; w1, w3: (E, F, D) and
+    w2: (E, D, F), nn.Linear layout per expert. Under autocast, x and the expert weights are cast to
+    the autocast dtype (as nn.Linear would be). Differentiable in x, weights, w1, w3, w2."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
+    if not kernels.use_triton(x):
+        return moe_experts_torch(x, weights, experts, w1, w3, w2)
+    assert x.dtype == w1.dtype == w3.dtype == w2.dtype, "moe_experts: x and the expert weights must share a dtype"
+    return MoEExpertsFunction.apply(x, weights, experts, w1, w3, w2)
