@@ -1,0 +1,206 @@
+"""export.py: minimind <-> transformers, exact in fp32.
+
+    python -m pytest tests/test_export.py -q
+
+For tiny models of every exportable family (Llama-, Qwen3-, Qwen3-MoE- and Mixtral-like), random
+and briefly trained: the exported directory loads with plain AutoModelForCausalLM /
+AutoTokenizer, logits agree to 1e-4, greedy decoding agrees for 32 tokens, the tokenizer and chat
+template agree with minimind's, and importing the export gives back the same weights and config.
+Also: refusals (shared experts, top-1 MoE without q/k-norm, LoRA checkpoints) and YaRN parity.
+Needs `transformers` (a test dependency); builds its own tokenizer and models, downloads nothing.
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import export  # noqa: E402
+from common import Tokenizer, load_checkpoint, render_chat, save_checkpoint  # noqa: E402
+from minimind import MiniMind, ModelConfig  # noqa: E402
+
+VOCAB = 512
+TINY = dict(vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, norm_eps=1e-6, max_seq_len=256)
+FAMILIES = {  # name: (config overrides, expected transformers architecture)
+    "llama": (dict(), "LlamaForCausalLM"),
+    "qwen3": (dict(qk_norm=True, head_dim=32), "Qwen3ForCausalLM"),
+    "qwen3-moe": (dict(qk_norm=True, n_experts=4, top_k=1, ffn_dim=48), "Qwen3MoeForCausalLM"),
+    "qwen3-moe-top2": (dict(qk_norm=True, n_experts=4, top_k=2, ffn_dim=48), "Qwen3MoeForCausalLM"),
+    "mixtral": (dict(n_experts=4, top_k=2, ffn_dim=48), "MixtralForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained by prepare.py on generated text."""
+    d = tmp_path_factory.mktemp("tok")
+    g = torch.Generator().manual_seed(0)
+    words = ["minimind", "model", "token", "train", "hello", "world", "模型", "训练", "你好", "数据", "the", "a",
+             "export", "qwen", "llama", "expert", "router", "logits", "12", "345", "!", "?", "。", "，"]
+    docs = []
+    for _ in range(400):
+        n = int(torch.randint(5, 30, (1,), generator=g))
+        docs.append(" ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g)))
+    (d / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    subprocess.run([sys.executable, str(ROOT / "prepare.py"), "tokenizer", "--input", str(d / "corpus.txt"),
+                    "--out", str(d / "tok"), "--vocab-size", str(VOCAB), "--quiet"], check=True, cwd=ROOT,
+                   capture_output=True)
+    return d / "tok"
+
+
+def make_checkpoint(out, tok_dir, trained: bool, seed: int = 0, **overrides) -> MiniMind:
+    """A tiny model, optionally after a few AdamW steps on random tokens (so norms, q/k-norms and
+    routers are far from their initial values), saved as a standard checkpoint under `out`."""
+    torch.manual_seed(seed)
+    model = MiniMind(ModelConfig(**{**TINY, **overrides}))
+    if trained:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        for _ in range(5):
+            idx = torch.randint(0, VOCAB, (4, 33))
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    save_checkpoint(out, 5 if trained else 0, model, {"kind": "pretrain"}, tokenizer_dir=tok_dir)
+    return model
+
+
+def load_hf(hf_dir):
+    return AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["random", "trained"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_parity_and_roundtrip(tmp_path, tok_dir, family, trained):
+    overrides, arch = FAMILIES[family]
+    model = make_checkpoint(tmp_path / "run", tok_dir, trained, **overrides)
+    if trained:  # the point of training: non-trivial norm weights
+        assert (model.norm.weight - 1).abs().max() > 1e-2
+    assert export.export_hf(tmp_path / "run", tmp_path / "hf") == arch
+    hf = load_hf(tmp_path / "hf")
+    assert type(hf).__name__ == arch
+
+    # logits, fp32
+    idx = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(idx)[0], hf(idx).logits
+    diff = (ours - theirs).abs().max().item()
+    print(f"{family} {'trained' if trained else 'random'}: max abs logit diff {diff:.2e}")
+    assert diff <= 1e-4
+
+    # greedy decoding, 32 tokens (no eos stop on either side)
+    prompt = idx[:, :8]
+    ours = model.generate(prompt, 32, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+    # import the export: same weights, bit for bit, and the same config
+    ckpt = export.import_hf(tmp_path / "hf", tmp_path / "back")
+    back, state, _ = load_checkpoint(ckpt)
+    assert state["architecture"] == arch
+    assert back.config.to_dict() == model.config.to_dict()
+    want, got = model.state_dict(), back.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    assert Tokenizer(ckpt / "tokenizer").hash() == Tokenizer(tok_dir).hash()
+
+
+def test_export_files_and_tokenizer(tmp_path, tok_dir):
+    make_checkpoint(tmp_path / "run", tok_dir, trained=False, qk_norm=True)
+    export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf"), "--dtype", "bfloat16"])
+    hf_dir = tmp_path / "hf"
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json"):
+        assert (hf_dir / name).exists(), name
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"]) == (1, 2, 0)
+    from safetensors import safe_open
+    with safe_open(str(hf_dir / "model.safetensors"), "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
+        assert "lm_head.weight" not in f.keys()  # tied: stored once
+    assert load_hf(hf_dir).config.tie_word_embeddings
+
+    # the tokenizer: same ids, same special tokens, same chat rendering
+    ours, theirs = Tokenizer(tok_dir), AutoTokenizer.from_pretrained(hf_dir)
+    texts = ["hello world, minimind 模型训练 12345!", "  the  router\n\nlogits。", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert theirs(text)["input_ids"] == ours.encode(text)
+        assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text))
+    assert (theirs.pad_token_id, theirs.bos_token_id, theirs.eos_token_id) == (ours.pad_id, ours.bos_id, ours.eos_id)
+    messages = [{"role": "system", "content": "You are minimind."}, {"role": "user", "content": "你好, hello"},
+                {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "export?"}]
+    for gen_prompt in (False, True):
+        text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
+        assert text == render_chat(messages, gen_prompt)
+    ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(ids) == ours.encode_chat(messages)
+
+
+def test_yarn_parity(tmp_path, tok_dir):
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    model = make_checkpoint(tmp_path / "run", tok_dir, trained=True, qk_norm=True, rope_scaling=yarn, max_seq_len=128)
+    export.export_hf(tmp_path / "run", tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["rope_scaling"]["rope_type"] == "yarn" and cfg["rope_parameters"]["factor"] == 4.0
+    hf = load_hf(tmp_path / "hf")
+    idx = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(2))  # well past 32 positions
+    with torch.no_grad():
+        diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
+    print(f"yarn: max abs logit diff {diff:.2e}")
+    assert diff <= 1e-4
+    back, _, _ = load_checkpoint(export.import_hf(tmp_path / "hf", tmp_path / "back"))
+    assert back.config.rope_scaling == yarn
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(qk_norm=True, n_experts=4, n_shared_experts=1, top_k=2, ffn_dim=48), "shared expert"),
+    (dict(n_experts=4, top_k=1, ffn_dim=48), "without q/k-norm"),  # the tiny-moe preset's shape
+    (dict(n_experts=4, top_k=2, norm_topk=False, ffn_dim=48), "without q/k-norm"),
+])
+def test_refuses_what_no_architecture_computes(tmp_path, tok_dir, overrides, message):
+    make_checkpoint(tmp_path / "run", tok_dir, trained=False, **overrides)
+    with pytest.raises(SystemExit) as e:
+        export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
+    assert message in str(e.value)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_refuses_unmerged_lora(tmp_path, tok_dir):
+    ckpt = save_checkpoint(tmp_path / "run", 0, MiniMind(ModelConfig(**TINY)), {"kind": "sft"}, tokenizer_dir=tok_dir)
+    (ckpt / "adapter.safetensors").write_bytes(b"")
+    with pytest.raises(export.ExportError, match="LoRA checkpoint"):
+        export.export_hf(tmp_path / "run", tmp_path / "hf")
+
+
+def test_import_checks(tmp_path, tok_dir):
+    make_checkpoint(tmp_path / "run", tok_dir, trained=False, qk_norm=True)
+    export.export_hf(tmp_path / "run", tmp_path / "hf")
+    cfg_path = tmp_path / "hf" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # transformers-4 style config (no rope_parameters) imports the same
+    legacy = {k: v for k, v in cfg.items() if k != "rope_parameters"}
+    assert export.config_from_hf(legacy)[0] == export.config_from_hf(cfg)[0]
+    # what minimind cannot compute is refused, not silently dropped
+    for bad, message in [({"attention_bias": True}, "biases"), ({"hidden_act": "gelu"}, "hidden_act"),
+                         ({"use_sliding_window": True, "sliding_window": 16}, "sliding"),
+                         ({"architectures": ["GPT2LMHeadModel"]}, "architecture")]:
+        with pytest.raises(export.ExportError, match=message):
+            export.config_from_hf({**cfg, **bad})
+    # an untied lm_head cannot be represented
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    sd["lm_head.weight"] = torch.randn_like(sd["model.embed_tokens.weight"])
+    save_file(sd, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(SystemExit, match="lm_head"):
+        export.main(["--from-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")])
