@@ -175,8 +175,8 @@ def load_merged(path, device: str = "cpu"):
     this refuses them with a clear message instead of exporting the base model without adapters."""
     ckpt = resolve_checkpoint(path)
     if (ckpt / "adapter.safetensors").exists():
-        raise ExportError(f"{ckpt} is a LoRA checkpoint (adapter.safetensors): merge the adapters into the base "
-                          "weights first with the LoRA merge command of train.py, then export the merged checkpoint "
+        raise ExportError(f"{ckpt} is a LoRA checkpoint (adapter.safetensors): merge first with "
+                          f"`python lora.py merge {path} --out MERGED`, then export MERGED "
                           "(export.load_merged is the hook that will do this automatically)")
     return load_checkpoint(ckpt, device)
 
