@@ -232,7 +232,8 @@ def run_chat(model, tok, args, context: int):
         try:
             line = input("> " if interactive else "")
         except (EOFError, KeyboardInterrupt):
-            print()
+            if interactive:
+                print()
             return
         text = line.strip()
         if not text:
