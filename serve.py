@@ -255,6 +255,8 @@ class Engine:
         nxt = sample_rows(logits, p["temperature"], p["top_k"], p["top_p"], [r.generator for r in self.rows])  # (B,)
         p["seen"].scatter_(1, nxt[:, None], True)
         p["counts"].scatter_add_(1, nxt[:, None], torch.ones_like(p["counts"][:, :1]))
+        self.stats["tokens"] += len(self.rows)
+        self.stats["steps"] += 1
         keep = []
         for i, (r, t) in enumerate(zip(self.rows, nxt.tolist())):
             r.generated += 1
@@ -266,8 +268,6 @@ class Engine:
                 r.req.events.put(("end", "length", r.generated))
                 continue
             keep.append(i)
-        self.stats["tokens"] += len(self.rows)
-        self.stats["steps"] += 1
         self._keep(keep)
         if self.rows:
             logits, _ = self.model(nxt[keep][:, None], cache=self.cache)  # (B, 1, V)
@@ -614,13 +614,18 @@ class Handler(BaseHTTPRequestHandler):
     def _events(self, req: GenRequest, stops: list):
         """Yield ("text", str) pieces, then ("end", finish_reason, completion_tokens) or ("error", msg)."""
         dec, cut, n = TokenDecoder(self.app.tok, table=self.app.table), StopText(stops), 0
+        checked = time.monotonic()
         while True:
             try:
                 ev = req.events.get(timeout=0.25)
             except queue.Empty:
+                ev = None
+            if time.monotonic() - checked > 0.25:  # also while tokens flow: a JSON reply writes only at the end
+                checked = time.monotonic()
                 if self._client_gone():
                     req.cancelled.set()
                     raise BrokenPipeError("client closed the connection")
+            if ev is None:
                 continue
             if ev[0] == "token":
                 n += 1

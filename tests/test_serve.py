@@ -1,0 +1,432 @@
+"""serve.py: the real server in a subprocess, driven by the official `openai` client and raw HTTP;
+the batching engine in-process.
+
+    python -m pytest tests/test_serve.py -q
+"""
+import http.client
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+
+import openai
+import pytest
+import torch
+
+from conftest import ROOT
+from sample import TokenDecoder, load, stream_tokens
+from serve import Engine, GenRequest, StopText
+
+KEY = "sk-test-key"
+DEFAULT_MAX_TOKENS = 20
+CONTEXT = 256  # the random_ckpt's training seq_len: the server's default context
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():  # tiny models decode fastest on one thread (and a busy machine punishes more)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def loaded(random_ckpt):
+    model, tok, _ = load(random_ckpt, "cpu")
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def server(random_ckpt):
+    """The real server on a free loopback port; stops at teardown (or by itself after 10 minutes)."""
+    proc = subprocess.Popen(
+        [sys.executable, "serve.py", "--ckpt", str(random_ckpt), "--port", "0", "--api-key", KEY, "--quiet",
+         "--max-tokens", str(DEFAULT_MAX_TOKENS), "--max-batch", "8", "--shutdown-after", "600"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        line = proc.stdout.readline() if ready else ""
+        assert "serving" in line, f"server did not start: {line!r} {proc.stderr.read() if proc.poll() else ''}"
+        port = int(line.rsplit(":", 1)[1].split("/")[0])
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{server}/v1", max_retries=0, timeout=60)
+
+
+def raw(port, method, path, body=None, headers=None):
+    """(status, parsed JSON or text) of one raw HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    hdrs = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, data, {k: v for k, v in hdrs.items() if v is not None})
+    r = conn.getresponse()
+    text = r.read().decode()
+    conn.close()
+    try:
+        return r.status, json.loads(text)
+    except ValueError:
+        return r.status, text
+
+
+def health(port):
+    return raw(port, "GET", "/health")[1]
+
+
+def greedy(model, tok, ids, n):
+    """(text, tokens) of a greedy continuation, in-process, stopping at eos."""
+    dec, out, count = TokenDecoder(tok), [], 0
+    for t in stream_tokens(model, ids, n, eos_id=tok.eos_id, temperature=0):
+        count += 1
+        if t == tok.eos_id:
+            break
+        out.append(dec.feed(t))
+    return "".join(out) + dec.flush(), count
+
+
+USER = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "小明喜欢什么？"}]
+
+
+# -----------------------------------------------------------------------------
+# the OpenAI client
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["minimind"]
+    assert models[0].owned_by == "minimind"
+
+
+def test_chat_matches_local_greedy(client, loaded):
+    model, tok = loaded
+    r = client.chat.completions.create(model="minimind", messages=USER, max_tokens=12, temperature=0)
+    ids = tok.encode_chat(USER)
+    text, n = greedy(model, tok, ids, 12)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == ("length" if n == 12 and text else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
+
+
+def test_chat_stream_equals_non_stream(client):
+    kw = dict(model="minimind", messages=USER, max_tokens=15, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choice = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choice) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in with_choice][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in with_choice[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 15
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    assert whole.usage.completion_tokens == 15 and whole.choices[0].finish_reason == "length"
+
+
+def test_stream_wire_format_ends_with_done(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    body = {"messages": USER, "max_tokens": 5, "stream": True, "temperature": 0}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
+    events = [e for e in r.read().decode().split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    last = json.loads(events[-2][6:])
+    assert last["choices"][0]["finish_reason"] in ("stop", "length") and "usage" not in last
+    # the connection is kept alive for the next request
+    conn.request("GET", "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+def test_stop_strings_cut_the_text(client):
+    kw = dict(model="minimind", messages=USER, max_tokens=24, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    i = next(i for i in range(4, len(full) - 2) if "\ufffd" not in full[i:i + 2])
+    stop = full[i:i + 2]
+    expect = full[:full.find(stop)]
+    r = client.chat.completions.create(stop=[stop, "never-appears"], **kw)
+    assert r.choices[0].message.content == expect and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 24
+    chunks = list(client.chat.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expect
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_completions_continue_raw_text(client, loaded):
+    model, tok = loaded
+    ids = [tok.bos_id] + tok.encode("科学家研究")
+    r = client.completions.create(model="minimind", prompt="科学家研究", max_tokens=10, temperature=0)
+    text, n = greedy(model, tok, ids, 10)
+    assert r.object == "text_completion" and r.choices[0].text == text
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ids), n)
+    # OpenAI's default for /v1/completions is 16 tokens
+    r = client.completions.create(model="minimind", prompt="科学家研究", temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model="minimind", prompt="科学家研究", max_tokens=10, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+
+
+def test_default_max_tokens_and_seed(client):
+    kw = dict(model="minimind", messages=USER, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(temperature=0, **kw)
+    assert r.usage.completion_tokens == DEFAULT_MAX_TOKENS  # --max-tokens, not the whole context
+    a, b, c = (client.chat.completions.create(temperature=1.0, top_p=0.95, seed=s, max_tokens=12, **kw)
+               for s in (7, 7, 8))
+    assert a.choices[0].message.content == b.choices[0].message.content != c.choices[0].message.content
+
+
+def test_penalties_change_the_output(client):
+    kw = dict(model="minimind", messages=USER, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    kw["extra_body"] = {"ignore_eos": True, "repetition_penalty": 3.0}
+    assert client.chat.completions.create(**kw).choices[0].message.content != plain
+    r = client.chat.completions.create(frequency_penalty=2.0, presence_penalty=2.0, **kw)
+    assert r.usage.completion_tokens == 20
+
+
+# -----------------------------------------------------------------------------
+# bad requests: 4xx with OpenAI's error JSON, never a 500, the server keeps running
+
+LONG = "小明喜欢一本书。" * 200  # far beyond the 256-token context
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"\xff\xfe", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", {"model": "minimind"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": ["hi"]}, 400, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": -3}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": "10"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": 1.5}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": MSG, "max_completion_tokens": 10 ** 6}, 400, "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": "hot"}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MSG, "temperature": 9}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": MSG, "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": MSG, "stream": "yes"}, 400, "stream"),
+    ("/v1/chat/completions", {"messages": MSG, "stop": 5}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": MSG, "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": MSG, "seed": "x"}, 400, "seed"),
+    ("/v1/chat/completions", {"messages": MSG, "frequency_penalty": 5}, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"messages": MSG, "model": 3}, 400, "model"),
+    ("/v1/chat/completions", {"messages": MSG, "stream_options": []}, 400, "stream_options"),
+    ("/v1/completions", {"model": "minimind"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": 42}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [10 ** 9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/nowhere", {"messages": MSG}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_request(server, path, body, status, param):
+    code, obj = raw(server, "POST", path, body)
+    assert code == status, obj
+    err = obj["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong-key", KEY, f"Basic {KEY}"])
+def test_wrong_api_key_is_401(server, auth):
+    for method, path, body in (("POST", "/v1/chat/completions", {"messages": MSG}), ("GET", "/v1/models", None)):
+        code, obj = raw(server, method, path, body, {"Authorization": auth})
+        assert code == 401 and obj["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key="nope", base_url=f"http://127.0.0.1:{server}/v1", max_retries=0).models.list()
+    assert raw(server, "GET", "/health", headers={"Authorization": auth})[0] == 200  # probes need no key
+
+
+def test_server_survives_bad_requests(server, client):
+    assert health(server)["status"] == "ok"
+    r = client.chat.completions.create(model="minimind", messages=MSG, max_tokens=3)
+    assert r.usage.completion_tokens >= 1
+
+
+# -----------------------------------------------------------------------------
+# concurrency
+
+def test_eight_concurrent_streams_are_answered_and_not_mixed(server, client):
+    prompts = ["小明喜欢什么？", "The cat reads", "老师写了一封信", "我们看见大海。", "A student found the sea.",
+               "科学家研究数学", "My friend likes", "这只猫"]
+    reqs = [dict(model="minimind", messages=[{"role": "user", "content": p}], max_tokens=16,
+                 extra_body={"ignore_eos": True},
+                 **({"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": 100 + i}))
+            for i, p in enumerate(prompts)]
+    alone = [client.chat.completions.create(**kw).choices[0].message.content for kw in reqs]
+    before = health(server)
+    results, errors = [None] * len(reqs), []
+
+    def run(i):
+        try:
+            chunks = list(client.chat.completions.create(stream=True, **reqs[i]))
+            results[i] = ("".join(c.choices[0].delta.content or "" for c in chunks if c.choices),
+                          chunks[-1].choices[0].finish_reason)
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors
+    assert [r[0] for r in results] == alone  # each client got its own tokens, as if it were alone
+    assert all(r[1] == "length" for r in results)
+    assert wait_idle(server)
+    after = health(server)
+    tokens, steps = after["tokens"] - before["tokens"], after["steps"] - before["steps"]
+    assert tokens == 16 * len(reqs)
+    assert tokens / steps > 1.5  # decoded together, not one after another
+
+
+def wait_idle(port, seconds=10.0) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        h = health(port)
+        if h["active"] == 0 and h["queued"] == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_frees_the_slot(server, stream):
+    assert wait_idle(server)
+    before = health(server)["tokens"]
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+    body = {"messages": MSG, "max_tokens": 200, "stream": stream, "ignore_eos": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    deadline = time.time() + 30
+    while health(server)["active"] == 0 and time.time() < deadline:  # wait until it is decoding
+        time.sleep(0.02)
+    if stream:
+        r = conn.getresponse()
+        assert r.status == 200 and r.fp.readline()  # a first chunk arrived
+    conn.sock.shutdown(2)
+    conn.close()
+    assert wait_idle(server)
+    assert health(server)["tokens"] - before < 200  # it stopped early: the slot is free
+
+
+# -----------------------------------------------------------------------------
+# pieces, in-process
+
+def collect(req):
+    toks = []
+    while True:
+        ev = req.events.get_nowait()
+        if ev[0] == "token":
+            toks.append(ev[1])
+        else:
+            return toks, ev
+
+
+def drive(engine, steps=None):
+    """Run the engine's loop body in this thread (deterministic): admit, step; until idle or `steps`."""
+    n = 0
+    while (engine.rows or not engine.queue.empty()) and (steps is None or n < steps):
+        engine._admit()
+        if engine.rows:
+            engine._step()
+        n += 1
+
+
+def test_engine_joins_mid_flight(loaded):
+    """Requests joining a running batch, with a shorter prompt (padded) and a longer one (the batch
+    shifts right), decode exactly as they do alone; the batch shrinks back when they leave."""
+    model, tok = loaded
+    short, mid, long_ = ([tok.bos_id] + tok.encode(t) for t in
+                         ("小明", "老师写了一封信。", "我们看见大海。科学家研究数学。老师写了一封信。这只猫喜欢春天的花。"))
+    assert len(long_) > len(mid) + 5 > len(short) + 5
+    engine = Engine(model, tok.eos_id, max_batch=4)
+    reqs = lambda: [GenRequest(prompt=p, max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+                    for p, n in ((mid, 30), (long_, 12), (short, 12))]
+    expect = []
+    for r in reqs():  # each alone
+        engine.submit(r)
+        drive(engine)
+        expect.append(collect(r))
+    assert [len(e[0]) for e in expect] == [30, 12, 12]
+    a, b, c = reqs()
+    engine.submit(a)
+    drive(engine, steps=5)
+    assert engine.cache.len == len(mid) + 5  # a's prompt and the 5 tokens sampled and fed so far
+    engine.submit(b)
+    engine.submit(c)
+    engine._admit()
+    assert engine.cache.len == len(long_) and engine.pad.tolist() == [len(long_) - len(mid) - 5, 0,
+                                                                       len(long_) - len(short)]
+    drive(engine, steps=12)
+    assert len(engine.rows) == 1 and engine.pad.tolist() == [0]  # b, c left; their columns were trimmed
+    drive(engine)
+    assert [collect(r) for r in (a, b, c)] == expect
+    assert expect[0][1] == ("end", "length", 30)
+    assert engine.cache is None and engine.rows == []
+
+
+def test_engine_stops_at_eos_and_respects_cancel(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok.eos_id, max_batch=2)
+    p = [tok.bos_id] + tok.encode("小明")
+    r = GenRequest(prompt=p, max_tokens=6, temperature=0, ignore_eos=True)
+    engine.submit(r)
+    drive(engine)
+    toks, _ = collect(r)
+    engine.eos_id = toks[3]  # pretend this token is eos: a request ends at its first occurrence, "stop"
+    k = toks.index(toks[3])
+    r = GenRequest(prompt=p, max_tokens=6, temperature=0)
+    engine.submit(r)
+    drive(engine)
+    assert collect(r) == (toks[:k], ("end", "stop", k + 1))
+    r, other = GenRequest(prompt=p, max_tokens=6, temperature=0), GenRequest(prompt=p, max_tokens=6, temperature=0)
+    engine.submit(r)
+    engine.submit(other)
+    drive(engine, steps=2)
+    r.cancelled.set()  # the client left: the row is dropped at the next step, the other one goes on
+    drive(engine, steps=1)
+    assert len(engine.rows) == 1 and engine.rows[0].req is other
+    drive(engine)
+    assert len(collect(other)[0]) == k
+    r = GenRequest(prompt=p, max_tokens=6)
+    r.cancelled.set()  # cancelled while queued: never decoded
+    engine.submit(r)
+    drive(engine)
+    assert r.events.empty() and engine.load() == {"active": 0, "queued": 0}
+
+
+def test_stop_text_holds_back_partial_matches():
+    s = StopText(["\nUser:", "END"])
+    assert s.feed("Hello") == "Hello"
+    assert s.feed(" wor\nUs") == " wor"  # "\nUs" may begin "\nUser:"
+    assert s.feed("a") == "\nUsa"
+    assert s.feed("xEN") == "x"
+    assert s.feed("Dmore") == "" and s.stopped
+    assert s.flush() == ""
+    s = StopText(["END"])
+    assert s.feed("abcE") == "abc" and s.flush() == "E"
