@@ -23,6 +23,10 @@ from typing import Callable
 import torch
 
 
+ASSUME_GPU = False  # set by kernels.aot_check: GPU launch configurations for CPU tensors
+CAPTURE = None  # a list while kernels.aot_check records launches instead of running them
+
+
 class LazyKernel:
     """A kernel function waiting for triton: `kernel[grid](...)` binds its file's kernels, then launches."""
 
@@ -32,6 +36,8 @@ class LazyKernel:
         functools.update_wrapper(self, fn)
 
     def __getitem__(self, grid):
+        if CAPTURE is not None:
+            return lambda *args, **kwargs: CAPTURE.append((self, grid, args, kwargs))
         if self.kernel is None:
             bind(self.fn.__module__)
         return self.kernel[grid]
@@ -81,12 +87,22 @@ def launcher(name: str, fake: Callable):
     return wrap
 
 
+def gpu(t: torch.Tensor) -> bool:
+    """Pick the launch configuration of a GPU (else big blocks for the interpreter)."""
+    return t.is_cuda or ASSUME_GPU
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    """Largest power of two <= n (1 for n < 2): block sizes must be powers of two."""
+    return 1 << max(n.bit_length() - 1, 0)
 
 
 @functools.cache
@@ -99,7 +115,7 @@ def num_workers(device: torch.device) -> int:
     (interpreted programs run one after another)."""
     if device.type == "cuda":
         return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    return 132 if ASSUME_GPU else 4
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels._triton import cdiv, dot_precision, jit, launcher, next_pow2
+from kernels._triton import cdiv, gpu, dot_precision, jit, launcher, next_pow2
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -396,7 +396,7 @@ GEMM_CONFIG = {
 
 
 def _config(t: torch.Tensor) -> dict:
-    return GEMM_CONFIG["cuda" if t.is_cuda else "cpu"]
+    return GEMM_CONFIG["cuda" if gpu(t) else "cpu"]
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -421,7 +421,7 @@ def moe_route_fwd(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[
     if N == 0:
         return weights, experts, probs
     block_e = next_pow2(E)
-    block_m = max(1, min(64 if logits.is_cuda else 256, 4096 // block_e))
+    block_m = max(1, min(64 if gpu(logits) else 256, 4096 // block_e))
     _moe_route_fwd_kernel[(cdiv(N, block_m),)](
         logits, probs, weights, experts, N, E, logits.stride(0),
         TOP_K=top_k, RENORM=renormalize and top_k > 1, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
@@ -440,7 +440,7 @@ def moe_route_bwd(dweights: torch.Tensor, dprobs: Optional[torch.Tensor], weight
     dweights = dweights.contiguous()
     dprobs = dprobs.contiguous() if dprobs is not None else None
     block_e = next_pow2(E)
-    block_m = max(1, min(64 if probs.is_cuda else 256, 4096 // block_e))
+    block_m = max(1, min(64 if gpu(probs) else 256, 4096 // block_e))
     _moe_route_bwd_kernel[(cdiv(N, block_m),)](
         probs, dprobs if dprobs is not None else probs, weights, dweights, experts, dlogits, N, E,
         HAS_DPROBS=dprobs is not None, TOP_K=K, RENORM=renormalize and K > 1,
@@ -592,8 +592,8 @@ def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: 
     y = ys.new_empty(N, D)
     if N == 0:
         return y
-    block_d = min(next_pow2(D), 256 if ys.is_cuda else 1024)
-    block_t = max(1, (4096 if ys.is_cuda else 16384) // block_d)
+    block_d = min(next_pow2(D), 256 if gpu(ys) else 1024)
+    block_t = max(1, (4096 if gpu(ys) else 16384) // block_d)
     _moe_combine_kernel[(cdiv(N, block_t), cdiv(D, block_d))](
         ys, weights.contiguous() if weights is not None else ys, row_of_slot, y, N, D, ys.stride(0),
         HAS_WEIGHTS=weights is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
@@ -609,8 +609,8 @@ def moe_combine_bwd(dy: torch.Tensor, ys: torch.Tensor, row_of_slot: torch.Tenso
     dw = torch.empty(S // top_k, top_k, dtype=torch.float32, device=dy.device)
     if S == 0:
         return dw
-    block_d = min(next_pow2(D), 128 if dy.is_cuda else 1024)
-    block_s = max(1, (4096 if dy.is_cuda else 16384) // block_d)
+    block_d = min(next_pow2(D), 128 if gpu(dy) else 1024)
+    block_s = max(1, (4096 if gpu(dy) else 16384) // block_d)
     _moe_combine_bwd_kernel[(cdiv(S, block_s),)](
         dy, ys, row_of_slot, dw, S, D, top_k, dy.stride(0), ys.stride(0),
         BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 import kernels
-from kernels._triton import cdiv, jit, launcher, next_pow2, num_workers
+from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, num_workers
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -107,7 +107,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 def _fwd_config(x: torch.Tensor, n_cols: int):
     block_n = next_pow2(n_cols)
     assert block_n <= 65536, f"rms_norm: rows of {n_cols} elements are too long for one block"
-    if x.is_cuda:  # ~4k elements per program; one warp per 512 of them
+    if gpu(x):  # ~4k elements per program; one warp per 512 of them
         block_m = max(1, min(16, 4096 // block_n))
         return block_m, block_n, max(1, min(16, block_m * block_n // 512))
     return max(1, min(64, 16384 // block_n)), block_n, 1  # interpreter: big numpy blocks
@@ -156,7 +156,7 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     if rows == 0:
         return dx, torch.zeros_like(weight)
     block_m, block_n, warps = _fwd_config(x, n)
-    if x.is_cuda:
+    if gpu(x):
         block_m = max(1, min(block_m, 2048 // block_n))  # the dw accumulator lives in registers too
     # persistent-style: a few programs per SM, each over a contiguous run of rows
     n_prog = min(cdiv(rows, block_m), 4 * num_workers(x.device))

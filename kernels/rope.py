@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels._triton import cdiv, jit, launcher, next_pow2
+from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, prev_pow2
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -125,8 +125,8 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     block_d = next_pow2(half)
     block_hq, block_hk = next_pow2(Hq), next_pow2(Hk)
     per_token = (block_hq + block_hk) * block_d
-    budget = 2048 if q.is_cuda else 16384  # elements of each half per program (interpreter: bigger blocks)
-    block_t = max(1, min(next_pow2(T), budget // per_token))
+    budget = 2048 if gpu(q) else 16384  # elements of each half per program (interpreter: bigger blocks)
+    block_t = min(next_pow2(T), prev_pow2(budget // per_token))
     scb = cos.stride(0) if cos.dim() == 3 else 0
     _rope_kernel[(cdiv(T, block_t), B)](
         q, k, qo, ko, cos, sin, T, Hq, Hk, offset,
