@@ -12,7 +12,8 @@ import torch
 
 from conftest import ROOT
 from common import Tokenizer
-from sample import TokenDecoder, _byte_level_alphabet, bench_decode, fit_history, generate_batch, load, stream_tokens, token_bytes
+from sample import (TokenDecoder, _byte_level_alphabet, bench_decode, fit_history, generate_batch, load, stream_tokens,
+                    token_bytes)
 
 
 # tiny models decode fastest on one thread, and a busy machine makes more threads much slower
@@ -97,7 +98,8 @@ def test_streamed_pieces_of_real_text_are_whole_characters(tokenizer_dir):
 
 def test_batched_greedy_equals_single(loaded):
     model, tok = loaded
-    texts = ["小明", "The cat reads the book.", "我们看见大海。科学家研究数学。老师写了一封信。", "xyz", "这只猫喜欢春天的花。"]
+    texts = ["小明", "The cat reads the book.", "我们看见大海。科学家研究数学。老师写了一封信。", "xyz",
+             "这只猫喜欢春天的花。"]
     prompts = [[tok.bos_id] + tok.encode(t) for t in texts]
     assert len({len(p) for p in prompts}) == len(prompts)  # all lengths differ
     batch = generate_batch(model, prompts, 24, eos_id=tok.eos_id, pad_id=tok.pad_id, temperature=0)

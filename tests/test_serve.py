@@ -22,7 +22,7 @@ from serve import Engine, GenRequest, StopText
 
 KEY = "sk-test-key"
 DEFAULT_MAX_TOKENS = 20
-CONTEXT = 256  # the random_ckpt's training seq_len: the server's default context
+CONTEXT = 1024  # --context (the checkpoint was trained at 256): long enough to disconnect mid-generation
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -44,7 +44,8 @@ def server(random_ckpt):
     """The real server on a free loopback port; stops at teardown (or by itself after 10 minutes)."""
     proc = subprocess.Popen(
         [sys.executable, "serve.py", "--ckpt", str(random_ckpt), "--port", "0", "--api-key", KEY, "--quiet",
-         "--max-tokens", str(DEFAULT_MAX_TOKENS), "--max-batch", "8", "--shutdown-after", "600"],
+         "--max-tokens", str(DEFAULT_MAX_TOKENS), "--max-batch", "8", "--context", str(CONTEXT),
+         "--shutdown-after", "600"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -105,7 +106,7 @@ USER = [{"role": "system", "content": "你是助手"}, {"role": "user", "content
 def test_models(client):
     models = client.models.list().data
     assert [m.id for m in models] == ["minimind"]
-    assert models[0].owned_by == "minimind"
+    assert models[0].owned_by == "minimind" and models[0].context_length == CONTEXT
 
 
 def test_chat_matches_local_greedy(client, loaded):
@@ -202,7 +203,7 @@ def test_penalties_change_the_output(client):
 # -----------------------------------------------------------------------------
 # bad requests: 4xx with OpenAI's error JSON, never a 500, the server keeps running
 
-LONG = "小明喜欢一本书。" * 200  # far beyond the 256-token context
+LONG = "0123456789" * 200  # ~2000 tokens (digits are single bytes here): beyond the context
 MSG = [{"role": "user", "content": "hi"}]
 BAD = [
     ("/v1/chat/completions", b"{not json", 400, None),
@@ -320,7 +321,7 @@ def test_disconnect_frees_the_slot(server, stream):
     assert wait_idle(server)
     before = health(server)["tokens"]
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
-    body = {"messages": MSG, "max_tokens": 200, "stream": stream, "ignore_eos": True}
+    body = {"messages": MSG, "max_tokens": CONTEXT - 20, "stream": stream, "ignore_eos": True}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
     deadline = time.time() + 30
     while health(server)["active"] == 0 and time.time() < deadline:  # wait until it is decoding
@@ -331,7 +332,7 @@ def test_disconnect_frees_the_slot(server, stream):
     conn.sock.shutdown(2)
     conn.close()
     assert wait_idle(server)
-    assert health(server)["tokens"] - before < 200  # it stopped early: the slot is free
+    assert health(server)["tokens"] - before < CONTEXT - 20  # it stopped early: the slot is free
 
 
 # -----------------------------------------------------------------------------
@@ -361,8 +362,8 @@ def test_engine_joins_mid_flight(loaded):
     """Requests joining a running batch, with a shorter prompt (padded) and a longer one (the batch
     shifts right), decode exactly as they do alone; the batch shrinks back when they leave."""
     model, tok = loaded
-    short, mid, long_ = ([tok.bos_id] + tok.encode(t) for t in
-                         ("小明", "老师写了一封信。", "我们看见大海。科学家研究数学。老师写了一封信。这只猫喜欢春天的花。"))
+    texts = ("小明", "老师写了一封信。", "我们看见大海。科学家研究数学。老师写了一封信。这只猫喜欢春天的花。")
+    short, mid, long_ = ([tok.bos_id] + tok.encode(t) for t in texts)
     assert len(long_) > len(mid) + 5 > len(short) + 5
     engine = Engine(model, tok.eos_id, max_batch=4)
     reqs = lambda: [GenRequest(prompt=p, max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
@@ -430,3 +431,13 @@ def test_stop_text_holds_back_partial_matches():
     assert s.flush() == ""
     s = StopText(["END"])
     assert s.feed("abcE") == "abc" and s.flush() == "E"
+
+
+def test_bench_server_reports_rates(tokenizer_dir):
+    from serve import bench_server
+    out = {}
+    bench_server("cpu", out, clients=2, requests_per_client=1, max_tokens=4, tokenizer_dir=str(tokenizer_dir))
+    s = out["server"]
+    for mode in ("batched", "sequential"):
+        assert s[mode]["requests"] == 2 and s[mode]["req_s"] > 0
+        assert s[mode]["tok_s"] > 0 and s[mode]["ttft_ms"] >= 0
