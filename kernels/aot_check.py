@@ -23,8 +23,11 @@ _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
               torch.int32: "i32", torch.int64: "i64"}
 
 
-def record_launches() -> list:
-    """Run every op, forward and backward, over the dtypes and variants the model uses; return the
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def record_launches(dtypes=tuple(DTYPES.values())) -> list:
+    """Run every op, forward and backward, in each dtype with the variants the model uses; return the
     recorded launches (kernel, grid, args, kwargs)."""
     from kernels.moe import moe_experts, moe_route
     from kernels.rms_norm import add_rms_norm, rms_norm
@@ -34,7 +37,7 @@ def record_launches() -> list:
     backend = kernels.get_backend()
     kernels.set_backend("triton")
     try:
-        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for dtype in dtypes:
             x = torch.randn(64, 512, dtype=dtype, requires_grad=True)
             w = torch.ones(512, requires_grad=True)  # fp32 weight with a low-precision input (autocast)
             rms_norm(x, w, 1e-5).sum().backward()
@@ -107,10 +110,11 @@ def compile_launches(launches, arch: int) -> list:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
+    ap.add_argument("--dtype", default="bf16,fp16,fp32", help="comma-separated storage dtypes to compile for")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("kernels.aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
-    launches = record_launches()
+    launches = record_launches(tuple(DTYPES[d] for d in args.dtype.split(",")))
     report = compile_launches(launches, args.arch)
     for name, secs in report:
         print(f"{name:28s} {secs:6.2f}s")
