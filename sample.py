@@ -281,16 +281,28 @@ def _naive_decode(model, idx, n: int):
 
 
 def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_sizes=(1, 8), prompt_len: int = 32,
-                 new_tokens: int = 32) -> None:
+                 new_tokens: int = 32, threads: Optional[int] = None) -> None:
     """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch)
     against a naive loop that re-runs the whole sequence for each token.
 
     Appends to out["decode"] one dict per (preset, batch): model, batch, prompt_len, new_tokens,
     kv_tok_s and naive_tok_s (generated tokens per second, all rows counted, prefill included),
-    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2)."""
-    from minimind import MiniMind, PRESETS
+    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2).
+    The naive loop gets every row cut to the shortest prompt (no padding), so the speedup is a lower
+    bound. `threads` sets torch's CPU threads for the run (small models on a busy CPU: 1 is fastest)."""
     rows = out.setdefault("decode", [])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync):
+    from minimind import MiniMind, PRESETS
     for name in presets:
         torch.manual_seed(0)
         model = MiniMind(PRESETS[name]).to(device).eval()
@@ -311,7 +323,8 @@ def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_s
             sync()
             naive = B * new_tokens / (time.perf_counter() - t0)
             rows.append({"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2)})
+                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2),
+                         "threads": torch.get_num_threads()})
         del model
 
 
@@ -338,7 +351,8 @@ def build_parser():
                    help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation (kernels.set_backend)")
+    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
+                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     return p
 
 

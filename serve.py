@@ -744,11 +744,22 @@ def make_server(model, tok, host: str = "127.0.0.1", port: int = 8000, name: str
 # benchmark (called by bench.py)
 
 def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: int = 3, max_tokens: int = 48,
-                 tokenizer_dir: str = "data/tok") -> None:
+                 tokenizer_dir: str = "data/tok", threads: Optional[int] = None) -> None:
     """Requests/s and generated tokens/s of the server under `clients` concurrent streaming clients,
     a random-weight `tiny` model, with batching (max_batch = clients) and without (max_batch = 1).
     Sets out["server"] = {"clients", "max_tokens", "batched": {...}, "sequential": {...}}, each with
-    requests, seconds, req_s, tok_s, ttft_ms (mean time to the first generated text)."""
+    requests, seconds, req_s, tok_s, ttft_ms (mean time to the first generated text). `threads` sets
+    torch's CPU threads for the run."""
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _bench_server(device, out, clients, requests_per_client, max_tokens, tokenizer_dir)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bench_server(device, out, clients, requests_per_client, max_tokens, tokenizer_dir):
     import http.client
     from pathlib import Path
     from common import Tokenizer
@@ -759,7 +770,7 @@ def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: 
         tok = _bench_tokenizer()
     torch.manual_seed(0)
     model = MiniMind(PRESETS["tiny"]).to(device).eval()
-    result = {"clients": clients, "max_tokens": max_tokens}
+    result = {"clients": clients, "max_tokens": max_tokens, "threads": torch.get_num_threads()}
 
     def client(port, i, times, counts):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)

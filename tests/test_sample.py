@@ -219,7 +219,7 @@ def test_bad_command_lines(random_ckpt, tmp_path, capsys, argv, message):
 
 def test_bench_decode_reports_rates():
     out = {}
-    bench_decode("cpu", out, presets=("tiny",), batch_sizes=(1, 3), prompt_len=8, new_tokens=4)
+    bench_decode("cpu", out, presets=("tiny",), batch_sizes=(1, 3), prompt_len=8, new_tokens=4, threads=1)
     rows = out["decode"]
     assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 3)]
     assert all(r["kv_tok_s"] > 0 and r["naive_tok_s"] > 0 and r["speedup"] > 0 for r in rows)

@@ -436,7 +436,8 @@ def test_stop_text_holds_back_partial_matches():
 def test_bench_server_reports_rates(tokenizer_dir):
     from serve import bench_server
     out = {}
-    bench_server("cpu", out, clients=2, requests_per_client=1, max_tokens=4, tokenizer_dir=str(tokenizer_dir))
+    bench_server("cpu", out, clients=2, requests_per_client=1, max_tokens=4, tokenizer_dir=str(tokenizer_dir),
+                 threads=1)
     s = out["server"]
     for mode in ("batched", "sequential"):
         assert s[mode]["requests"] == 2 and s[mode]["req_s"] > 0
