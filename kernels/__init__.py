@@ -1,11 +1,16 @@
 """Hot-path ops of minimind, each with a Triton kernel and a pure-PyTorch twin.
 
-    from kernels import rms_norm, rope, moe_route, moe_experts
+    from kernels import rms_norm, add_rms_norm, rope, moe_route, moe_experts
 
 One switch picks the implementation for every op:
     --kernels=auto|triton|torch   (scripts)   or   MINIMIND_KERNELS=auto|triton|torch   (environment)
-auto = Triton for CUDA tensors, PyTorch otherwise. `triton` on CPU tensors only works under
-TRITON_INTERPRET=1 (set before triton is imported) and is meant for tests.
+auto = Triton for CUDA tensors, PyTorch otherwise. triton is imported on the first Triton launch
+only (kernels/_triton.py), so CPU runs never need it. `triton` on CPU tensors runs the kernels in
+Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported (by that first launch, or by
+torch.compile, which imports it too); meant for tests.
+
+Files: rms_norm.py, rope.py, moe.py (kernel -> launcher/custom op -> autograd.Function -> function,
+twin alongside); bench.py (GPU benchmarks); aot_check.py (compile every kernel for sm_90 on CPU).
 """
 import os
 
@@ -36,8 +41,9 @@ def use_triton(x) -> bool:
     return x.is_cuda
 
 
-from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rms_norm import rms_norm, add_rms_norm  # noqa: E402
 from kernels.rope import rope  # noqa: E402
 from kernels.moe import moe_route, moe_experts  # noqa: E402
 
-__all__ = ["rms_norm", "rope", "moe_route", "moe_experts", "set_backend", "get_backend", "use_triton"]
+__all__ = ["rms_norm", "add_rms_norm", "rope", "moe_route", "moe_experts", "set_backend", "get_backend",
+           "use_triton"]

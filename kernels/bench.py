@@ -16,7 +16,8 @@ Triton path there is the interpreter: nothing to time), so that this file can be
 
 `out` receives
     out["kernels"]        [{"op", "shape", "impl", "ms", "peak_mib"}]   one row per measurement
-    out["kernels_check"]  {op: max error of Triton vs twin, relative to the twin's largest value}
+    out["kernels_check"]  {op: max error of Triton vs twin (outputs and input gradients), relative
+                           to the twin's largest value}
     out["kernels_ratio"]  {"<op> <shape>: <impl>/triton": time ratio (>1: triton faster), and
                            "moe/dense step (<backend>)": MoE step time over the dense step's}
 """
@@ -135,7 +136,7 @@ def _cases(device: str):
     for n in token_counts:
         for d in dims:
             yield "rms_norm", f"{n}x{d}", lambda x, w: rms_norm(x, w, 1e-5), (p(n, d), p(d, dtype=torch.float32)), \
-                dict(liger=_liger_rms_norm, compile=rms_norm_torch)
+                dict(liger=_liger_rms_norm, compile=lambda x, w: rms_norm_torch(x, w, 1e-5))
     for n in token_counts:
         T = min(n, 4096 if cuda else 64)
         for hq, hk, hd in ((8, 2, 64), (8, 4, 96)):
@@ -190,41 +191,46 @@ def _step_cases(device: str):
         yield f"{B}x{T} {label}", step
 
 
-def bench_kernels(device: str, out: dict) -> None:
-    """Fill `out` (see the module docstring) and print a table. device: "cuda" or "cpu"."""
-    rows, checks, ratios = [], {}, {}
+def bench_kernels(device: str, out: dict, impls=None) -> None:
+    """Fill `out` (see the module docstring) and print a table. device: "cuda" or "cpu".
+    impls: the implementations to run, of torch, triton, compile, liger, loop; default all on CUDA,
+    the PyTorch ones (torch, loop) on CPU. The Triton check (bf16 on CUDA) runs with triton."""
     cuda = device == "cuda"
+    impls = set(impls or (("torch", "triton", "compile", "liger", "loop") if cuda else ("torch", "loop")))
+    rows, checks, ratios = [], {}, {}
     torch.manual_seed(0)
     for op, shape, forward, inputs, others in _cases(device):
-        impls = {"torch": _fwd_bwd(forward, inputs, "torch")}
-        if cuda:
-            impls["triton"] = _fwd_bwd(forward, inputs, "triton")
-            impls["compile"] = _fwd_bwd(torch.compile(others["compile"]), inputs, "torch")
-            if "liger" in others:
-                impls["liger"] = _fwd_bwd(others["liger"], inputs)
+        runs = {"torch": _fwd_bwd(forward, inputs, "torch"), "triton": _fwd_bwd(forward, inputs, "triton")}
+        runs["compile"] = lambda fn=others["compile"], inputs=inputs: _fwd_bwd(torch.compile(fn), inputs, "torch")()
+        if "liger" in others:
+            runs["liger"] = _fwd_bwd(others["liger"], inputs)
         if "loop" in others:
-            impls["loop"] = _fwd_bwd(others["loop"], inputs, "torch")
+            runs["loop"] = _fwd_bwd(others["loop"], inputs, "torch")
         times = {}
-        for impl, fn in impls.items():
+        for impl, fn in runs.items():
+            if impl not in impls:
+                continue
             try:
                 ms, peak = _time(fn, device)
             except Exception as e:  # a missing optional package, an unsupported shape: record, go on
-                rows.append(dict(op=op, shape=shape, impl=impl, ms=None, peak_mib=None, error=f"{type(e).__name__}: {e}"[:200]))
+                rows.append(dict(op=op, shape=shape, impl=impl, ms=None, peak_mib=None,
+                                 error=f"{type(e).__name__}: {e}"[:200]))
                 continue
             times[impl] = ms
             rows.append(dict(op=op, shape=shape, impl=impl, ms=ms, peak_mib=peak))
         for impl in times:
             if "triton" in times and impl != "triton":
                 ratios[f"{op} {shape}: {impl}/triton"] = times[impl] / times["triton"]
-        if cuda and op not in checks:
+        if "triton" in impls and op not in checks:
             checks[op] = _max_err(forward, inputs)
     step_times = {}
     for label, step in _step_cases(device):
-        for impl in (("triton", "torch") if cuda else ("torch",)):
-            with backend(impl):
-                ms, peak = _time(step, device)
-            step_times[(label, impl)] = ms
-            rows.append(dict(op="train_step", shape=label, impl=impl, ms=ms, peak_mib=peak))
+        for impl in ("triton", "torch"):
+            if impl in impls:
+                with backend(impl):
+                    ms, peak = _time(step, device)
+                step_times[(label, impl)] = ms
+                rows.append(dict(op="train_step", shape=label, impl=impl, ms=ms, peak_mib=peak))
     for impl in {i for _, i in step_times}:
         dense = [v for (lab, i), v in step_times.items() if i == impl and "dense" in lab]
         moe = [v for (lab, i), v in step_times.items() if i == impl and "moe" in lab]
@@ -244,7 +250,7 @@ def _print(rows, checks, ratios, device):
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.2f}")
     for k, v in checks.items():
-        print(f"bf16 check {k}: max rel error {v:.2e}")
+        print(f"check {k}: Triton vs twin, max relative error {v:.2e}")
 
 
 if __name__ == "__main__":

@@ -426,9 +426,28 @@ def test_kernels_compile_for_sm90():
 
 
 def test_bench_cpu_smoke():
+    """bench_kernels' CPU run (PyTorch only), as bench.py calls it."""
     from kernels.bench import bench_kernels
     out = {}
     bench_kernels("cpu", out)
-    ops = {r["op"] for r in out["kernels"]}
-    assert {"rms_norm", "rope", "moe", "train_step"} <= ops
-    assert all(r["ms"] > 0 for r in out["kernels"])
+    assert {r["op"] for r in out["kernels"]} == {"rms_norm", "rope", "moe", "train_step"}
+    assert {r["impl"] for r in out["kernels"]} == {"torch", "loop"}
+    assert all(r["ms"] > 0 for r in out["kernels"]) and "moe/dense step (torch)" in out["kernels_ratio"]
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE == "cuda", reason="interprets Triton on CPU tensors")
+def test_bench_triton_paths_on_cpu(monkeypatch):
+    """The GPU-only paths of the benchmark (Triton rows, ratios, the Triton-vs-twin check; liger
+    recorded as an error when it is not installed), interpreted on CPU's tiny shapes: each
+    measurement runs once, and the training steps (a 256-dim model: slow to interpret) are left out."""
+    from kernels import bench
+    monkeypatch.setattr(bench, "_time", lambda fn, device: (fn(), 1.0, None)[1:])
+    monkeypatch.setattr(bench, "_step_cases", lambda device: iter(()))
+    out = {}
+    bench.bench_kernels("cpu", out, impls=("torch", "triton", "liger"))
+    assert {r["impl"] for r in out["kernels"] if "error" not in r} == {"torch", "triton"}
+    assert {r["impl"] for r in out["kernels"] if "error" in r} <= {"liger"}
+    assert set(out["kernels_check"]) == {"rms_norm", "rope", "moe"}
+    assert all(v < 1e-4 for v in out["kernels_check"].values()), out["kernels_check"]
+    assert any(k.endswith("torch/triton") for k in out["kernels_ratio"])
