@@ -351,6 +351,8 @@ def build_parser():
                    help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     return p
@@ -364,6 +366,8 @@ def main(argv=None):
         sys.exit("error: --max-new-tokens must be positive")
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         model, tok, _ = load(args.ckpt, args.device, args.dtype, args.kernels)
     except (FileNotFoundError, ValueError) as e:

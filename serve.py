@@ -851,6 +851,8 @@ def build_parser():
     # runtime
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     p.add_argument("--shutdown-after", type=float, default=0, help="stop after this many seconds (tests); 0 = never")
@@ -863,6 +865,8 @@ def main(argv=None):
     for flag in ("max_tokens", "max_batch", "max_queue"):
         if getattr(args, flag) <= 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         model, tok, device = load(args.ckpt, args.device, args.dtype, args.kernels)
     except (FileNotFoundError, ValueError) as e:
