@@ -78,11 +78,12 @@ class _Row:
         return self.req.max_tokens - self.generated
 
 
-def sample_rows(logits, temperature, top_k, top_p, generators):
+def sample_rows(logits, temperature, top_k, top_p, generators, all_greedy: bool = False):
     """One token per row of logits (B, V) with per-row settings: temperature (B,) (0 = greedy),
-    top_k (B,) int (0 = off), top_p (B,); generators: a torch.Generator or None per row."""
+    top_k (B,) int (0 = off), top_p (B,); generators: a torch.Generator or None per row.
+    all_greedy (known on the host, so no device sync to find out): skip sampling."""
     greedy = logits.argmax(dim=-1)  # (B,)
-    if bool((temperature <= 0).all()):
+    if all_greedy:
         return greedy
     B, V = logits.shape
     x = logits / temperature.clamp(min=1e-5)[:, None]
@@ -168,11 +169,11 @@ class Engine:
                 return
             if req.cancelled.is_set():
                 continue
-            try:
+            try:  # the batch is only modified once the new row's tensors are all built
                 self._join(req)
-            except Exception as e:
+            except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
+                print(f"engine error: {type(e).__name__}: {e}", file=sys.stderr)
                 req.events.put(("error", f"{type(e).__name__}: {e}"))
-                raise
 
     @torch.no_grad()
     def _join(self, req: GenRequest):
@@ -245,14 +246,15 @@ class Engine:
         self._keep(keep)
         if not self.rows:
             return
-        p = self.params
+        p, reqs = self.params, [r.req for r in self.rows]
         logits = self.logits
-        if bool((p["rep"] != 1).any()):
+        if any(q.repetition_penalty != 1.0 for q in reqs):  # settings are checked on the host: no syncs
             rep = p["rep"][:, None]
             logits = torch.where(p["seen"], torch.where(logits > 0, logits / rep, logits * rep), logits)
-        if bool((p["freq"] != 0).any() or (p["pres"] != 0).any()):
+        if any(q.frequency_penalty or q.presence_penalty for q in reqs):
             logits = logits - p["freq"][:, None] * p["counts"] - p["pres"][:, None] * (p["counts"] > 0).float()
-        nxt = sample_rows(logits, p["temperature"], p["top_k"], p["top_p"], [r.generator for r in self.rows])  # (B,)
+        nxt = sample_rows(logits, p["temperature"], p["top_k"], p["top_p"], [r.generator for r in self.rows],
+                          all_greedy=all(q.temperature <= 0 for q in reqs))  # (B,)
         p["seen"].scatter_(1, nxt[:, None], True)
         p["counts"].scatter_add_(1, nxt[:, None], torch.ones_like(p["counts"][:, :1]))
         self.stats["tokens"] += len(self.rows)

@@ -421,6 +421,21 @@ def test_engine_stops_at_eos_and_respects_cancel(loaded):
     assert r.events.empty() and engine.load() == {"active": 0, "queued": 0}
 
 
+def test_engine_failure_of_one_request_spares_the_others(loaded):
+    model, tok = loaded
+    engine = Engine(model, tok.eos_id, max_batch=4)
+    p = [tok.bos_id] + tok.encode("小明")
+    good = GenRequest(prompt=p, max_tokens=8, temperature=0, ignore_eos=True)
+    bad = GenRequest(prompt=[10 ** 6], max_tokens=8)  # an id beyond the embedding: its prefill raises
+    engine.submit(good)
+    drive(engine, steps=2)
+    engine.submit(bad)
+    drive(engine)
+    assert bad.events.get_nowait()[0] == "error"
+    toks, end = collect(good)
+    assert len(toks) == 8 and end == ("end", "length", 8)
+
+
 def test_stop_text_holds_back_partial_matches():
     s = StopText(["\nUser:", "END"])
     assert s.feed("Hello") == "Hello"
