@@ -75,7 +75,8 @@ class ModelConfig:
 PRESETS = {
     # fits a 2-core CPU: ~4.6M parameters, trains in minutes
     "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704),
-    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704, n_experts=4, top_k=1),
+    "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704, n_experts=4, top_k=1,
+                            qk_norm=True),  # Qwen3-MoE-like, so that it exports
     # MiniMind2 family (Llama-like: no q/k norm)
     "minimind2-small": ModelConfig(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=1408),  # 25.8M
     "minimind2": ModelConfig(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, ffn_dim=2048),  # 104.0M

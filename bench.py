@@ -1,0 +1,172 @@
+"""Benchmarks, measured as ratios within one run (the machines are shared and noisy).
+
+    python bench.py                          # everything, on CUDA if present, else CPU
+    python bench.py --device=cuda --out=bench.json
+    python bench.py --only train,decode --models tiny,minimind-3
+
+Sections:
+  peak    the machine's own matmul FLOP/s (fp32, bf16) and memory bandwidth, measured here: the
+          yardsticks for everything below
+  train   training tokens/s at seq 512 of each model, fp32 and bf16 autocast, eager and compiled,
+          each as MFU = achieved FLOP/s / the matmul peak of that dtype measured above
+  decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
+          weight once: bandwidth / weight bytes), then KV-cache vs naive decoding at batch 1 and 8
+  server  requests/s and tokens/s of serve.py under 8 concurrent clients
+  kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
+"""
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+import kernels
+from common import autocast, measure_matmul_flops, pick_device
+from minimind import PRESETS, MiniMind
+
+
+def sync_fn(device):
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def measure_bandwidth(device: str, mbytes: int = 512, seconds: float = 0.5) -> float:
+    """Bytes/s read by a reduction over a buffer much larger than any cache."""
+    x = torch.ones(mbytes * 2 ** 20 // 4, device=device)
+    sync = sync_fn(device)
+    x.sum()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        x.sum()
+        n += 1
+    sync()
+    return n * x.numel() * 4 / (time.perf_counter() - t0)
+
+
+def bench_peak(device, out):
+    out["peak"] = {
+        "fp32_tflops": measure_matmul_flops(device, torch.float32, n=2048 if device == "cuda" else 1024) / 1e12,
+        "bf16_tflops": measure_matmul_flops(device, torch.bfloat16, n=2048 if device == "cuda" else 1024) / 1e12,
+        "bandwidth_gbs": measure_bandwidth(device) / 1e9,
+    }
+    p = out["peak"]
+    print(f"peak: fp32 {p['fp32_tflops']:.3f} TFLOP/s | bf16 {p['bf16_tflops']:.3f} TFLOP/s | "
+          f"memory {p['bandwidth_gbs']:.1f} GB/s")
+
+
+def train_step_time(model, step_fn, steps: int, sync) -> float:
+    step_fn()  # warm up (and compile)
+    step_fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_train(device, out, models, seq_len, compile_too, steps):
+    rows = out.setdefault("train", [])
+    sync = sync_fn(device)
+    for name in models:
+        for dtype in (torch.float32, torch.bfloat16):
+            for compiled in ((False, True) if compile_too else (False,)):
+                torch.manual_seed(0)
+                model = MiniMind(PRESETS[name]).to(device).train()
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+                run_model = torch.compile(model) if compiled else model
+                B = (16 if device == "cuda" else 4) if name == "tiny" else (8 if device == "cuda" else 1)
+                x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
+
+                def step():
+                    with autocast(device, dtype):
+                        _, loss = run_model(x[:, :-1], x[:, 1:])
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
+                dt = train_step_time(model, step, steps, sync)
+                tps = B * seq_len / dt
+                peak = out["peak"]["bf16_tflops" if dtype == torch.bfloat16 else "fp32_tflops"] * 1e12
+                mfu = tps * model.flops_per_token(seq_len) / peak
+                row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "compiled": compiled, "batch": B,
+                       "seq_len": seq_len, "tok_s": round(tps, 1), "mfu": round(mfu, 3)}
+                rows.append(row)
+                print(f"train {name:16s} {row['dtype']:9s} {'compiled' if compiled else 'eager   '} "
+                      f"B={B:<2d} {tps:10,.0f} tok/s  MFU {100 * mfu:5.1f}%", flush=True)
+                del model, opt, run_model
+                torch._dynamo.reset()
+
+
+def bench_decode_limit(device, out, models, new_tokens=64):
+    """Batch-1 KV-cache decoding against one pass over all weights per token."""
+    rows = out.setdefault("decode_limit", [])
+    sync = sync_fn(device)
+    bw = out["peak"]["bandwidth_gbs"] * 1e9
+    for name in models:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS[name]).to(device, dtype).eval()
+        prompt = torch.randint(3, 6400, (1, 16), device=device)
+        list(model.generate_stream(prompt, 4, temperature=0))  # warm up
+        sync()
+        t0 = time.perf_counter()
+        n = sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0))
+        sync()
+        tps = n / (time.perf_counter() - t0)
+        weight_bytes = model.num_params(active=True) * model.embed.weight.element_size()
+        limit = bw / weight_bytes
+        rows.append({"model": name, "dtype": str(dtype).replace("torch.", ""), "tok_s": round(tps, 1),
+                     "limit_tok_s": round(limit, 1), "fraction": round(tps / limit, 3)})
+        print(f"decode {name:16s} batch 1: {tps:8.1f} tok/s vs weight-streaming limit {limit:8.1f} tok/s "
+              f"({100 * tps / limit:.0f}%)", flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--only", default="peak,train,decode,server,kernels", help="comma-separated sections")
+    p.add_argument("--models", default="tiny,minimind2-small,minimind-3", help="models for train/decode")
+    p.add_argument("--seq-len", type=int, default=512, help="training sequence length")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
+    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation for the model")
+    p.add_argument("--out", default="bench.json", help="results file (JSON)")
+    args = p.parse_args()
+    if args.kernels:
+        kernels.set_backend(args.kernels)
+    device = pick_device(args.device)
+    sections = set(args.only.split(","))
+    models = args.models.split(",")
+    out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+           "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "date": time.strftime("%Y-%m-%d"), "kernels": kernels.get_backend()}
+    print(f"bench on {out['device']} ({device}, {out['threads']} threads), torch {torch.__version__}")
+    bench_peak(device, out)  # every ratio below is against these
+    if "train" in sections:
+        bench_train(device, out, models, args.seq_len, not args.no_compile, args.steps)
+    if "decode" in sections:
+        bench_decode_limit(device, out, models)
+        from sample import bench_decode
+        bench_decode(device, out, presets=[m for m in ("tiny", "minimind-3") if m in models] or models[:1])
+        for r in out["decode"]:
+            print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s vs naive "
+                  f"{r['naive_tok_s']:8.1f} tok/s ({r['speedup']:.1f}x)")
+    if "server" in sections:
+        from serve import bench_server
+        bench_server(device, out)
+        s = out["server"]
+        for k in ("batched", "sequential"):
+            print(f"server {k:10s}: {s[k]['req_s']:.2f} req/s, {s[k]['tok_s']:.1f} tok/s, "
+                  f"TTFT {s[k]['ttft_ms']:.0f} ms ({s['clients']} clients)")
+    if "kernels" in sections:
+        from kernels.bench import bench_kernels
+        bench_kernels(device, out)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
