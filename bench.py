@@ -132,8 +132,11 @@ def main():
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation for the model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench.json", help="results file (JSON)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.kernels:
         kernels.set_backend(args.kernels)
     device = pick_device(args.device)
