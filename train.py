@@ -10,6 +10,8 @@ Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see common.py). On CPU, a resumed
 bit-identical to an uninterrupted one: every batch is a pure function of (seed, step, index).
 """
 import argparse
+import contextlib
+import copy
 import json
 import math
 import os
@@ -20,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import kernels
+import lora
 from common import (autocast, atomic_write_text, load_checkpoint, peak_flops, pick_device, pick_dtype,
                     resolve_checkpoint, save_checkpoint)
 from minimind import PRESETS, MiniMind, ModelConfig
@@ -63,13 +67,222 @@ class PretrainData:
         return {"idx": t[:, :-1], "targets": t[:, 1:]}
 
 
+# packed chat data (sft, dpo): whole conversations / preference pairs in rows of seq_len tokens
+
+def pack_rows(lengths, capacity: int) -> list:
+    """Best-fit decreasing bin packing: lists of item indices whose lengths sum to <= capacity.
+    A function of the lengths only (ties broken by index), so every process builds the same plan."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    rows = []
+    open_rows = [[] for _ in range(capacity + 1)]  # room left -> rows with exactly that much room
+    has_room = np.zeros(capacity + 1, dtype=bool)
+    for i in order:
+        n = int(lengths[i])
+        j = n + int(has_room[n:].argmax())  # the tightest row the item fits in, if any
+        if has_room[j]:
+            row = open_rows[j].pop()
+            has_room[j] = bool(open_rows[j])
+            rows[row].append(int(i))
+            room = j - n
+        else:
+            row, room = len(rows), capacity - n
+            rows.append([int(i)])
+        if room > 0:
+            open_rows[room].append(row)
+            has_room[room] = True
+    return rows
+
+
+class PackedData:
+    """Items (conversations, or preference pairs) packed whole into rows of seq_len tokens, from the
+    files of `prepare.py sft|dpo`. Every item is one or more documents: positions restart at 0 and
+    attention stays inside a document (`doc` ids), so the items of a row never see each other and
+    padding is only the unfilled tail of a row. Targets are the next token where its mask is 1.
+
+    The row plan (pack_rows) is fixed; each epoch visits the train rows in a seeded order and
+    micro-batch `index` of `step` takes the next batch_size rows of that stream: every batch is a
+    pure function of (seed, step, index). Validation rows are read in plan order."""
+
+    kind = None
+    micro_batches = 1  # micro-batches per optimizer step, over all processes (main sets it)
+
+    def __init__(self, data_dir, seq_len: int, seed: int):
+        self.dir = Path(data_dir)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path}: not a prepared data directory (run `python prepare.py {self.kind}`)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("kind") != self.kind:
+            raise ValueError(f"{self.dir} holds {self.meta.get('kind')} data; --mode={self.kind} needs the output "
+                             f"of `prepare.py {self.kind}`")
+        self.seq_len, self.seed = seq_len, seed
+        self.splits, self.stats, self._perms = {}, {}, {}
+        for split in ("train", "val"):
+            tokens = np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
+            mask = np.memmap(self.dir / f"{split}.mask", dtype=np.uint8, mode="r")
+            items, lengths, truncated = self.fit_items(np.fromfile(self.dir / f"{split}.idx", dtype=np.int64), mask)
+            if not items:
+                raise ValueError(f"{self.dir}: no {split} records fit rows of --seq-len {seq_len}")
+            rows = pack_rows(lengths, seq_len)
+            self.splits[split] = (tokens, mask, items, rows)
+            self.stats[split] = {"items": len(items), "rows": len(rows), "truncated": truncated,
+                                 "padding": 1 - sum(lengths) / (len(rows) * seq_len)}
+
+    def describe(self) -> str:
+        s = self.stats["train"]
+        return (f"{self.kind} data: {s['items']:,} train items packed into {s['rows']:,} rows of {self.seq_len} "
+                f"({100 * s['padding']:.1f}% padding), {s['truncated']:,} truncated to fit; "
+                f"{self.stats['val']['items']:,} val items")
+
+    def fit_items(self, index, mask):
+        """-> (items, their lengths in a row, number truncated); items are what `documents` reads."""
+        raise NotImplementedError
+
+    def documents(self, tokens, mask, item):
+        """-> [(token ids, mask)] of one item, each a document of its own."""
+        raise NotImplementedError
+
+    def row_ids(self, split: str, step: int, index: int, batch_size: int) -> list:
+        n_rows = len(self.splits[split][3])
+        if split != "train":
+            return [(index * batch_size + j) % n_rows for j in range(batch_size)]
+        first = ((step - 1) * self.micro_batches + index) * batch_size  # position in the stream of rows
+        out = []
+        for g in range(first, first + batch_size):
+            epoch, r = divmod(g, n_rows)
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n_rows),
+                               **{e: p for e, p in self._perms.items() if e == epoch - 1}}
+            out.append(int(self._perms[epoch][r]))
+        return out
+
+    def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
+        tokens, mask, items, rows = self.splits[split]
+        B, T = batch_size, self.seq_len
+        idx = np.full((B, T), self.meta["pad_id"], dtype=np.int64)
+        targets = np.full((B, T), -1, dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        doc = np.zeros((B, T), dtype=np.int64)
+        seq = np.full((B, T), -1, dtype=np.int64)  # which document of the micro-batch a target belongs to
+        n_seqs = 0
+        for b, row in enumerate(self.row_ids(split, step, index, batch_size)):
+            t, d = 0, 0
+            for i in rows[row]:
+                for ids, m in self.documents(tokens, mask, items[i]):
+                    n = len(ids)
+                    idx[b, t:t + n] = ids
+                    targets[b, t:t + n - 1] = np.where(m[1:] == 1, ids[1:], -1)  # last token: nothing to predict
+                    pos[b, t:t + n] = np.arange(n)
+                    doc[b, t:t + n] = d
+                    seq[b, t:t + n - 1] = n_seqs
+                    t, d, n_seqs = t + n, d + 1, n_seqs + 1
+            pos[b, t:] = np.arange(T - t)  # padding tail: a document of its own, no targets
+            doc[b, t:] = d
+        out = {"idx": idx, "targets": targets, "pos": pos, "doc": doc, "seq": seq}
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        if device.startswith("cuda"):
+            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+        out["n_seqs"] = n_seqs
+        return out
+
+
+class SFTData(PackedData):
+    """Conversations; one longer than seq_len keeps its first seq_len tokens (dropped if that
+    leaves nothing to train on)."""
+
+    kind = "sft"
+
+    def fit_items(self, offsets, mask):
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        fitted = np.minimum(lengths, self.seq_len)
+        over = np.flatnonzero(lengths > self.seq_len)
+        # a cut conversation must keep a target: a mask-1 token after its first
+        empty = {int(k) for k in over if not mask[starts[k] + 1:starts[k] + fitted[k]].any()}
+        keep = [k for k in range(len(starts)) if k not in empty]
+        return [(int(starts[k]), int(fitted[k])) for k in keep], [int(fitted[k]) for k in keep], len(over)
+
+    def documents(self, tokens, mask, item):
+        s, n = item
+        return [(tokens[s:s + n].astype(np.int64), mask[s:s + n])]
+
+
+class DPOData(PackedData):
+    """Preference pairs: prompt + chosen and prompt + rejected, two documents in the same row. A
+    pair longer than seq_len has its completions cut (dropped if one loses all its targets)."""
+
+    kind = "dpo"
+
+    def fit_items(self, index, mask):
+        items, lengths, truncated = [], [], 0
+        for s, p, c, r in index.reshape(-1, 4).tolist():
+            room = self.seq_len - 2 * p  # for the two completions
+            if c + r > room:
+                truncated += 1
+                c2 = min(c, max(room // 2, room - r))
+                r2 = min(r, room - c2)
+                if c2 < 1 or r2 < 1 or not mask[s + p:s + p + c2].any() or not mask[s + p + c:s + p + c + r2].any():
+                    continue
+                c, r, full_c = c2, r2, c
+            else:
+                full_c = c
+            items.append((s, p, c, r, full_c))
+            lengths.append(2 * p + c + r)
+        return items, lengths, truncated
+
+    def documents(self, tokens, mask, item):
+        s, p, c, r, full_c = item
+        chosen = np.arange(s, s + p + c)
+        rejected = np.concatenate([np.arange(s, s + p), np.arange(s + p + full_c, s + p + full_c + r)])
+        return [(tokens[chosen].astype(np.int64), mask[chosen]), (tokens[rejected].astype(np.int64), mask[rejected])]
+
+
 def lm_loss(model, batch: dict):
     """Next-token cross-entropy (plus the MoE balance loss): (loss, extra metrics)."""
     _, loss = model(batch["idx"], batch["targets"], pos=batch.get("pos"), doc=batch.get("doc"))
     return loss, {}
 
 
-MODES = {"pretrain": (PretrainData, lm_loss)}
+def sequence_logprobs(model, batch: dict):
+    """Summed log-probability of the target tokens of every document of a packed batch, and how
+    many targets each has: (S,), (S,) for the S = batch["n_seqs"] documents."""
+    logits, _ = model(batch["idx"], pos=batch["pos"], doc=batch["doc"])  # (B, T, V)
+    targets = batch["targets"].reshape(-1)  # (B*T,)
+    logp = -F.cross_entropy(logits.float().flatten(0, 1), targets, ignore_index=-1, reduction="none")  # (B*T,)
+    S = batch["n_seqs"]
+    slot = batch["seq"].reshape(-1)
+    slot = torch.where(slot < 0, S, slot)  # padding -> a spare slot S, dropped below (no host sync)
+    sums = torch.zeros(S + 1, device=logp.device).index_add_(0, slot, logp)[:S]
+    counts = torch.zeros(S + 1, device=logp.device).index_add_(0, slot, (targets >= 0).float())[:S]
+    return sums, counts
+
+
+def make_dpo_loss(model, args):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * [(log pi(c) - log pi(r)) - (log ref(c) - log ref(r))]),
+    log-probabilities summed over the completion tokens (--dpo-length-norm: averaged), mean over pairs.
+    The reference is the starting model, frozen: with LoRA the same model with its adapters switched
+    off, otherwise a copy. Documents of a DPO batch alternate chosen, rejected (DPOData)."""
+    if lora.lora_modules(model):
+        reference, ref_mode = model, lambda: lora.lora_disabled(model)
+    else:
+        reference, ref_mode = copy.deepcopy(model).eval().requires_grad_(False), contextlib.nullcontext
+
+    def dpo_loss(policy, batch: dict):
+        with torch.no_grad(), ref_mode():
+            ref_logp, _ = sequence_logprobs(reference, batch)
+        logp, n = sequence_logprobs(policy, batch)
+        if args.dpo_length_norm:
+            logp, ref_logp = logp / n.clamp(min=1), ref_logp / n.clamp(min=1)
+        reward = args.beta * (logp - ref_logp)  # (S,) implicit rewards
+        margin = reward[0::2] - reward[1::2]  # (S/2,) chosen - rejected, per pair
+        loss = -F.logsigmoid(margin).mean()
+        return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.detach().mean()}
+    return dpo_loss
+
+
+# mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
+MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
+         "sft": (SFTData, lambda model, args: lm_loss),  # the mask is in the targets (-1 = no loss)
+         "dpo": (DPOData, make_dpo_loss)}
 
 
 # -----------------------------------------------------------------------------
@@ -173,6 +386,16 @@ def build_parser():
     g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (default: 5%% of --max-iters)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on >=2-D weights")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g = p.add_argument_group("dpo")
+    g.add_argument("--beta", type=float, default=0.1, help="DPO: strength of the KL tie to the reference model")
+    g.add_argument("--dpo-length-norm", action="store_true",
+                   help="DPO: average completion log-probabilities over tokens instead of summing them")
+    g = p.add_argument_group("lora (sft, dpo)")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="train rank-R LoRA adapters on top of --init-from (frozen) instead of every weight (0: off)")
+    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: updates are multiplied by alpha / rank")
+    g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
+                   help="layers that get adapters: any of q,k,v,o (attention), gate,up,down (feed-forward)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (and at the end)")
     g.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation")
@@ -252,7 +475,8 @@ def main():
     # model: fresh from a preset, or from a checkpoint
     start_step = 0
     if source is not None:
-        model, state, _ = load_checkpoint(source, device)
+        # resuming a LoRA run: base + adapters kept apart; otherwise adapters (if any) merged in
+        model, state, _ = load_checkpoint(source, device, merge_lora=not args.resume)
         model.train()
         if args.resume:
             start_step = state["step"]
@@ -261,8 +485,19 @@ def main():
         model = MiniMind(cfg).to(device)
     if args.aux_loss_coef is not None:
         model.config.aux_loss_coef = args.aux_loss_coef
+    lora_spec = None  # LoRA: only adapters train and are saved; the base checkpoint stays where it is
+    if args.resume and "lora" in state:
+        lora_spec = state["lora"]
+    elif args.lora_rank:
+        if source is None or args.mode == "pretrain":
+            sys.exit("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo and --init-from")
+        targets = lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        lora_spec = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets,
+                     "base": str(source.resolve())}
+    else:
+        model.requires_grad_(True)
 
-    DataClass, loss_fn = MODES[args.mode]
+    DataClass, make_loss = MODES[args.mode]
     data = DataClass(args.data, args.seq_len, args.seed)
     if data.meta.get("vocab_size", 0) > model.config.vocab_size:
         sys.exit(f"{args.data}: vocabulary {data.meta['vocab_size']} > model's {model.config.vocab_size}")
@@ -273,6 +508,8 @@ def main():
     assert batch_tokens % (tokens_per_micro * world) == 0, \
         f"--batch-tokens {batch_tokens} must be a multiple of batch-size*seq-len*world = {tokens_per_micro * world}"
     accum = batch_tokens // (tokens_per_micro * world)
+    data.micro_batches = accum * world  # packed data walks its rows in order: where each step starts
+    loss_fn = make_loss(model, args)
     warmup = args.warmup_iters if args.warmup_iters is not None else max(1, args.max_iters // 20)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
@@ -292,6 +529,12 @@ def main():
         print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
               f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
               f"{args.batch_size} x {args.seq_len} | kernels {kernels.get_backend()}")
+        if lora_spec:
+            n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"LoRA rank {lora_spec['rank']} on {','.join(lora_spec['targets'])}: {n_lora / 1e6:.3f}M trainable "
+                  f"params; base {lora_spec['base']}")
+        if hasattr(data, "describe"):
+            print(data.describe())
 
     @torch.no_grad()
     def evaluate(step):
@@ -315,7 +558,10 @@ def main():
     def checkpoint(step):
         if master:
             state = {"kind": args.mode, "args": vars(args), "data": {"dir": str(data.dir), "meta": data.meta}}
-            save_checkpoint(out, step, model, state, optimizer, tok_dir if tok_dir.exists() else None)
+            if lora_spec:
+                state["lora"] = lora_spec
+            save_checkpoint(out, step, model, state, optimizer, tok_dir if tok_dir.exists() else None,
+                            weights=lora.lora_state_dict(model) if lora_spec else None)
         if ddp:
             dist.barrier()
 

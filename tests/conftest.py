@@ -83,3 +83,81 @@ def random_ckpt(tokenizer_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "random"
     save_checkpoint(out, 0, model, state={"kind": "pretrain", "args": {"seq_len": 256}}, tokenizer_dir=tokenizer_dir)
     return out
+
+
+# -----------------------------------------------------------------------------
+# chat data (SFT, DPO) and a small base checkpoint to fine-tune
+
+ANSWERS = dict(zip(SUBJECTS[:5], OBJECTS[:5]))  # one right answer per subject: learnable in a few steps
+SYSTEM = "你是一个乐于助人的助手。"
+
+
+def qa(subject, obj=None):
+    return [{"role": "user", "content": f"{subject}喜欢什么？"},
+            {"role": "assistant", "content": f"{subject}喜欢{obj or ANSWERS[subject]}。"}]
+
+
+def make_sft(path: Path, n: int = 300, seed: int = 0):
+    """{"conversations"}: one or two question/answer turns, sometimes after a system prompt."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            msgs = [{"role": "system", "content": SYSTEM}] if rng.random() < 0.3 else []
+            for _ in range(rng.choice([1, 1, 2])):
+                msgs += qa(rng.choice(list(ANSWERS)))
+            f.write(json.dumps({"conversations": msgs}, ensure_ascii=False) + "\n")
+    return path
+
+
+def make_dpo(path: Path, n: int = 200, seed: int = 0):
+    """{"chosen", "rejected"}: the same question, the right answer against a wrong one."""
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            s = rng.choice(list(ANSWERS))
+            wrong = rng.choice([o for o in OBJECTS if o != ANSWERS[s]])
+            f.write(json.dumps({"chosen": qa(s), "rejected": qa(s, wrong)}, ensure_ascii=False) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tokenizer_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sft")
+    run(["prepare.py", "sft", "--input", make_sft(tmp / "sft.jsonl"), "--tokenizer", tokenizer_dir,
+         "--out", tmp / "sft", "--val-fraction", "0.1", "--workers", "2", "--quiet"])
+    return tmp / "sft"
+
+
+@pytest.fixture(scope="session")
+def dpo_dir(tokenizer_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo")
+    run(["prepare.py", "dpo", "--input", make_dpo(tmp / "dpo.jsonl"), "--tokenizer", tokenizer_dir,
+         "--out", tmp / "dpo", "--val-fraction", "0.1", "--workers", "2", "--quiet"])
+    return tmp / "dpo"
+
+
+@pytest.fixture(scope="session")
+def base_ckpt(tokenizer_dir, tmp_path_factory):
+    """A small random-weight "pretrain" checkpoint (dim 64, 2 layers) trained, say, at seq_len 128."""
+    import torch
+    from common import Tokenizer, save_checkpoint
+    from minimind import MiniMind, ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=Tokenizer(tokenizer_dir).vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_dim=192)
+    out = tmp_path_factory.mktemp("ckpt") / "base"
+    save_checkpoint(out, 0, MiniMind(cfg), state={"kind": "pretrain", "args": {"seq_len": 128, "batch_size": 8}},
+                    tokenizer_dir=tokenizer_dir)
+    return out
+
+
+SFT_FLAGS = ["--mode", "sft", "--max-iters", "60", "--lr", "3e-3", "--eval-interval", "30", "--eval-iters", "2",
+             "--save-interval", "60", "--log-interval", "1"]
+
+
+@pytest.fixture(scope="session")
+def sft_ckpt(sft_dir, base_ckpt, tmp_path_factory):
+    """SFT of base_ckpt on the generated conversations (seq_len and batch size inherited)."""
+    out = tmp_path_factory.mktemp("runs") / "sft"
+    run(["train.py", "--init-from", base_ckpt, "--data", sft_dir, "--out", out, *SFT_FLAGS])
+    return out

@@ -1,0 +1,332 @@
+"""SFT and DPO tests: chat data with exact loss masks (prepare.py sft|dpo), packed rows without
+cross-talk between conversations, --mode=sft learns the assistant format and stops at <|im_end|>,
+--mode=dpo matches an unpacked reference computation and raises the held-out reward accuracy,
+DPO under torchrun (2 processes, gloo) follows one process.
+
+    python -m pytest tests/test_sft_dpo.py -q
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from argparse import Namespace
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+from common import EOS, Tokenizer, load_checkpoint, load_for_inference, render_chat, resolve_checkpoint
+from conftest import ANSWERS, OBJECTS, ROOT, SYSTEM, qa, run
+from train import DPOData, SFTData, make_dpo_loss, pack_rows, sequence_logprobs
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records))
+    return path
+
+
+def read_split(d, split="train", kind="sft"):
+    tokens = np.fromfile(d / f"{split}.bin", dtype=np.uint16)
+    mask = np.fromfile(d / f"{split}.mask", dtype=np.uint8)
+    idx = np.fromfile(d / f"{split}.idx", dtype=np.int64)
+    return tokens, mask, (idx if kind == "sft" else idx.reshape(-1, 4))
+
+
+def read_log(out):
+    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
+
+
+def runs_of_ones(mask):
+    """[(start, end)] of the maximal runs of 1 in a 0/1 array."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    return list(zip(edges[0::2], edges[1::2]))
+
+
+CONVERSATIONS = [
+    qa("小明"),
+    [{"role": "system", "content": SYSTEM}, *qa("老师"), *qa("我们")],  # multi-turn with a system prompt
+    [{"role": "user", "content": "The cat likes the sea."}, {"role": "assistant", "content": " leading space\n\nand lines"}],
+]
+
+
+# -----------------------------------------------------------------------------
+# prepare.py sft / dpo
+
+def test_sft_tokens_are_the_chat_template_and_the_mask_covers_exactly_the_replies(tmp_path, tokenizer_dir):
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in CONVERSATIONS])
+    run(["prepare.py", "sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "d",
+         "--val-fraction", "0", "--workers", "2", "--quiet"])
+    tok = Tokenizer(tmp_path / "d" / "tokenizer")
+    tokens, mask, offsets = read_split(tmp_path / "d")
+    assert offsets[0] == 0 and offsets[-1] == len(tokens) == len(mask) and len(offsets) == len(CONVERSATIONS) + 1
+    newline = tok.encode("\n")
+    for msgs, a, b in zip(CONVERSATIONS, offsets[:-1], offsets[1:]):
+        ids, m = tokens[a:b].tolist(), mask[a:b]
+        # the chat template's tokens, without the newline after the last <|im_end|>
+        assert ids + newline == tok.encode(render_chat(msgs))
+        replies = [x["content"] for x in msgs if x["role"] == "assistant"]
+        runs = runs_of_ones(m)
+        assert len(runs) == len(replies)  # every assistant turn is trained
+        for (s, e), reply in zip(runs, replies):
+            assert tok.decode(ids[s:e]) == reply + EOS  # the reply and its <|im_end|>, nothing else
+            assert tok.decode(ids[:s]).endswith("<|im_start|>assistant\n")  # the role header is not trained
+            assert ids[e:e + len(newline)] in ([], newline)  # nor the newline after <|im_end|>
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert meta["kind"] == "sft" and meta["train_records"] == 3 and meta["val_records"] == 0
+    assert meta["train_trained_tokens"] == int(mask.sum()) and (tmp_path / "d" / "tokenizer" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"conversations": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'robot'"),
+    ({"conversations": [{"role": "user", "content": "hi"}]}, "does not end with an assistant turn"),
+    ({"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}, "message 1: empty content"),
+    ({"conversations": []}, "non-empty list of messages"),
+    ({"text": "pretraining data"}, "non-empty list of messages"),
+])
+def test_malformed_conversations_are_described(record, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare.check_conversation(record.get("conversations"))
+
+
+def test_malformed_records_name_file_and_line_or_are_skipped(tmp_path, tokenizer_dir):
+    good = {"conversations": qa("小明")}
+    src = write_jsonl(tmp_path / "sft.jsonl", [
+        good, {"conversations": [{"role": "user", "content": "hi"}]}, '{"conversations": [', good,
+        {"conversations": [{"role": "system", "content": "s"}, {"role": "assistant", "content": ""}]}])
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, "prepare.py", "sft", "--input", str(src), "--tokenizer", str(tokenizer_dir),
+                        "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and f"{src}:2: the conversation does not end with an assistant turn" in r.stderr
+    assert not out.exists() and not list(tmp_path.glob(".d.*"))  # no partial output
+    run(["prepare.py", "sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", out, "--skip-bad",
+         "--val-fraction", "0", "--quiet"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped_bad"] == 3 and meta["train_records"] == 2
+
+
+def test_overlong_conversations_are_truncated_or_dropped_and_counted(tmp_path, tokenizer_dir):
+    long_reply = [{"role": "user", "content": "小明喜欢什么？"}, {"role": "assistant", "content": "一本书。" * 40}]
+    long_prompt = [{"role": "user", "content": "小明喜欢什么？" * 40}, {"role": "assistant", "content": "一本书。"}]
+    src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in (qa("小明"), long_reply, long_prompt)])
+    common = ["--input", src, "--tokenizer", tokenizer_dir, "--max-len", "40", "--val-fraction", "0", "--quiet"]
+    run(["prepare.py", "sft", *common, "--out", tmp_path / "t"])
+    meta = json.loads((tmp_path / "t" / "meta.json").read_text())
+    # the long reply is cut to 40 tokens; the long prompt leaves no reply within 40 tokens: dropped
+    assert (meta["train_records"], meta["truncated"], meta["dropped_overlong"]) == (2, 1, 1)
+    tokens, mask, offsets = read_split(tmp_path / "t")
+    assert np.diff(offsets).tolist()[1] == 40 and mask[offsets[1]:offsets[2]].any()
+    run(["prepare.py", "sft", *common, "--overlong", "drop", "--out", tmp_path / "d"])
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    assert (meta["train_records"], meta["truncated"], meta["dropped_overlong"]) == (1, 0, 2)
+
+
+def test_dpo_stores_the_shared_prompt_once_and_both_completions(tmp_path, tokenizer_dir):
+    history = qa("小明")
+    pairs = [
+        {"chosen": qa("老师"), "rejected": qa("老师", "一封信")},
+        {"chosen": [{"role": "system", "content": SYSTEM}, *history, *qa("我们")],  # multi-turn: shared history
+         "rejected": [{"role": "system", "content": SYSTEM}, *history, *qa("我们", "the sea")]},
+        {"chosen": qa("老师"), "rejected": qa("老师")},  # identical: no preference, dropped and counted
+        {"chosen": qa("老师"), "rejected": qa("老师")[:1]},  # malformed: skipped with --skip-bad
+    ]
+    src = write_jsonl(tmp_path / "dpo.jsonl", pairs)
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, "prepare.py", "dpo", "--input", str(src), "--tokenizer", str(tokenizer_dir),
+                        "--out", str(out), "--quiet"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and f"{src}:4: \"rejected\": the conversation does not end with an assistant turn" in r.stderr
+    run(["prepare.py", "dpo", "--input", src, "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", "0",
+         "--skip-bad", "--quiet"])
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["train_records"], meta["dropped_identical"], meta["skipped_bad"]) == (2, 1, 1)
+    tok = Tokenizer(out / "tokenizer")
+    tokens, mask, index = read_split(out, kind="dpo")
+    for pair, (s, p, c, r) in zip(pairs, index.tolist()):
+        prompt = pair["chosen"][:-1]
+        assert tokens[s:s + p].tolist() == tok.encode(render_chat(prompt)) and not mask[s:s + p].any()
+        for key, (a, b) in (("chosen", (s + p, s + p + c)), ("rejected", (s + p + c, s + p + c + r))):
+            reply = pair[key][-1]["content"]
+            assert tok.decode(tokens[a:b].tolist()) == f"<|im_start|>assistant\n{reply}{EOS}"
+            assert tok.decode(tokens[a:b][mask[a:b] == 1].tolist()) == reply + EOS
+    assert index[-1, 0] + index[-1, 1:].sum() == len(tokens)
+
+
+# -----------------------------------------------------------------------------
+# packing
+
+def test_pack_rows_places_every_item_once_and_pads_little():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 400, size=2000)
+    rows = pack_rows(lengths, 512)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 512 for row in rows)
+    padding = 1 - lengths.sum() / (len(rows) * 512)
+    assert padding < 0.03, padding  # padding each item to 512 would waste ~60%
+    assert pack_rows(lengths, 512) == rows  # deterministic: every process builds the same plan
+
+
+def test_packed_rows_have_no_cross_talk(sft_dir, random_ckpt):
+    data = SFTData(sft_dir, 256, seed=0)
+    model, _, _ = load_checkpoint(random_ckpt)
+    batch = data.batch("train", 1, 0, 4, "cpu")
+    b = int(batch["doc"].max(dim=1).values.argmax())  # the row with the most conversations
+    doc = batch["doc"][b]
+    n_docs = int(doc.max())  # documents 0..n_docs-1 are conversations, n_docs the padding tail
+    assert n_docs >= 3
+    logits, _ = model(batch["idx"][b:b + 1], pos=batch["pos"][b:b + 1], doc=batch["doc"][b:b + 1])
+    # every conversation gives the logits it gives alone, in a row of its own
+    for d in range(n_docs):
+        where = doc == d
+        alone, _ = model(batch["idx"][b:b + 1, where])
+        assert torch.allclose(logits[0, where], alone[0], atol=1e-4), f"conversation {d} sees its neighbours"
+    # changing one conversation changes its own logits and leaves the others' unchanged
+    changed = batch["idx"][b:b + 1].clone()
+    first = doc == 0
+    changed[0, first] = torch.randint(3, 300, (int(first.sum()),), generator=torch.Generator().manual_seed(0))
+    logits2, _ = model(changed, pos=batch["pos"][b:b + 1], doc=batch["doc"][b:b + 1])
+    assert (logits2[0, first] - logits[0, first]).abs().max() > 1e-2
+    assert torch.allclose(logits2[0, ~first], logits[0, ~first], atol=1e-5)
+
+
+def test_sft_targets_are_the_replies_and_never_cross_conversations(sft_dir):
+    data = SFTData(sft_dir, 128, seed=0)
+    tok = Tokenizer(sft_dir / "tokenizer")
+    batch = data.batch("train", 1, 0, 8, "cpu")
+    idx, targets, doc, pos = batch["idx"], batch["targets"], batch["doc"], batch["pos"]
+    has = targets >= 0
+    assert torch.equal(targets[:, :-1][has[:, :-1]], idx[:, 1:][has[:, :-1]])  # the next token ...
+    assert torch.equal(doc[:, :-1][has[:, :-1]], doc[:, 1:][has[:, :-1]])  # ... of the same conversation
+    assert not has[:, -1].any()
+    answers = {f"{s}喜欢{o}。{EOS}" for s, o in ANSWERS.items()}
+    for b in range(idx.shape[0]):
+        for d in doc[b].unique().tolist():
+            where = doc[b] == d
+            assert torch.equal(pos[b, where], torch.arange(int(where.sum())))  # positions restart
+            t = targets[b, where]
+            if idx[b, where][0] == tok.bos_id:  # a conversation: its targets are its replies
+                replies = tok.decode(t[t >= 0].tolist())
+                assert replies and set(re.findall(rf".+?{re.escape(EOS)}", replies)) <= answers, replies
+            else:  # the padding tail
+                assert (idx[b, where] == tok.pad_id).all() and (t == -1).all()
+
+
+def test_batches_are_a_pure_function_of_seed_step_and_index(sft_dir):
+    a, b = SFTData(sft_dir, 128, seed=3), SFTData(sft_dir, 128, seed=3)
+    a.micro_batches = b.micro_batches = 2
+    for step, index in [(5, 1), (1, 0), (5, 1), (40, 0)]:
+        x, y = a.batch("train", step, index, 4, "cpu"), b.batch("train", step, index, 4, "cpu")
+        assert all(torch.equal(x[k], y[k]) for k in ("idx", "targets", "pos", "doc"))
+    # the stream of rows, one row per step: every epoch visits every row once, each in its own order
+    one = SFTData(sft_dir, 128, seed=3)
+    n_rows = len(one.splits["train"][3])
+    stream = [one.row_ids("train", step, 0, 1)[0] for step in range(1, 2 * n_rows + 1)]
+    assert sorted(stream[:n_rows]) == sorted(stream[n_rows:]) == list(range(n_rows))
+    assert stream[:n_rows] != stream[n_rows:]
+    # micro-batch `index` of `step` takes the next rows of that stream
+    for step, index in [(1, 0), (1, 1), (7, 1), (n_rows // 8 + 2, 0)]:
+        first = ((step - 1) * 2 + index) * 4
+        assert a.row_ids("train", step, index, 4) == stream[first:first + 4]
+    assert SFTData(sft_dir, 128, seed=4).row_ids("train", 1, 0, 8) != a.row_ids("train", 1, 0, 8)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def test_sft_inherits_the_base_and_answers_in_the_assistant_format(sft_ckpt, base_ckpt):
+    log = read_log(sft_ckpt)
+    train = [r["loss"] for r in log if "loss" in r]
+    val = [r["val_loss"] for r in log if "val_loss" in r]
+    assert len(train) == 60 and len(val) == 2
+    assert np.mean(train[-10:]) < 0.5 * np.mean(train[:5]) and val[-1] < 1.0, (train[:5], train[-10:], val)
+    ckpt = resolve_checkpoint(sft_ckpt)
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["kind"] == "sft" and (ckpt / "tokenizer" / "tokenizer.json").exists()
+    assert state["args"]["seq_len"] == 128 and state["args"]["batch_size"] == 8  # inherited from the base
+    assert json.loads((ckpt / "config.json").read_text()) == json.loads((resolve_checkpoint(base_ckpt) / "config.json").read_text())
+    model, tok = load_for_inference(sft_ckpt)
+    pattern = re.compile(rf"({'|'.join(ANSWERS)})喜欢({'|'.join(OBJECTS)})。")
+    for subject in list(ANSWERS)[:3]:
+        prompt = tok.encode_chat([{"role": "user", "content": f"{subject}喜欢什么？"}])
+        out = model.generate(torch.tensor([prompt]), 30, temperature=0, eos_id=tok.eos_id)[0, len(prompt):].tolist()
+        assert tok.eos_id in out, tok.decode(out)  # it stops
+        reply = tok.decode(out[:out.index(tok.eos_id)])
+        assert pattern.fullmatch(reply), reply
+
+
+def test_dpo_log_probabilities_match_unpacked_sequences(dpo_dir, random_ckpt):
+    data = DPOData(dpo_dir, 128, seed=0)
+    tokens, mask, items, _ = data.splits["train"]
+    policy, _, _ = load_checkpoint(random_ckpt)
+    batch = data.batch("train", 1, 0, 2, "cpu")
+    logp, n = sequence_logprobs(policy, batch)
+    assert batch["n_seqs"] == len(logp) >= 4 and batch["n_seqs"] % 2 == 0
+    # the same numbers from each document run alone
+    expected_logp, expected_n = [], []
+    for b in range(2):
+        for d in batch["doc"][b].unique().tolist():
+            where = batch["doc"][b] == d
+            ids, t = batch["idx"][b, where], batch["targets"][b, where]
+            if ids[0] == policy.config.pad_id:  # the padding tail
+                continue
+            logits, _ = policy(ids[None])
+            lp = torch.log_softmax(logits[0].float(), -1)[t >= 0].gather(1, t[t >= 0, None]).sum()
+            expected_logp.append(lp)
+            expected_n.append(int((t >= 0).sum()))
+    assert torch.allclose(logp, torch.stack(expected_logp), atol=1e-3)
+    assert n.tolist() == expected_n
+    # at the start the policy is the reference: loss log 2, no margin; a changed policy moves both
+    for length_norm in (False, True):
+        loss_fn = make_dpo_loss(policy, Namespace(beta=0.1, dpo_length_norm=length_norm))
+        loss, extra = loss_fn(policy, batch)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and extra["reward_margin"].item() == 0
+        with torch.no_grad():
+            policy.embed.weight.mul_(1.1)
+        loss, extra = loss_fn(policy, batch)
+        lp, _ = sequence_logprobs(policy, batch)
+        with torch.no_grad():
+            policy.embed.weight.div_(1.1)
+        delta = (lp - torch.stack(expected_logp)) / (torch.tensor(expected_n) if length_norm else 1)
+        margin = 0.1 * (delta[0::2] - delta[1::2])
+        assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(margin).mean().item(), rel=1e-3)
+        assert extra["reward_acc"].item() == pytest.approx((margin > 0).float().mean().item())
+
+
+DPO_FLAGS = ["--mode", "dpo", "--seq-len", "128", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1"]
+
+
+def test_dpo_raises_the_held_out_reward_accuracy(sft_ckpt, dpo_dir, tmp_path):
+    out = tmp_path / "dpo"
+    run(["train.py", "--init-from", sft_ckpt, "--data", dpo_dir, "--out", out, *DPO_FLAGS, "--max-iters", "15",
+         "--eval-interval", "5", "--save-interval", "15", "--lr", "1e-3"])
+    log = read_log(out)
+    train = [r for r in log if "loss" in r]
+    val = [r for r in log if "val_loss" in r]
+    assert all({"reward_acc", "reward_margin"} <= set(r) for r in train)
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-5) and train[0]["reward_margin"] == 0
+    assert [r["step"] for r in val] == [5, 10, 15]
+    assert all({"val_reward_acc", "val_reward_margin"} <= set(r) for r in val)
+    # the start is policy == reference: val_reward_acc 0 (ties), val_loss log 2
+    assert val[-1]["val_reward_acc"] >= 0.8 and val[-1]["val_reward_margin"] > 0.5, val
+    assert val[-1]["val_loss"] < math.log(2) - 0.2, val
+    state = json.loads((resolve_checkpoint(out) / "state.json").read_text())
+    assert state["kind"] == "dpo" and state["args"]["beta"] == 0.1
+
+
+def test_dpo_with_two_processes_matches_one(sft_ckpt, dpo_dir, tmp_path):
+    # the same global batch (2 x 4 rows): one process accumulates 2 micro-batches, two processes 1 each
+    common = ["--init-from", sft_ckpt, "--data", dpo_dir, *DPO_FLAGS, "--max-iters", "3", "--eval-interval", "3",
+              "--save-interval", "3", "--lr", "1e-3", "--batch-tokens", str(2 * 4 * 128)]
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    run(["train.py", "--out", single, *common])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
+        env=env, timeout=600)
+    a, b = read_log(single), read_log(multi)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "reward_acc", "reward_margin", "val_loss", "val_reward_acc", "val_reward_margin"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-4), (key, ra, rb)
