@@ -5,7 +5,7 @@ and every kernel of the file handed to `triton.jit`, on the first launch. So
 - runs on the PyTorch twins (CPU, `--kernels=torch`) never import triton;
 - tests may set TRITON_INTERPRET=1 at the top of their module, even after `kernels` was imported:
   triton reads that variable when it is imported and when a kernel is decorated, both of which now
-  happen at the first launch.
+  happen at the first launch (unless something else imported triton before: torch.compile does).
 A kernel file starts with `from __future__ import annotations` (so that `BLOCK: tl.constexpr` stays
 a string until then) and declares `tl = None`, the module global that `bind` sets to triton.language.
 

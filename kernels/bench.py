@@ -14,12 +14,12 @@ Timings are `triton.testing.do_bench` medians in ms; peak memory is the CUDA all
 what the inputs already hold, in MiB. On CPU only the PyTorch variants run, on small shapes (the
 Triton path there is the interpreter: nothing to time), so that this file can be smoke-tested.
 
-`out` receives
-    out["kernels"]        [{"op", "shape", "impl", "ms", "peak_mib"}]   one row per measurement
-    out["kernels_check"]  {op: max error of Triton vs twin (outputs and input gradients), relative
-                           to the twin's largest value}
-    out["kernels_ratio"]  {"<op> <shape>: <impl>/triton": time ratio (>1: triton faster), and
-                           "moe/dense step (<backend>)": MoE step time over the dense step's}
+`out["kernel_bench"]` receives
+    "rows"   [{"op", "shape", "impl", "ms", "peak_mib"}]   one per measurement ("error" if it failed)
+    "check"  {op: max error of Triton vs twin (outputs and input gradients), relative to the
+             twin's largest value}
+    "ratio"  {"<op> <shape>: <impl>/triton": time ratio (>1: triton faster), and
+             "moe/dense step (<backend>)": MoE step time over the dense step's}
 """
 import contextlib
 import time
@@ -192,9 +192,10 @@ def _step_cases(device: str):
 
 
 def bench_kernels(device: str, out: dict, impls=None) -> None:
-    """Fill `out` (see the module docstring) and print a table. device: "cuda" or "cpu".
+    """Fill `out["kernel_bench"]` (see the module docstring) and print a table. device: "cuda" or "cpu".
     impls: the implementations to run, of torch, triton, compile, liger, loop; default all on CUDA,
     the PyTorch ones (torch, loop) on CPU. The Triton check (bf16 on CUDA) runs with triton."""
+    device = "cuda" if device.startswith("cuda") else device
     cuda = device == "cuda"
     impls = set(impls or (("torch", "triton", "compile", "liger", "loop") if cuda else ("torch", "loop")))
     rows, checks, ratios = [], {}, {}
@@ -236,7 +237,7 @@ def bench_kernels(device: str, out: dict, impls=None) -> None:
         moe = [v for (lab, i), v in step_times.items() if i == impl and "moe" in lab]
         if dense and moe:
             ratios[f"moe/dense step ({impl})"] = moe[0] / dense[0]
-    out["kernels"], out["kernels_check"], out["kernels_ratio"] = rows, checks, ratios
+    out["kernel_bench"] = {"device": device, "rows": rows, "check": checks, "ratio": ratios}
     _print(rows, checks, ratios, device)
 
 
@@ -246,7 +247,8 @@ def _print(rows, checks, ratios, device):
     for r in rows:
         ms = f"{r['ms']:9.3f}" if r["ms"] is not None else f"{'-':>9s}"
         peak = f"{r['peak_mib']:9.1f}" if r["peak_mib"] is not None else f"{'-':>9s}"
-        print(f"{r['op']:10s} {r['shape']:26s} {r['impl']:8s} {ms} {peak}" + (f"  {r['error']}" if "error" in r else ""))
+        err = f"  {r['error']}" if "error" in r else ""
+        print(f"{r['op']:10s} {r['shape']:26s} {r['impl']:8s} {ms} {peak}{err}")
     for k, v in ratios.items():
         print(f"ratio {k}: {v:.2f}")
     for k, v in checks.items():

@@ -99,8 +99,9 @@ def moe_experts_torch(x, weights, experts, w1, w3, w2):
     order = flat.argsort(stable=True)  # slots grouped by expert
     token_of_slot = order // K  # (S,) source token of each sorted slot
     xs = x[token_of_slot]  # (S, D) tokens in expert order
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-    offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's group (bincount would sync on CUDA)
+    ones = torch.ones_like(flat, dtype=torch.int32)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, ones)  # bincount syncs on CUDA
+    offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's group
     h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
     ys = grouped_mm(h, w2.transpose(1, 2), offs)  # (S, D)
     ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
@@ -389,8 +390,8 @@ def _moe_combine_bwd_kernel(DY, YS, ROW_OF_SLOT, DW, n_slots, dim, top_k, stride
 # one number per device kind; the rest may differ per kernel. Tuned for nothing yet on GPU (first
 # guesses for H100-class parts); tests shrink the CPU blocks to exercise more of the tiling.
 
-GEMM_CONFIG = {
-    "cuda": dict(block_m=64, up=(64, 64, 4, 3), gemm=(128, 64, 8, 3), wgrad=(64, 64, 4, 3)),  # (BLOCK_N, BLOCK_K, warps, stages)
+GEMM_CONFIG = {  # up, gemm (also down_bwd), wgrad: (BLOCK_N, BLOCK_K, num_warps, num_stages)
+    "cuda": dict(block_m=64, up=(64, 64, 4, 3), gemm=(128, 64, 8, 3), wgrad=(64, 64, 4, 3)),
     "cpu": dict(block_m=16, up=(32, 32, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)),
 }
 
@@ -413,7 +414,8 @@ def _route_fwd_fake(logits, top_k, renormalize):
 
 
 @launcher("moe_route_fwd", _route_fwd_fake)
-def moe_route_fwd(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def moe_route_fwd(logits: torch.Tensor, top_k: int,
+                  renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     N, E = logits.shape
     assert 1 <= top_k <= E, f"moe_route: top_k={top_k} with {E} experts"
     logits = _rows(logits)
@@ -537,7 +539,8 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, a2: Optional[torch.Tensor], b2: O
 @launcher("moe_down_bwd", lambda dy, weights, w2, h1, h3, slot_of_row, block_expert, top_k: (
     h1.new_empty(h1.shape), h1.new_empty(h1.shape)))
 def moe_down_bwd(dy: torch.Tensor, weights: torch.Tensor, w2: torch.Tensor, h1: torch.Tensor, h3: torch.Tensor,
-                 slot_of_row: torch.Tensor, block_expert: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 slot_of_row: torch.Tensor, block_expert: torch.Tensor,
+                 top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(dh1, dh3) (R, F): the down projection and the SwiGLU, backward."""
     (N, D), (E, _, Fh) = dy.shape, w2.shape
     R = slot_of_row.shape[0]
@@ -585,7 +588,8 @@ def moe_wgrad(g: torch.Tensor, g2: Optional[torch.Tensor], x: torch.Tensor, weig
 
 @launcher("moe_combine", lambda ys, weights, row_of_slot, top_k:
           ys.new_empty(row_of_slot.shape[0] // top_k, ys.shape[1]))
-def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
+def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: torch.Tensor,
+                top_k: int) -> torch.Tensor:
     """y[n] = sum_k weights[n, k] * ys[row(n, k)] (N, D); plain sum when weights is None."""
     N, D = row_of_slot.shape[0] // top_k, ys.shape[1]
     ys = _rows(ys)

@@ -46,7 +46,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 def check(actual, expected, dtype, scale=1.0, what=""):
     tol = TOL[dtype] * scale
     atol = tol * max(1.0, expected.detach().abs().max().item())
-    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=tol, atol=atol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=tol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -124,7 +125,8 @@ def test_backend_switch(monkeypatch):
 def test_cpu_auto_never_imports_triton():
     """Plain CPU use (auto) runs the twins: a MoE model trains a step without importing triton."""
     code = ("import sys, torch, kernels; from minimind import MiniMind, PRESETS, ModelConfig\n"
-            "cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48, n_experts=3, top_k=2)\n"
+            "cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48,\n"
+            "                  n_experts=3, top_k=2)\n"
             "idx = torch.randint(0, 64, (1, 8)); MiniMind(cfg)(idx, idx)[1].backward()\n"
             "assert 'triton' not in sys.modules, 'triton was imported'\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MINIMIND_KERNELS", "TRITON_INTERPRET")}
@@ -209,7 +211,8 @@ def test_rope(triton_backend, shape, dtype, per_row, offset):
 def test_rope_general_tables(triton_backend):
     """Tables whose halves differ (not the model's repeated frequencies) still match the twin."""
     torch.manual_seed(0)
-    q, k = torch.randn(2, 9, 3, 10, device=DEVICE, requires_grad=True), torch.randn(2, 9, 1, 10, device=DEVICE, requires_grad=True)
+    q = torch.randn(2, 9, 3, 10, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 9, 1, 10, device=DEVICE, requires_grad=True)
     cos, sin = torch.randn(9, 10, device=DEVICE), torch.randn(9, 10, device=DEVICE)
     compare(lambda q, k: rope(q, k, cos, sin), lambda q, k: rope_torch(q, k, cos, sin), (q, k), torch.float32)
     with pytest.raises(ValueError, match="constants"):
@@ -245,7 +248,8 @@ def test_moe_route(triton_backend, N, E, K, renormalize, dtype):
 # -----------------------------------------------------------------------------
 # MoE permutation
 
-@pytest.mark.parametrize("N,E,K,block_m", [(1, 5, 1, 16), (37, 5, 2, 16), (37, 7, 7, 4), (200, 3, 2, 64), (50, 13, 1, 8)])
+@pytest.mark.parametrize("N,E,K,block_m", [(1, 5, 1, 16), (37, 5, 2, 16), (37, 7, 7, 4), (200, 3, 2, 64),
+                                            (50, 13, 1, 8)])
 def test_moe_align_round_trip(N, E, K, block_m):
     torch.manual_seed(0)
     experts = torch.stack([torch.randperm(E)[:K] for _ in range(N)]).to(DEVICE)
@@ -309,7 +313,8 @@ def test_moe_experts(triton_backend, N, E, K, skip, dtype, monkeypatch):
     """Against the loop reference: prime E, K = E, experts with no token, non-power-of-two D and F
     (partial tiles), single token. Small CPU blocks so that groups span several blocks."""
     from kernels import moe
-    monkeypatch.setitem(moe.GEMM_CONFIG, "cpu", dict(block_m=8, up=(32, 16, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)))
+    monkeypatch.setitem(moe.GEMM_CONFIG, "cpu",
+                        dict(block_m=8, up=(32, 16, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)))
     inputs = _moe_inputs(N, E, K, 40, 56, dtype, skip)
     compare(moe_experts, moe_loop_reference, inputs, dtype, scale=10.0 if dtype == torch.float32 else 2.0)
     if skip:
@@ -428,11 +433,13 @@ def test_kernels_compile_for_sm90():
 def test_bench_cpu_smoke():
     """bench_kernels' CPU run (PyTorch only), as bench.py calls it."""
     from kernels.bench import bench_kernels
-    out = {}
+    out = {"kernels": "auto"}  # bench.py's own entries stay
     bench_kernels("cpu", out)
-    assert {r["op"] for r in out["kernels"]} == {"rms_norm", "rope", "moe", "train_step"}
-    assert {r["impl"] for r in out["kernels"]} == {"torch", "loop"}
-    assert all(r["ms"] > 0 for r in out["kernels"]) and "moe/dense step (torch)" in out["kernels_ratio"]
+    res = out["kernel_bench"]
+    assert out["kernels"] == "auto"
+    assert {r["op"] for r in res["rows"]} == {"rms_norm", "rope", "moe", "train_step"}
+    assert {r["impl"] for r in res["rows"]} == {"torch", "loop"}
+    assert all(r["ms"] > 0 for r in res["rows"]) and "moe/dense step (torch)" in res["ratio"]
 
 
 @needs_triton
@@ -446,8 +453,9 @@ def test_bench_triton_paths_on_cpu(monkeypatch):
     monkeypatch.setattr(bench, "_step_cases", lambda device: iter(()))
     out = {}
     bench.bench_kernels("cpu", out, impls=("torch", "triton", "liger"))
-    assert {r["impl"] for r in out["kernels"] if "error" not in r} == {"torch", "triton"}
-    assert {r["impl"] for r in out["kernels"] if "error" in r} <= {"liger"}
-    assert set(out["kernels_check"]) == {"rms_norm", "rope", "moe"}
-    assert all(v < 1e-4 for v in out["kernels_check"].values()), out["kernels_check"]
-    assert any(k.endswith("torch/triton") for k in out["kernels_ratio"])
+    res = out["kernel_bench"]
+    assert {r["impl"] for r in res["rows"] if "error" not in r} == {"torch", "triton"}
+    assert {r["impl"] for r in res["rows"] if "error" in r} <= {"liger"}
+    assert set(res["check"]) == {"rms_norm", "rope", "moe"}
+    assert all(v < 1e-4 for v in res["check"].values()), res["check"]
+    assert any(k.endswith("torch/triton") for k in res["ratio"])
