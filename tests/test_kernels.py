@@ -17,8 +17,9 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # triton reads TRITON_INTERPRET when it is imported: too late if something imported it before us
 _TRITON_TOO_EARLY = DEVICE == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if DEVICE == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+_SET_INTERPRET = DEVICE == "cpu" and "TRITON_INTERPRET" not in os.environ
+if _SET_INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # unset again after this module's tests (see `scope`)
 
 import importlib.util  # noqa: E402
 import subprocess  # noqa: E402
@@ -51,12 +52,14 @@ def check(actual, expected, dtype, scale=1.0, what=""):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def scope():
     # tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core CI machine
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+    if _SET_INTERPRET:  # later tests' subprocesses should not inherit the interpreter
+        os.environ.pop("TRITON_INTERPRET", None)
 
 
 @pytest.fixture
