@@ -114,13 +114,14 @@ def _fwd_config(x: torch.Tensor, n_cols: int):
 
 
 def _rms_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
-    """x, residual: (..., n); weight: (n,). Returns y (x's shape and dtype), h = x + residual (or an
-    empty tensor) and rstd (rows,) fp32."""
+    """x, residual: (..., n); weight: (n,). Returns y (x's shape; dtype of x, or of x + residual),
+    h = x + residual (or an empty tensor) and rstd (rows,) fp32."""
     shape, n = x.shape, x.shape[-1]
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
-    y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(shape if residual is not None else (0,), dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty(shape, dtype=dtype, device=x.device)
+    h = torch.empty(shape if residual is not None else (0,), dtype=dtype, device=x.device)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
     if x2.shape[0] == 0:
         return y, h, rstd
@@ -134,8 +135,9 @@ def _rms_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: tor
 
 def _rms_norm_fwd_fake(x, residual, weight, eps):
     rows = x.numel() // x.shape[-1]
-    h = x.new_empty(x.shape if residual is not None else (0,))
-    return x.new_empty(x.shape), h, x.new_empty(rows, dtype=torch.float32)
+    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    h = x.new_empty(x.shape if residual is not None else (0,), dtype=dtype)
+    return x.new_empty(x.shape, dtype=dtype), h, x.new_empty(rows, dtype=torch.float32)
 
 
 @launcher("rms_norm_fwd", _rms_norm_fwd_fake)
@@ -181,13 +183,18 @@ class RMSNormFunction(torch.autograd.Function):
         y, h, rstd = rms_norm_fwd(x, residual, weight, eps)
         ctx.fused = residual is not None
         ctx.save_for_backward(h if ctx.fused else x, weight, rstd)
-        return (y, h) if ctx.fused else y
+        if ctx.fused:
+            ctx.dtypes = x.dtype, residual.dtype
+            return y, h
+        return y
 
     @staticmethod
     def backward(ctx, dy, dh=None):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_bwd(dy, x, weight, rstd, dh)
-        return dx, dw, None, dx if ctx.fused else None
+        if ctx.fused:  # dx is the gradient of h = x + residual, for both
+            return dx.to(ctx.dtypes[0]), dw, None, dx.to(ctx.dtypes[1])
+        return dx, dw, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -202,9 +209,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """h = x + residual and y = rms_norm(h) in one pass; returns (y, h). For pre-norm blocks:
+    """h = x + residual and y = rms_norm(h) in one pass; returns (y, h), both in the promoted dtype
+    of x and residual (as `x + residual`). For pre-norm blocks, under autocast too (an fp32 residual
+    stream plus a bf16 attention output):
         y, h = add_rms_norm(h, attn_out, ffn_norm.weight, eps)   # h: the new residual stream"""
     if not kernels.use_triton(x):
         return add_rms_norm_torch(x, residual, weight, eps)
-    assert x.shape == residual.shape and x.dtype == residual.dtype, "add_rms_norm: x and residual must match"
+    assert x.shape == residual.shape, f"add_rms_norm: x {tuple(x.shape)} vs residual {tuple(residual.shape)}"
     return RMSNormFunction.apply(x, weight, eps, residual)

@@ -181,6 +181,19 @@ def test_add_rms_norm(triton_backend, shape, dtype):
             (x, r, w), dtype, scale=2.0 if dtype == torch.bfloat16 else 1.0)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_add_rms_norm_mixed_dtypes(triton_backend, dtype):
+    """Under autocast: an fp32 residual stream plus a low-precision block output; y and h are fp32
+    and each input gets its gradient in its own dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, 200, device=DEVICE, requires_grad=True)
+    r = torch.randn(2, 37, 200, device=DEVICE).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(200, device=DEVICE)).requires_grad_()
+    compare(lambda x, r, w: add_rms_norm(x, r, w, 1e-5), lambda x, r, w: add_rms_norm_torch(x, r, w, 1e-5),
+            (x, r, w), dtype)  # the residual's gradient is stored in `dtype`
+
+
 # -----------------------------------------------------------------------------
 # RoPE
 
