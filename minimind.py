@@ -254,8 +254,9 @@ class Block(nn.Module):
         self.ffn = MoE(cfg) if cfg.n_experts else FeedForward(cfg.dim, cfg.ffn_dim)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.ffn_norm(x))
+        a = self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        h, x = kernels.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)  # x += a; h = norm(x), one pass
+        return x + self.ffn(h)
 
 
 # -----------------------------------------------------------------------------
