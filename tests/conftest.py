@@ -161,3 +161,21 @@ def sft_ckpt(sft_dir, base_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sft"
     run(["train.py", "--init-from", base_ckpt, "--data", sft_dir, "--out", out, *SFT_FLAGS])
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models decode fastest on one thread (and a busy machine punishes more)."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def loaded(random_ckpt):
+    """(model, tokenizer) of the random_ckpt checkpoint, as sample.py loads it."""
+    from sample import load
+    model, tok, _ = load(random_ckpt, "cpu")
+    return model, tok

@@ -20,18 +20,7 @@ from sample import (TokenDecoder, _byte_level_alphabet, bench_decode, fit_histor
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def loaded(random_ckpt):
-    model, tok, _ = load(random_ckpt, "cpu")
-    return model, tok
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def greedy_text(model, tok, ids, n):

@@ -25,18 +25,7 @@ DEFAULT_MAX_TOKENS = 20
 CONTEXT = 1024  # --context (the checkpoint was trained at 256): long enough to disconnect mid-generation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # tiny models decode fastest on one thread (and a busy machine punishes more)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def loaded(random_ckpt):
-    model, tok, _ = load(random_ckpt, "cpu")
-    return model, tok
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
