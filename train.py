@@ -3,6 +3,12 @@
     python train.py --mode=pretrain --model=tiny --data=data/default --out=out/tiny
     torchrun --standalone --nproc_per_node=8 train.py --mode=pretrain --model=minimind-3 --data=... --out=...
     python train.py --mode=pretrain --out=out/tiny --resume          # continue after a crash / kill -9
+    python train.py --mode=sft --init-from=out/tiny --data=data/sft --out=out/sft --seq-len=512
+    python train.py --mode=dpo --init-from=out/sft --data=data/dpo --out=out/dpo --seq-len=1024
+    python train.py --mode=sft --init-from=out/tiny --data=data/sft --out=out/sft-lora --lora-rank=8  # adapters only
+
+SFT and DPO rows pack whole conversations (DPO: prompt + chosen and prompt + rejected of a pair)
+with positions restarting and attention confined to each; the loss covers the assistant replies.
 
 Per step it prints loss, lr, tokens/s, MFU and ETA, and appends to OUT/log.jsonl (training steps
 with "step" and "loss", evaluations with "step" and "val_loss"); OUT/loss.png plots them.
@@ -118,24 +124,31 @@ class PackedData:
         self.seq_len, self.seed = seq_len, seed
         self.splits, self.stats, self._perms = {}, {}, {}
         for split in ("train", "val"):
+            index = np.fromfile(self.dir / f"{split}.idx", dtype=np.int64)
+            if self.n_records(index) == 0:
+                raise ValueError(f"{self.dir}: no {split} records (prepare with --val-fraction > 0 for a val split)")
             tokens = np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
             mask = np.memmap(self.dir / f"{split}.mask", dtype=np.uint8, mode="r")
-            items, lengths, truncated = self.fit_items(np.fromfile(self.dir / f"{split}.idx", dtype=np.int64), mask)
+            items, lengths, truncated = self.fit_items(index, mask)
             if not items:
                 raise ValueError(f"{self.dir}: no {split} records fit rows of --seq-len {seq_len}")
             rows = pack_rows(lengths, seq_len)
             self.splits[split] = (tokens, mask, items, rows)
             self.stats[split] = {"items": len(items), "rows": len(rows), "truncated": truncated,
+                                 "dropped": self.n_records(index) - len(items),
                                  "padding": 1 - sum(lengths) / (len(rows) * seq_len)}
 
     def describe(self) -> str:
         s = self.stats["train"]
         return (f"{self.kind} data: {s['items']:,} train items packed into {s['rows']:,} rows of {self.seq_len} "
-                f"({100 * s['padding']:.1f}% padding), {s['truncated']:,} truncated to fit; "
-                f"{self.stats['val']['items']:,} val items")
+                f"({100 * s['padding']:.1f}% padding); {s['truncated']:,} cut to fit, {s['dropped']:,} of them "
+                f"dropped (nothing left to train on); {self.stats['val']['items']:,} val items")
+
+    def n_records(self, index) -> int:
+        raise NotImplementedError
 
     def fit_items(self, index, mask):
-        """-> (items, their lengths in a row, number truncated); items are what `documents` reads."""
+        """-> (items, their lengths in a row, number cut to fit); items are what `documents` reads."""
         raise NotImplementedError
 
     def documents(self, tokens, mask, item):
@@ -192,6 +205,9 @@ class SFTData(PackedData):
 
     kind = "sft"
 
+    def n_records(self, offsets) -> int:
+        return len(offsets) - 1
+
     def fit_items(self, offsets, mask):
         starts, lengths = offsets[:-1], np.diff(offsets)
         fitted = np.minimum(lengths, self.seq_len)
@@ -211,6 +227,9 @@ class DPOData(PackedData):
     pair longer than seq_len has its completions cut (dropped if one loses all its targets)."""
 
     kind = "dpo"
+
+    def n_records(self, index) -> int:
+        return len(index) // 4
 
     def fit_items(self, index, mask):
         items, lengths, truncated = [], [], 0
@@ -260,7 +279,8 @@ def make_dpo_loss(model, args):
     """DPO (Rafailov et al. 2023): -log sigmoid(beta * [(log pi(c) - log pi(r)) - (log ref(c) - log ref(r))]),
     log-probabilities summed over the completion tokens (--dpo-length-norm: averaged), mean over pairs.
     The reference is the starting model, frozen: with LoRA the same model with its adapters switched
-    off, otherwise a copy. Documents of a DPO batch alternate chosen, rejected (DPOData)."""
+    off, otherwise a copy. Documents of a DPO batch alternate chosen, rejected (DPOData). A MoE
+    policy adds its load-balance loss, as in lm_loss."""
     if lora.lora_modules(model):
         reference, ref_mode = model, lambda: lora.lora_disabled(model)
     else:
@@ -275,9 +295,14 @@ def make_dpo_loss(model, args):
         reward = args.beta * (logp - ref_logp)  # (S,) implicit rewards
         margin = reward[0::2] - reward[1::2]  # (S/2,) chosen - rejected, per pair
         loss = -F.logsigmoid(margin).mean()
+        cfg = model.config
+        if cfg.n_experts and cfg.aux_loss_coef and model.training:  # set by the policy's forward, the last one
+            loss = loss + cfg.aux_loss_coef * sum(block.ffn.aux_loss for block in model.layers)
         return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.detach().mean()}
     return dpo_loss
 
+
+DEFAULT_LR = {"pretrain": 3e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
 
 # mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
 MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
@@ -381,7 +406,9 @@ def build_parser():
                         "difference (default: one micro-batch per process)")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-iters", type=int, default=300, help="optimizer steps")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default, tuned on the tiny preset: " +
+                        ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
     g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (default: 5%% of --max-iters)")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on >=2-D weights")
@@ -438,6 +465,8 @@ def resolve_args(args):
         for k in inherit:
             if k in saved and k not in given and hasattr(args, k):
                 setattr(args, k, saved[k])
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.mode]
     if args.data is None:
         sys.exit("--data is required (a directory written by prepare.py)")
     return args, source

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import lora
 from common import atomic_write_text, load_checkpoint, resolve_checkpoint
-from conftest import run
+from conftest import ONE_THREAD, run
 from minimind import MiniMind, ModelConfig
 
 SMALL = dict(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -66,7 +66,7 @@ def lora_run(sft_dir, base_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("lora") / "sft-lora"
     run(["train.py", "--mode", "sft", "--init-from", base_ckpt, "--data", sft_dir, "--out", out,
          "--lora-rank", "4", "--lora-alpha", "8", "--max-iters", "8", "--save-interval", "4", "--eval-interval", "8",
-         "--eval-iters", "2", "--log-interval", "1", "--lr", "1e-2"])
+         "--eval-iters", "2", "--log-interval", "1", "--lr", "1e-2"], env=ONE_THREAD)
     return out, before
 
 
@@ -124,7 +124,7 @@ def test_lora_resume_is_bit_identical(lora_run, tmp_path):
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "ckpt_000008")
     atomic_write_text(resumed / "latest", "ckpt_000004\n")
-    run(["train.py", "--out", resumed, "--resume"])  # LoRA flags and base inherited from the checkpoint
+    run(["train.py", "--out", resumed, "--resume"], env=ONE_THREAD)  # LoRA flags and base inherited from the checkpoint
     a = load_file(resolve_checkpoint(out) / "adapter.safetensors")
     b = load_file(resolve_checkpoint(resumed) / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -136,7 +136,8 @@ def test_lora_dpo_reference_is_the_base(sft_ckpt, dpo_dir, tmp_path):
     out = tmp_path / "dpo-lora"
     run(["train.py", "--mode", "dpo", "--init-from", sft_ckpt, "--data", dpo_dir, "--out", out,
          "--lora-rank", "8", "--lora-targets", "q,v,o", "--seq-len", "128", "--batch-size", "4", "--max-iters", "10",
-         "--eval-interval", "10", "--save-interval", "10", "--eval-iters", "2", "--log-interval", "1", "--lr", "1e-2"])
+         "--eval-interval", "10", "--save-interval", "10", "--eval-iters", "2", "--log-interval", "1", "--lr", "1e-2"],
+        env=ONE_THREAD)
     log = read_log(out)
     train = [r for r in log if "loss" in r]
     val = [r for r in log if "val_loss" in r]

@@ -7,7 +7,6 @@ DPO under torchrun (2 processes, gloo) follows one process.
 """
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -19,7 +18,8 @@ import torch
 
 import prepare
 from common import EOS, Tokenizer, load_checkpoint, load_for_inference, render_chat, resolve_checkpoint
-from conftest import ANSWERS, OBJECTS, ROOT, SYSTEM, qa, run
+from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, run
+from minimind import MiniMind, ModelConfig
 from train import DPOData, SFTData, make_dpo_loss, pack_rows, sequence_logprobs
 
 
@@ -294,13 +294,24 @@ def test_dpo_log_probabilities_match_unpacked_sequences(dpo_dir, random_ckpt):
         assert extra["reward_acc"].item() == pytest.approx((margin > 0).float().mean().item())
 
 
+def test_dpo_of_a_moe_policy_adds_the_balance_loss(dpo_dir):
+    torch.manual_seed(0)
+    vocab = json.loads((dpo_dir / "meta.json").read_text())["vocab_size"]
+    model = MiniMind(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                 n_experts=4, top_k=1)).train()
+    loss_fn = make_dpo_loss(model, Namespace(beta=0.1, dpo_length_norm=False))
+    loss, _ = loss_fn(model, DPOData(dpo_dir, 128, seed=0).batch("train", 1, 0, 2, "cpu"))
+    aux = sum(block.ffn.aux_loss for block in model.layers).item()
+    assert aux > 0 and loss.item() == pytest.approx(math.log(2) + model.config.aux_loss_coef * aux, abs=1e-6)
+
+
 DPO_FLAGS = ["--mode", "dpo", "--seq-len", "128", "--batch-size", "4", "--eval-iters", "2", "--log-interval", "1"]
 
 
 def test_dpo_raises_the_held_out_reward_accuracy(sft_ckpt, dpo_dir, tmp_path):
     out = tmp_path / "dpo"
     run(["train.py", "--init-from", sft_ckpt, "--data", dpo_dir, "--out", out, *DPO_FLAGS, "--max-iters", "15",
-         "--eval-interval", "5", "--save-interval", "15", "--lr", "1e-3"])
+         "--eval-interval", "5", "--save-interval", "15", "--lr", "1e-3"], env=ONE_THREAD)
     log = read_log(out)
     train = [r for r in log if "loss" in r]
     val = [r for r in log if "val_loss" in r]
@@ -320,10 +331,9 @@ def test_dpo_with_two_processes_matches_one(sft_ckpt, dpo_dir, tmp_path):
     common = ["--init-from", sft_ckpt, "--data", dpo_dir, *DPO_FLAGS, "--max-iters", "3", "--eval-interval", "3",
               "--save-interval", "3", "--lr", "1e-3", "--batch-tokens", str(2 * 4 * 128)]
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    run(["train.py", "--out", single, *common])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run(["train.py", "--out", single, *common], env=ONE_THREAD)
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
-        env=env, timeout=600)
+        env=ONE_THREAD, timeout=600)
     a, b = read_log(single), read_log(multi)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
