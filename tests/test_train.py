@@ -4,7 +4,6 @@ processes follows the single-process loss curve, log.jsonl and checkpoints are w
     python -m pytest tests/test_train.py -q
 """
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import load_checkpoint, resolve_checkpoint
-from conftest import ROOT, run
+from conftest import ONE_THREAD, ROOT, run
 
 FAST = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-iters", "2", "--log-interval", "1"]
 
@@ -31,7 +30,7 @@ def weights(out):
 def test_pretraining_lowers_the_validation_loss(pretrain_dir, tmp_path):
     out = tmp_path / "run"
     run(["train.py", "--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "60", "--eval-interval", "30",
-         "--save-interval", "60", "--lr", "3e-3"])
+         "--save-interval", "60", "--lr", "3e-3"], env=ONE_THREAD)
     log = read_log(out)
     train = [r for r in log if "loss" in r]
     val = [r for r in log if "val_loss" in r]
@@ -52,11 +51,11 @@ def test_pretraining_lowers_the_validation_loss(pretrain_dir, tmp_path):
 def test_kill9_then_resume_is_bit_identical(pretrain_dir, tmp_path):
     common = ["--data", pretrain_dir, *FAST, "--max-iters", "24", "--eval-interval", "12", "--save-interval", "4"]
     ref = tmp_path / "ref"
-    run(["train.py", "--out", ref, *common])
+    run(["train.py", "--out", ref, *common], env=ONE_THREAD)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "train.py", "--out", str(out), *map(str, common)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill as soon as the first checkpoint is in place
         if (out / "latest").exists() and proc.poll() is None:
@@ -67,7 +66,7 @@ def test_kill9_then_resume_is_bit_identical(pretrain_dir, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = json.loads((resolve_checkpoint(out) / "state.json").read_text())["step"]
     assert killed_at < 24
-    run(["train.py", "--out", out, "--resume"])  # every other flag is inherited from the checkpoint
+    run(["train.py", "--out", out, "--resume"], env=ONE_THREAD)  # every other flag is inherited from the checkpoint
 
     strip = lambda log: [(r["step"], r.get("loss"), r.get("val_loss")) for r in log]
     assert strip(read_log(out)) == strip(read_log(ref)), "losses differ after resume"
@@ -80,10 +79,9 @@ def test_ddp_two_processes_match_one_process(pretrain_dir, tmp_path):
     common = ["--data", pretrain_dir, *FAST, "--max-iters", "8", "--eval-interval", "8", "--save-interval", "8",
               "--batch-tokens", str(2 * 4 * 64)]
     single, multi = tmp_path / "single", tmp_path / "ddp"
-    run(["train.py", "--out", single, *common])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run(["train.py", "--out", single, *common], env=ONE_THREAD)
     run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
-        env=env, timeout=600)
+        env=ONE_THREAD, timeout=600)
     a, b = read_log(single), read_log(multi)
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
