@@ -44,15 +44,20 @@ def batch_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + index)
 
 
+def read_meta(data_dir: Path, kind: str) -> dict:
+    """meta.json of a directory written by `prepare.py KIND`, or a clear error."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: not a prepared data directory (run `python prepare.py {kind}`)")
+    return json.loads(meta_path.read_text())
+
+
 class PretrainData:
     """Random windows of seq_len + 1 tokens from memmapped uint16 files (documents back to back)."""
 
     def __init__(self, data_dir, seq_len: int, seed: int):
         self.dir = Path(data_dir)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path}: not a prepared data directory (run `python prepare.py pretrain`)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.dir, "pretrain")
         self.seq_len, self.seed = seq_len, seed
         self.splits = {}
         for split in ("train", "val"):
@@ -114,10 +119,7 @@ class PackedData:
 
     def __init__(self, data_dir, seq_len: int, seed: int):
         self.dir = Path(data_dir)
-        meta_path = self.dir / "meta.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path}: not a prepared data directory (run `python prepare.py {self.kind}`)")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.dir, self.kind)
         if self.meta.get("kind") != self.kind:
             raise ValueError(f"{self.dir} holds {self.meta.get('kind')} data; --mode={self.kind} needs the output "
                              f"of `prepare.py {self.kind}`")
