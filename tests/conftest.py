@@ -181,3 +181,24 @@ def loaded(random_ckpt):
     from sample import load
     model, tok, _ = load(random_ckpt, "cpu")
     return model, tok
+
+
+def read_log(out):
+    """OUT/log.jsonl as a list of dicts."""
+    return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def run_single_and_ddp(tmp_path, common, keys, rel):
+    """train.py in one process and under torchrun with two (the same global batch): every logged
+    `keys` value agrees within `rel`. Returns the two run directories."""
+    single, multi = tmp_path / "single", tmp_path / "ddp"
+    run(["train.py", "--out", single, *common], env=ONE_THREAD)
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
+        env=ONE_THREAD, timeout=600)
+    a, b = read_log(single), read_log(multi)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=rel, abs=1e-4), (key, ra, rb)
+    return single, multi

@@ -15,14 +15,10 @@ from safetensors.torch import load_file
 
 import lora
 from common import atomic_write_text, load_checkpoint, resolve_checkpoint
-from conftest import ONE_THREAD, run
+from conftest import ONE_THREAD, read_log, run
 from minimind import MiniMind, ModelConfig
 
 SMALL = dict(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
-
-
-def read_log(out):
-    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
 
 
 def test_merge_gives_the_logits_of_base_plus_adapters():

@@ -18,7 +18,7 @@ import torch
 
 import prepare
 from common import EOS, Tokenizer, load_checkpoint, load_for_inference, render_chat, resolve_checkpoint
-from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, run
+from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
 from train import DPOData, SFTData, make_dpo_loss, pack_rows, sequence_logprobs
 
@@ -33,10 +33,6 @@ def read_split(d, split="train", kind="sft"):
     mask = np.fromfile(d / f"{split}.mask", dtype=np.uint8)
     idx = np.fromfile(d / f"{split}.idx", dtype=np.int64)
     return tokens, mask, (idx if kind == "sft" else idx.reshape(-1, 4))
-
-
-def read_log(out):
-    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
 
 
 def runs_of_ones(mask):
@@ -330,13 +326,5 @@ def test_dpo_with_two_processes_matches_one(sft_ckpt, dpo_dir, tmp_path):
     # the same global batch (2 x 4 rows): one process accumulates 2 micro-batches, two processes 1 each
     common = ["--init-from", sft_ckpt, "--data", dpo_dir, *DPO_FLAGS, "--max-iters", "3", "--eval-interval", "3",
               "--save-interval", "3", "--lr", "1e-3", "--batch-tokens", str(2 * 4 * 128)]
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    run(["train.py", "--out", single, *common], env=ONE_THREAD)
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
-        env=ONE_THREAD, timeout=600)
-    a, b = read_log(single), read_log(multi)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "reward_acc", "reward_margin", "val_loss", "val_reward_acc", "val_reward_margin"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-3, abs=1e-4), (key, ra, rb)
+    run_single_and_ddp(tmp_path, common, ("loss", "reward_acc", "reward_margin", "val_loss", "val_reward_acc",
+                                          "val_reward_margin"), rel=1e-3)

@@ -14,13 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from common import load_checkpoint, resolve_checkpoint
-from conftest import ONE_THREAD, ROOT, run
+from conftest import ONE_THREAD, ROOT, read_log, run, run_single_and_ddp
 
 FAST = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-iters", "2", "--log-interval", "1"]
-
-
-def read_log(out):
-    return [json.loads(l) for l in (out / "log.jsonl").read_text().splitlines()]
 
 
 def weights(out):
@@ -78,16 +74,7 @@ def test_ddp_two_processes_match_one_process(pretrain_dir, tmp_path):
     # the same global batch (2 x 4 rows): one process accumulates 2 micro-batches, two processes 1 each
     common = ["--data", pretrain_dir, *FAST, "--max-iters", "8", "--eval-interval", "8", "--save-interval", "8",
               "--batch-tokens", str(2 * 4 * 64)]
-    single, multi = tmp_path / "single", tmp_path / "ddp"
-    run(["train.py", "--out", single, *common], env=ONE_THREAD)
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", multi, *common],
-        env=ONE_THREAD, timeout=600)
-    a, b = read_log(single), read_log(multi)
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in ("loss", "val_loss"):
-            if key in ra:
-                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-4), (ra, rb)
+    single, multi = run_single_and_ddp(tmp_path, common, ("loss", "val_loss"), rel=1e-4)
     wa, wb = weights(single), weights(multi)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
