@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -79,14 +80,14 @@ def measure_matmul_flops(device: str, dtype: torch.dtype, n: int = 1024, seconds
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 
-def peak_flops(device: str, dtype: torch.dtype) -> float:
-    """Peak FLOP/s for MFU: the datasheet number of a known GPU, else measured."""
+def datasheet_flops(device: str, dtype: torch.dtype) -> Optional[float]:
+    """Peak FLOP/s for MFU from the datasheet of a known GPU; None elsewhere (measure it)."""
     if device.startswith("cuda"):
         name = torch.cuda.get_device_name()
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # tf32 on fp32
-    return measure_matmul_flops(device, dtype)
+    return None
 
 
 # -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ Architecture choices (all presets):
 - no host syncs in forward: the dense model compiles with `fullgraph=True`
 """
 import math
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from typing import Optional
 
 import torch

@@ -68,7 +68,6 @@ def iter_documents(paths, skip_bad=False, bad=None, progress=None):
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
         if str(path).endswith((".jsonl", ".json")):
-            last = 0
             for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
                 text = obj.get("text")
                 if not isinstance(text, str) or not text:

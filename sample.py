@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 import kernels
-from common import load_for_inference, pick_device, pick_dtype, resolve_checkpoint
+from common import Tokenizer, load_checkpoint, pick_device, pick_dtype
 
 DEFAULT_CONTEXT = 2048
 
@@ -34,28 +34,44 @@ DEFAULT_CONTEXT = 2048
 # -----------------------------------------------------------------------------
 # loading
 
-def checkpoint_context(ckpt, model, requested: Optional[int] = None) -> int:
-    """The context window to serve a checkpoint with: `requested`, else the sequence length it was
-    trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
-    if requested:
-        ctx = requested
-    else:
-        state_path = resolve_checkpoint(ckpt) / "state.json"
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-        ctx = (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
-    return min(int(ctx), model.config.max_seq_len)
-
-
-def load(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None):
-    """(model, tokenizer, device) ready for inference; `kernel_backend` goes to kernels.set_backend."""
+def load(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
+         context: int = 0):
+    """(model, tokenizer, device, context) ready for inference. `kernel_backend` goes to
+    kernels.set_backend; the context window is `context`, else the sequence length the checkpoint
+    was trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
     if kernel_backend:
         kernels.set_backend(kernel_backend)
     device = pick_device(device)
-    model, tok = load_for_inference(ckpt, device)
+    model, state, path = load_checkpoint(ckpt, device)
+    tok = Tokenizer(path / "tokenizer")
     model.to(pick_dtype(dtype, device))
     if tok.vocab_size > model.config.vocab_size:
         raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-    return model, tok, device
+    context = context or (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
+    return model, tok, device, min(int(context), model.config.max_seq_len)
+
+
+def add_model_args(p):
+    """The flags that choose and place the model, shared by sample.py and serve.py."""
+    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
+    p.add_argument("--context", type=int, default=0,
+                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
+    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
+                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
+
+
+def load_from_args(args):
+    """load() from add_model_args' flags; a missing or broken checkpoint exits with its message."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return load(args.ckpt, args.device, args.dtype, args.kernels, args.context)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
 
 
 # -----------------------------------------------------------------------------
@@ -332,8 +348,8 @@ def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sy
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     # what to run
-    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
     p.add_argument("--prompt", action="append", default=[],
                    help="text to continue; repeat the flag to decode several prompts as one batch")
     p.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (chat template)")
@@ -346,15 +362,6 @@ def build_parser():
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide positive logits of tokens already present by this (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
-    # runtime
-    p.add_argument("--context", type=int, default=0,
-                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
-                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     return p
 
 
@@ -366,13 +373,7 @@ def main(argv=None):
         sys.exit("error: --max-new-tokens must be positive")
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tok, _ = load(args.ckpt, args.device, args.dtype, args.kernels)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    context = checkpoint_context(args.ckpt, model, args.context)
+    model, tok, _, context = load_from_args(args)
     if args.chat:
         run_chat(model, tok, args, context)
     else:

@@ -36,8 +36,7 @@ from typing import Optional
 
 import torch
 
-import kernels
-from sample import TokenDecoder, checkpoint_context, load, token_bytes
+from sample import TokenDecoder, add_model_args, load_from_args, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 MAX_STOP = 16  # stop strings per request
@@ -837,26 +836,17 @@ def _bench_tokenizer():
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
+    add_model_args(p)
     # network
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default="minimind", help="model id reported by /v1/models and in responses")
     # limits
-    p.add_argument("--context", type=int, default=0,
-                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
     p.add_argument("--max-tokens", type=int, default=512,
                    help="chat completion length when a request gives no max_tokens (capped by the context)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting at most (more get 429)")
-    # runtime
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
-                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     p.add_argument("--shutdown-after", type=float, default=0, help="stop after this many seconds (tests); 0 = never")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
     return p
@@ -867,13 +857,7 @@ def main(argv=None):
     for flag in ("max_tokens", "max_batch", "max_queue"):
         if getattr(args, flag) <= 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        model, tok, device = load(args.ckpt, args.device, args.dtype, args.kernels)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    context = checkpoint_context(args.ckpt, model, args.context)
+    model, tok, device, context = load_from_args(args)
     server = make_server(model, tok, args.host, args.port, args.model_name, context, args.api_key, args.max_batch,
                          args.max_queue, args.max_tokens, args.quiet)
     host, port = server.server_address[:2]

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import kernels
 import lora
-from common import (autocast, atomic_write_text, load_checkpoint, peak_flops, pick_device, pick_dtype,
+from common import (autocast, atomic_write_text, datasheet_flops, load_checkpoint, measure_matmul_flops, pick_device, pick_dtype,
                     resolve_checkpoint, save_checkpoint)
 from minimind import PRESETS, MiniMind, ModelConfig
 
@@ -305,6 +305,7 @@ def make_dpo_loss(model, args):
 
 
 DEFAULT_LR = {"pretrain": 3e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
+DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw"}
 
 # mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
 MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
@@ -323,13 +324,94 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr: float, weight_decay: float, device: str):
-    """AdamW; weight decay on matrices and embeddings (>= 2-D), never on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.startswith("cuda"))
+def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to each matrix of g (..., m, n): for g = U S V^T, about U V^T.
+
+    Newton-Schulz: with X = g / ||g||_F (so every singular value is <= 1), repeat
+        X <- a X + b (X X^T) X + c (X X^T)^2 X,   (a, b, c) = (3.4445, -4.7750, 2.0315),
+    which maps each singular value s to a s + b s^3 + c s^5. The coefficients (Jordan et al. 2024)
+    trade exactness for speed: five steps bring every s into about [0.7, 1.2], which is all Muon needs.
+    Matmuls only, so it runs in bf16 on GPUs; batched over leading dims (MoE expert stacks)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the smaller Gram matrix X X^T
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return (x.mT if tall else x).to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (MomentUm Orthogonalized by Newton-schulz) for hidden weight matrices.
+
+    m <- mu m + (1 - mu) g;  u = orthogonalize(g + mu (m - g))  (Nesterov);
+    W <- W (1 - lr wd) - lr * 0.2 sqrt(max(rows, cols)) * u.
+    An orthogonal update changes every direction of W by the same amount, where Adam's is dominated
+    by a few; the factor 0.2 sqrt(max(rows, cols)) gives it the RMS of a typical AdamW update (Liu et
+    al. 2025, "Muon is scalable"), so the AdamW learning rate and schedule carry over unchanged."""
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.95, ns_steps: int = 5):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, ns_steps=ns_steps))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["momentum"] = torch.zeros_like(p)
+                m = state["momentum"]
+                m.lerp_(p.grad, 1 - mu)
+                u = orthogonalize(p.grad.lerp(m, mu), group["ns_steps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u, alpha=-group["lr"] * 0.2 * max(p.shape[-2:]) ** 0.5)
+
+
+class Optimizers:
+    """Several optimizers stepped as one: the training loop sees one param_groups list and one state dict."""
+
+    def __init__(self, **optimizers):
+        self.optimizers = optimizers
+        self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
+
+    def step(self):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+def make_optimizer(model, kind: str, lr: float, weight_decay: float, device: str):
+    """AdamW, or Muon for the hidden matrices + AdamW for the rest. Weight decay on matrices and
+    embeddings (>= 2-D), never on norms. Muon takes the attention and FFN weights (expert stacks
+    too); the embedding (tied to the output head), the MoE router and LoRA's low-rank factors stay
+    with AdamW: they are lookups, a tiny classifier and rank-r pieces, not full linear maps."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for n, p in named if kind == "muon" and p.dim() >= 2 and n.startswith("layers.")
+              and "router" not in n and "lora_" not in n]
+    rest = [(n, p) for n, p in named if all(p is not q for q in hidden)]
+    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                              fused=device.startswith("cuda"))
+    if not hidden:
+        return adamw
+    return Optimizers(adamw=adamw, muon=Muon([{"params": hidden, "weight_decay": weight_decay}], lr=lr))
 
 
 # -----------------------------------------------------------------------------
@@ -408,6 +490,9 @@ def build_parser():
                         "difference (default: one micro-batch per process)")
     g = p.add_argument_group("optimization")
     g.add_argument("--max-iters", type=int, default=300, help="optimizer steps")
+    g.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
+                   help="muon: Muon on attention/FFN matrices, AdamW on the rest (default: " +
+                        ", ".join(f"{m} {o}" for m, o in DEFAULT_OPTIMIZER.items()) + ")")
     g.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (default, tuned on the tiny preset: " +
                         ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
@@ -469,6 +554,8 @@ def resolve_args(args):
                 setattr(args, k, saved[k])
     if args.lr is None:
         args.lr = DEFAULT_LR[args.mode]
+    if args.optimizer is None:
+        args.optimizer = DEFAULT_OPTIMIZER[args.mode]
     if args.data is None:
         sys.exit("--data is required (a directory written by prepare.py)")
     return args, source
@@ -543,7 +630,7 @@ def main():
     loss_fn = make_loss(model, args)
     warmup = args.warmup_iters if args.warmup_iters is not None else max(1, args.max_iters // 20)
 
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
+    optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     if args.resume:
         optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
     train_model = torch.compile(model) if args.compile else model
@@ -552,7 +639,8 @@ def main():
         train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None)
 
     flops_per_step = model.flops_per_token(args.seq_len) * batch_tokens
-    peak = (args.peak_tflops * 1e12 if args.peak_tflops else peak_flops(device, dtype)) * world
+    datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
+    peak = (datasheet or measure_matmul_flops(device, dtype)) * world
     log = Log(out, start_step if args.resume else None, enabled=master)
     tok_dir = data.dir / "tokenizer"
     if master:
@@ -602,7 +690,7 @@ def main():
     for step in range(start_step + 1, args.max_iters + 1):
         lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         metrics = {}
         for micro in range(accum):
             batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
@@ -641,6 +729,8 @@ def main():
                       f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
         if step % args.eval_interval == 0 or step == args.max_iters:
             rec = evaluate(step)
+            if not datasheet:  # a peak measured while the machine was busy reads low: keep the best seen
+                peak = max(peak, measure_matmul_flops(device, dtype, seconds=0.2) * world)
             log.write(step=step, **rec)
             if master:
                 print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.moe import moe_experts, moe_experts_torch, moe_route
+from kernels.moe import moe_experts, moe_route
 from kernels.rms_norm import rms_norm, rms_norm_torch
 from kernels.rope import rope, rope_torch
 

@@ -179,7 +179,7 @@ def one_thread():
 def loaded(random_ckpt):
     """(model, tokenizer) of the random_ckpt checkpoint, as sample.py loads it."""
     from sample import load
-    model, tok, _ = load(random_ckpt, "cpu")
+    model, tok, _, _ = load(random_ckpt, "cpu")
     return model, tok
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from common import CHAT_TEMPLATE, Tokenizer, render_chat
-from conftest import run, ROOT
+from conftest import ROOT
 import subprocess
 import sys
 

@@ -12,7 +12,7 @@ import torch
 
 from conftest import ROOT
 from common import Tokenizer
-from sample import (TokenDecoder, _byte_level_alphabet, bench_decode, fit_history, generate_batch, load, stream_tokens,
+from sample import (TokenDecoder, _byte_level_alphabet, bench_decode, fit_history, generate_batch, stream_tokens,
                     token_bytes)
 
 

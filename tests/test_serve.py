@@ -14,10 +14,9 @@ import time
 
 import openai
 import pytest
-import torch
 
 from conftest import ROOT
-from sample import TokenDecoder, load, stream_tokens
+from sample import TokenDecoder, stream_tokens
 from serve import Engine, GenRequest, StopText
 
 KEY = "sk-test-key"
