@@ -9,6 +9,8 @@ Sections:
           yardsticks for everything below
   train   training tokens/s at seq 512 of each model, fp32 and bf16 autocast, eager and compiled,
           each as MFU = achieved FLOP/s / the matmul peak of that dtype measured above
+  optim   optimizer step time, AdamW vs Muon (five Newton-Schulz iterations per matrix), against
+          the forward + backward of the training batch it updates
   decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
           weight once: bandwidth / weight bytes), then KV-cache vs naive decoding at batch 1 and 8
   server  requests/s and tokens/s of serve.py under 8 concurrent clients
@@ -99,6 +101,33 @@ def bench_train(device, out, models, seq_len, compile_too, steps):
                 torch._dynamo.reset()
 
 
+def bench_optim(device, out, models, seq_len, steps):
+    rows = out.setdefault("optim", [])
+    from train import make_optimizer
+    sync = sync_fn(device)
+    for name in models:
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS[name]).to(device).train()
+        B = (16 if device == "cuda" else 4) if name == "tiny" else (8 if device == "cuda" else 1)
+        x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
+
+        def fwd_bwd():  # in the training dtype of this device (bf16 autocast on CUDA, fp32 on CPU)
+            with autocast(device, torch.bfloat16 if device == "cuda" else torch.float32):
+                model(x[:, :-1], x[:, 1:])[1].backward()
+
+        row = {"model": name, "batch_tokens": B * seq_len,
+               "fwd_bwd_ms": 1e3 * train_step_time(model, fwd_bwd, steps, sync)}
+        for kind in ("adamw", "muon"):
+            opt = make_optimizer(model, kind, 1e-4, 0.1, device)
+            row[f"{kind}_ms"] = 1e3 * train_step_time(model, opt.step, steps, sync)
+        row = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}
+        rows.append(row)
+        print(f"optim {name:16s} {row['batch_tokens']:6d} tokens: fwd+bwd {row['fwd_bwd_ms']:8.1f} ms | "
+              f"AdamW step {row['adamw_ms']:7.1f} ms | Muon step {row['muon_ms']:7.1f} ms "
+              f"({100 * row['muon_ms'] / row['fwd_bwd_ms']:.0f}% of fwd+bwd)", flush=True)
+        del model
+
+
 def bench_decode_limit(device, out, models, new_tokens=64):
     """Batch-1 KV-cache decoding against one pass over all weights per token."""
     rows = out.setdefault("decode_limit", [])
@@ -126,7 +155,7 @@ def bench_decode_limit(device, out, models, new_tokens=64):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--only", default="peak,train,decode,server,kernels", help="comma-separated sections")
+    p.add_argument("--only", default="peak,train,optim,decode,server,kernels", help="comma-separated sections")
     p.add_argument("--models", default="tiny,minimind2-small,minimind-3", help="models for train/decode")
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
@@ -149,6 +178,8 @@ def main():
     bench_peak(device, out)  # every ratio below is against these
     if "train" in sections:
         bench_train(device, out, models, args.seq_len, not args.no_compile, args.steps)
+    if "optim" in sections:
+        bench_optim(device, out, models, args.seq_len, args.steps)
     if "decode" in sections:
         bench_decode_limit(device, out, models)
         from sample import bench_decode

@@ -304,7 +304,7 @@ def make_dpo_loss(model, args):
     return dpo_loss
 
 
-DEFAULT_LR = {"pretrain": 3e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
+DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
 DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw"}
 
 # mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
@@ -548,6 +548,10 @@ def resolve_args(args):
         saved = json.loads((source / "state.json").read_text()).get("args", {})
         inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]
         if args.resume:  # the same run: everything not overridden
+            saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed used AdamW
+            if "optimizer" in given and args.optimizer != saved["optimizer"]:
+                sys.exit(f"--optimizer {args.optimizer}: {args.out} was trained with {saved['optimizer']}, "
+                         "whose state cannot carry over (start a new run with --init-from instead)")
             inherit = [k for k in saved if k not in ("resume", "out", "init_from")]
         for k in inherit:
             if k in saved and k not in given and hasattr(args, k):

@@ -25,7 +25,7 @@ def weights(out):
 def test_pretraining_lowers_the_validation_loss(pretrain_dir, tmp_path):
     out = tmp_path / "run"
     run(["train.py", "--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "60", "--eval-interval", "30",
-         "--save-interval", "60", "--lr", "3e-3"], env=ONE_THREAD)
+         "--save-interval", "60"], env=ONE_THREAD)
     log = read_log(out)
     train = [r for r in log if "loss" in r]
     val = [r for r in log if "val_loss" in r]
@@ -67,6 +67,10 @@ def test_kill9_then_resume_is_bit_identical(pretrain_dir, tmp_path):
     assert strip(read_log(out)) == strip(read_log(ref)), "losses differ after resume"
     a, b = weights(out), weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
+    assert json.loads((resolve_checkpoint(out) / "state.json").read_text())["args"]["optimizer"] == "muon"
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--resume", "--optimizer", "adamw"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "trained with muon" in r.stderr  # Muon's state cannot seed AdamW
 
 
 def test_ddp_two_processes_match_one_process(pretrain_dir, tmp_path):
