@@ -378,7 +378,10 @@ class Optimizers:
 
     def __init__(self, **optimizers):
         self.optimizers = optimizers
-        self.param_groups = [g for opt in optimizers.values() for g in opt.param_groups]
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict replaces an optimizer's groups
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
 
     def step(self):
         for opt in self.optimizers.values():

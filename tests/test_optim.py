@@ -101,6 +101,9 @@ def test_optimizers_state_round_trip_continues_identically():
     b.load_state_dict(a.state_dict())
     opt_b = make_optimizer(b, "muon", 1e-2, 0.1, "cpu")
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))  # as train.py saves and loads it
+    for opt in (opt_a, opt_b):  # as the training loop sets the schedule's lr (after loading, too)
+        for group in opt.param_groups:
+            group["lr"] = 3e-3
     train(a, opt_a, 2)
     train(b, opt_b, 2)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
