@@ -209,8 +209,9 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
         spec = state.get("lora") or {}
         if not spec.get("base"):
             raise FileNotFoundError(f"{ckpt}: adapter.safetensors without state.json lora.base (the base checkpoint)")
-        try:
-            model, _, base = load_checkpoint(spec["base"], "cpu", merge_lora=True)
+        where = [Path(spec["base"])] + ([ckpt.parent / spec["base_rel"]] if spec.get("base_rel") else [])
+        try:  # where it was when trained, else the same place relative to this run (the tree was moved)
+            model, _, base = load_checkpoint(next((p for p in where if p.exists()), where[0]), "cpu", merge_lora=True)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{ckpt}: base checkpoint of the LoRA adapters is missing ({e})") from None
         arch = lambda c: {k: v for k, v in c.to_dict().items() if k != "aux_loss_coef"}  # a training knob

@@ -9,8 +9,9 @@ model. The wrapped layer keeps W under its own name (`layers.0.attn.wq.weight`) 
 `...wq.lora_A` / `...wq.lora_B`, so the base weights load and save unchanged.
 
 An adapter checkpoint stores only the adapters (adapter.safetensors, a few hundred KB) and, in
-state.json, {"lora": {"rank", "alpha", "targets", "base"}} where `base` is the checkpoint the
-adapters were trained on. common.load_checkpoint loads such a checkpoint as base + adapters,
+state.json, {"lora": {"rank", "alpha", "targets", "base", "base_rel"}} where `base` is the checkpoint
+the adapters were trained on (`base_rel`: the same, relative to the run directory, so a copied tree
+of runs still loads). common.load_checkpoint loads such a checkpoint as base + adapters,
 merged for inference (sample.py, serve.py, export.py) or unmerged to continue training.
 """
 import argparse

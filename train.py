@@ -618,7 +618,8 @@ def main():
             sys.exit("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo and --init-from")
         targets = lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
         lora_spec = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets,
-                     "base": str(source.resolve())}
+                     "base": str(source.resolve()),  # and relative to OUT, for a copied or moved tree of runs:
+                     "base_rel": os.path.relpath(source.resolve(), out.resolve())}
     else:
         model.requires_grad_(True)
 

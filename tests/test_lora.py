@@ -7,6 +7,7 @@ reference of a LoRA run is the base model (adapters off).
 """
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -76,7 +77,7 @@ def test_lora_training_saves_only_adapters_and_leaves_the_base_untouched(lora_ru
     assert (ckpt / "adapter.safetensors").stat().st_size < (base_dir / "model.safetensors").stat().st_size / 4
     state = json.loads((ckpt / "state.json").read_text())
     assert state["lora"] == {"rank": 4, "alpha": 8.0, "targets": ["q", "k", "v", "o", "gate", "up", "down"],
-                             "base": str(base_dir.resolve())}
+                             "base": str(base_dir.resolve()), "base_rel": os.path.relpath(base_dir, out)}
     assert (base_dir / "model.safetensors").read_bytes() == before
     model, _, _ = load_checkpoint(out, merge_lora=False)
     base = load_file(base_dir / "model.safetensors")
@@ -112,6 +113,26 @@ def test_adapter_checkpoints_load_merged_everywhere(lora_run, base_ckpt, tmp_pat
     export.export_hf(full, tmp_path / "hf_merged")
     a, b = load_file(tmp_path / "hf_adapter" / "model.safetensors"), load_file(tmp_path / "hf_merged" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_moved_tree_of_runs_still_finds_the_base(lora_run, tmp_path):
+    """Runs copied elsewhere (another machine, another disk): the recorded absolute base path is
+    gone, the base sits at the same place relative to the adapter run."""
+    out, _ = lora_run
+    ckpt = resolve_checkpoint(out)
+    state = json.loads((ckpt / "state.json").read_text())
+    rel = state["lora"]["base_rel"]
+    moved = tmp_path.joinpath(*["d"] * rel.count("..")) / "run"  # deep enough that rel stays inside tmp_path
+    shutil.copytree(out, moved)
+    shutil.copytree(state["lora"]["base"], os.path.normpath(moved / rel))
+    state["lora"]["base"] = str(tmp_path / "gone" / "ckpt_000000")
+    (moved / ckpt.name / "state.json").write_text(json.dumps(state))
+    idx = torch.arange(3, 23).view(1, 20)
+    with torch.no_grad():
+        assert torch.equal(load_checkpoint(moved)[0](idx)[0], load_checkpoint(out)[0](idx)[0])
+    shutil.rmtree(os.path.normpath(moved / rel))  # neither place: the error names the run and the base
+    with pytest.raises(FileNotFoundError, match="base checkpoint of the LoRA adapters is missing"):
+        load_checkpoint(moved)
 
 
 def test_lora_resume_is_bit_identical(lora_run, tmp_path):
