@@ -407,9 +407,10 @@ def make_optimizer(model, kind: str, lr: float, weight_decay: float, device: str
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     hidden = [p for n, p in named if kind == "muon" and p.dim() >= 2 and n.startswith("layers.")
               and "router" not in n and "lora_" not in n]
-    rest = [(n, p) for n, p in named if all(p is not q for q in hidden)]
-    groups = [{"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    in_muon = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in in_muon]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8,
                               fused=device.startswith("cuda"))
     if not hidden:
