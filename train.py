@@ -657,6 +657,11 @@ def main():
         print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
               f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
               f"{args.batch_size} x {args.seq_len} | kernels {kernels.get_backend()}")
+        if isinstance(optimizer, Optimizers):
+            n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
+            print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
+        else:
+            print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if args.optimizer == "muon" else ""))
         if lora_spec:
             n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
             print(f"LoRA rank {lora_spec['rank']} on {','.join(lora_spec['targets'])}: {n_lora / 1e6:.3f}M trainable "
