@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 import kernels
 import lora
-from common import (autocast, atomic_write_text, datasheet_flops, load_checkpoint, measure_matmul_flops, pick_device, pick_dtype,
-                    resolve_checkpoint, save_checkpoint)
+from common import (autocast, atomic_write_text, datasheet_flops, load_checkpoint, measure_matmul_flops, pick_device,
+                    pick_dtype, resolve_checkpoint, save_checkpoint)
 from minimind import PRESETS, MiniMind, ModelConfig
 
 
