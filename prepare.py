@@ -205,13 +205,25 @@ def chunked(it, n):
         yield buf
 
 
-def cmd_pretrain(args):
-    tok = Tokenizer(args.tokenizer)
+def open_tokenizer(path) -> Tokenizer:
+    """The tokenizer to encode with; its ids must fit the uint16 token files."""
+    tok = Tokenizer(path)
     if tok.vocab_size > 65535:
-        sys.exit(f"{args.tokenizer}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
+        sys.exit(f"{path}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
+    return tok
+
+
+def val_split(val_fraction: float):
+    """split(i) of the i-th kept record: "val" for the last of every round(1 / val_fraction), else "train"."""
+    every = max(1, round(1 / val_fraction)) if val_fraction > 0 else 0
+    return lambda i: "val" if every and i % every == every - 1 else "train"
+
+
+def cmd_pretrain(args):
+    tok = open_tokenizer(args.tokenizer)
     out = Path(args.out)
     bad = {}
-    every = max(1, round(1 / args.val_fraction)) if args.val_fraction > 0 else 0
+    split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=args.quiet)
     counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
@@ -223,7 +235,7 @@ def cmd_pretrain(args):
             doc_index = 0
             for arrays in pool.imap(_encode_chunk, chunked(texts, args.chunk_docs)):
                 for a in arrays:
-                    split = "val" if every and doc_index % every == every - 1 else "train"
+                    split = split_of(doc_index)
                     (fval if split == "val" else ftrain).write(a.tobytes())
                     counts[split][0] += len(a)
                     counts[split][1] += 1
@@ -372,15 +384,13 @@ def cmd_chat(args):
     token / mask / index files of each split."""
     from functools import partial
     kind = args.cmd
-    tok = Tokenizer(args.tokenizer)
-    if tok.vocab_size > 65535:
-        sys.exit(f"{args.tokenizer}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
+    tok = open_tokenizer(args.tokenizer)
     for path in args.input:
         if not os.path.exists(path):
             raise DataError(f"{path}: no such file")
     out = Path(args.out)
     bad = {}
-    every = max(1, round(1 / args.val_fraction)) if args.val_fraction > 0 else 0
+    split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=args.quiet)
     counts = {s: {"records": 0, "tokens": 0, "trained_tokens": 0} for s in ("train", "val")}
@@ -425,7 +435,7 @@ def cmd_chat(args):
                     continue
                 ids, mask = res[1], res[2]
                 truncated += res[-1]
-                split = "val" if every and n_kept % every == every - 1 else "train"
+                split = split_of(n_kept)
                 n_kept += 1
                 f = files[split]
                 f["bin"].write(ids.tobytes())
@@ -468,10 +478,22 @@ def cmd_chat(args):
 # command line
 
 
-def add_input_flags(p):
-    p.add_argument("--input", nargs="*", default=[], help="input files (.jsonl or plain text); none: the default corpus")
+def add_input_flags(p, chat: bool = False):
+    if chat:
+        p.add_argument("--input", nargs="+", required=True, help="JSON Lines files, one record a line")
+    else:
+        p.add_argument("--input", nargs="*", default=[],
+                       help="input files (.jsonl or plain text); none: the default corpus")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_encode_flags(p, val_fraction: float, held_out: str):
+    """The flags of every command that tokenizes into split files (pretrain, sft, dpo)."""
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=val_fraction, help=f"fraction of {held_out}")
+    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
 
 
 def build_parser():
@@ -487,28 +509,20 @@ def build_parser():
 
     p = sub.add_parser("pretrain", help="tokenize documents into train.bin / val.bin (uint16)")
     add_input_flags(p)
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out for val.bin")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
+    add_encode_flags(p, 0.01, "documents held out for val.bin")
     p.add_argument("--chunk-docs", type=int, default=512, help="documents per work item")
     p.set_defaults(func=cmd_pretrain)
 
     for kind, what, val in (("sft", '{"conversations": [{"role", "content"}, ...]}', 0.01),
                             ("dpo", '{"chosen": [messages], "rejected": [messages]}', 0.05)):
         p = sub.add_parser(kind, help=f"chat data for --mode={kind}: {what} -> tokens + loss masks")
-        p.add_argument("--input", nargs="+", required=True, help="JSON Lines files, one record a line")
-        p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
-        p.add_argument("--out", required=True, help="output directory")
+        add_input_flags(p, chat=True)
+        add_encode_flags(p, val, "records held out for val")
         p.add_argument("--max-len", type=int, default=1024,
                        help="longest conversation in tokens" if kind == "sft" else
                        "longest prompt + completion in tokens (each of chosen and rejected)")
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
                        help="what to do with records over --max-len (either way they are counted)")
-        p.add_argument("--val-fraction", type=float, default=val, help="fraction of records held out for val")
-        p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
         p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
         p.set_defaults(func=cmd_chat)
     return parser, sub
