@@ -24,7 +24,7 @@ import time
 import torch
 
 import kernels
-from common import autocast, measure_matmul_flops, pick_device
+from common import autocast, measure_matmul_flops, pick_device, pick_dtype
 from minimind import PRESETS, MiniMind
 
 
@@ -68,6 +68,13 @@ def train_step_time(model, step_fn, steps: int, sync) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def bench_batch(device, name) -> int:
+    """Rows of seq_len per timed training step: what fits in memory without waiting minutes on a CPU."""
+    if name == "tiny":
+        return 16 if device == "cuda" else 4
+    return 8 if device == "cuda" else 1
+
+
 def bench_train(device, out, models, seq_len, compile_too, steps):
     rows = out.setdefault("train", [])
     sync = sync_fn(device)
@@ -78,7 +85,7 @@ def bench_train(device, out, models, seq_len, compile_too, steps):
                 model = MiniMind(PRESETS[name]).to(device).train()
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
                 run_model = torch.compile(model) if compiled else model
-                B = (16 if device == "cuda" else 4) if name == "tiny" else (8 if device == "cuda" else 1)
+                B = bench_batch(device, name)
                 x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
 
                 def step():
@@ -108,11 +115,11 @@ def bench_optim(device, out, models, seq_len, steps):
     for name in models:
         torch.manual_seed(0)
         model = MiniMind(PRESETS[name]).to(device).train()
-        B = (16 if device == "cuda" else 4) if name == "tiny" else (8 if device == "cuda" else 1)
+        B = bench_batch(device, name)
         x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
 
         def fwd_bwd():  # in the training dtype of this device (bf16 autocast on CUDA, fp32 on CPU)
-            with autocast(device, torch.bfloat16 if device == "cuda" else torch.float32):
+            with autocast(device, pick_dtype("auto", device)):
                 model(x[:, :-1], x[:, 1:])[1].backward()
 
         row = {"model": name, "batch_tokens": B * seq_len,
@@ -134,7 +141,7 @@ def bench_decode_limit(device, out, models, new_tokens=64):
     sync = sync_fn(device)
     bw = out["peak"]["bandwidth_gbs"] * 1e9
     for name in models:
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = pick_dtype("auto", device)
         torch.manual_seed(0)
         model = MiniMind(PRESETS[name]).to(device, dtype).eval()
         prompt = torch.randint(3, 6400, (1, 16), device=device)

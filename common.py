@@ -230,12 +230,6 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
     return model.to(device).eval(), state, ckpt
 
 
-def load_for_inference(path, device: str = "cpu"):
-    """(model, tokenizer) from a checkpoint that carries its tokenizer."""
-    model, state, ckpt = load_checkpoint(path, device)
-    return model, Tokenizer(ckpt / "tokenizer")
-
-
 # -----------------------------------------------------------------------------
 # JSON Lines input
 

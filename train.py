@@ -704,7 +704,7 @@ def main():
     for step in range(start_step + 1, args.max_iters + 1):
         lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            group["lr"] = lr
         metrics = {}
         for micro in range(accum):
             batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
