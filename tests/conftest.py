@@ -51,12 +51,16 @@ def tokenizer_dir(corpus, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def pretrain_dir(corpus, tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "pretrain"
-    run(["prepare.py", "pretrain", "--input", corpus, "--tokenizer", tokenizer_dir, "--out", out,
+def prepare_data(kind, input_path, tokenizer_dir, out):
+    """`prepare.py KIND` with a tenth held out for validation; returns the output directory."""
+    run(["prepare.py", kind, "--input", input_path, "--tokenizer", tokenizer_dir, "--out", out,
          "--val-fraction", "0.1", "--workers", "2", "--quiet"])
     return out
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(corpus, tokenizer_dir, tmp_path_factory):
+    return prepare_data("pretrain", corpus, tokenizer_dir, tmp_path_factory.mktemp("data") / "pretrain")
 
 
 @pytest.fixture(scope="session")
@@ -125,17 +129,13 @@ def make_dpo(path: Path, n: int = 200, seed: int = 0):
 @pytest.fixture(scope="session")
 def sft_dir(tokenizer_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sft")
-    run(["prepare.py", "sft", "--input", make_sft(tmp / "sft.jsonl"), "--tokenizer", tokenizer_dir,
-         "--out", tmp / "sft", "--val-fraction", "0.1", "--workers", "2", "--quiet"])
-    return tmp / "sft"
+    return prepare_data("sft", make_sft(tmp / "sft.jsonl"), tokenizer_dir, tmp / "sft")
 
 
 @pytest.fixture(scope="session")
 def dpo_dir(tokenizer_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dpo")
-    run(["prepare.py", "dpo", "--input", make_dpo(tmp / "dpo.jsonl"), "--tokenizer", tokenizer_dir,
-         "--out", tmp / "dpo", "--val-fraction", "0.1", "--workers", "2", "--quiet"])
-    return tmp / "dpo"
+    return prepare_data("dpo", make_dpo(tmp / "dpo.jsonl"), tokenizer_dir, tmp / "dpo")
 
 
 @pytest.fixture(scope="session")
@@ -186,6 +186,11 @@ def loaded(random_ckpt):
 def read_log(out):
     """OUT/log.jsonl as a list of dicts."""
     return [json.loads(l) for l in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def loss_curve(out):
+    """(step, loss, val_loss) of every line of OUT/log.jsonl: what a resumed run must reproduce."""
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_log(out)]
 
 
 def run_single_and_ddp(tmp_path, common, keys, rel):

@@ -52,12 +52,8 @@ def check(actual, expected, dtype, scale=1.0, what=""):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def scope():
-    # tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core CI machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def scope(one_thread):  # tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core CI machine
     yield
-    torch.set_num_threads(n)
     if _SET_INTERPRET:  # later tests' subprocesses should not inherit the interpreter
         os.environ.pop("TRITON_INTERPRET", None)
 

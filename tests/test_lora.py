@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import lora
 from common import atomic_write_text, load_checkpoint, resolve_checkpoint
-from conftest import ONE_THREAD, read_log, run
+from conftest import ONE_THREAD, loss_curve, read_log, run
 from minimind import MiniMind, ModelConfig
 
 SMALL = dict(vocab_size=100, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
@@ -145,8 +145,7 @@ def test_lora_resume_is_bit_identical(lora_run, tmp_path):
     a = load_file(resolve_checkpoint(out) / "adapter.safetensors")
     b = load_file(resolve_checkpoint(resumed) / "adapter.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda log: [(r["step"], r.get("loss"), r.get("val_loss")) for r in log]
-    assert strip(read_log(resumed)) == strip(read_log(out))
+    assert loss_curve(resumed) == loss_curve(out)
 
 
 def test_lora_dpo_reference_is_the_base(sft_ckpt, dpo_dir, tmp_path):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from common import load_checkpoint, resolve_checkpoint
-from conftest import ONE_THREAD, ROOT, read_log, run, run_single_and_ddp
+from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 
 FAST = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-iters", "2", "--log-interval", "1"]
 
@@ -63,8 +63,7 @@ def test_kill9_then_resume_is_bit_identical(pretrain_dir, tmp_path):
     assert killed_at < 24
     run(["train.py", "--out", out, "--resume"], env=ONE_THREAD)  # every other flag is inherited from the checkpoint
 
-    strip = lambda log: [(r["step"], r.get("loss"), r.get("val_loss")) for r in log]
-    assert strip(read_log(out)) == strip(read_log(ref)), "losses differ after resume"
+    assert loss_curve(out) == loss_curve(ref), "losses differ after resume"
     a, b = weights(out), weights(ref)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
     assert json.loads((resolve_checkpoint(out) / "state.json").read_text())["args"]["optimizer"] == "muon"
