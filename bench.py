@@ -24,8 +24,9 @@ import time
 import torch
 
 import kernels
-from common import autocast, measure_matmul_flops, pick_device, pick_dtype
+from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
 from minimind import PRESETS, MiniMind
+from optim import make_optimizer
 
 
 def sync_fn(device):
@@ -110,7 +111,6 @@ def bench_train(device, out, models, seq_len, compile_too, steps):
 
 def bench_optim(device, out, models, seq_len, steps):
     rows = out.setdefault("optim", [])
-    from train import make_optimizer
     sync = sync_fn(device)
     for name in models:
         torch.manual_seed(0)

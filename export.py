@@ -3,6 +3,7 @@
     python export.py --ckpt out/tiny --out hf/tiny                 # minimind -> transformers directory
     python export.py --ckpt out/tiny --out hf/tiny --dtype bfloat16
     python export.py --from-hf hf/minimind-3 --out out/minimind-3  # transformers directory -> minimind
+    python export.py --merge-lora out/sft-lora --out out/sft-merged  # LoRA adapters folded into their base
 
 The exported directory loads with plain `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` (no trust_remote_code), and so in vllm, llama.cpp's
@@ -27,7 +28,7 @@ the RoPE settings both as `rope_parameters` (transformers 5) and `rope_theta` / 
 (transformers 4, vllm, llama.cpp).
 
 Import accepts those four architectures (single or sharded safetensors, or pytorch_model.bin) and
-writes a standard minimind checkpoint (common.save_checkpoint) with the tokenizer copied in, ready
+writes a standard minimind checkpoint (checkpoint.save_checkpoint) with the tokenizer copied in, ready
 for fine-tuning (`train.py --init-from OUT`), sample.py and serve.py.
 """
 import argparse
@@ -41,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from common import CHAT_TEMPLATE, load_checkpoint, resolve_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, merge_lora_checkpoint, resolve_checkpoint, save_checkpoint
 from minimind import MiniMind, ModelConfig
+from tokenizer import CHAT_TEMPLATE
 
 LLAMA, QWEN3, QWEN3_MOE, MIXTRAL = "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"
 MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", QWEN3_MOE: "qwen3_moe", MIXTRAL: "mixtral"}
@@ -402,6 +404,8 @@ def main(argv=None):
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="minimind run or checkpoint directory to export")
     src.add_argument("--from-hf", help="transformers model directory to import as a minimind checkpoint")
+    src.add_argument("--merge-lora", metavar="CKPT",
+                     help="LoRA adapter checkpoint to fold into its base, written as a full minimind checkpoint")
     parser.add_argument("--out", required=True, help="output directory (transformers dir, or minimind run dir)")
     # export only
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the exported weights")
@@ -412,10 +416,12 @@ def main(argv=None):
         if args.ckpt:
             arch = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.force)
             print(f"exported {args.ckpt} as {arch} -> {args.out}")
+        elif args.merge_lora:
+            print(f"merged {args.merge_lora} -> {merge_lora_checkpoint(args.merge_lora, args.out)}")
         else:
             path = import_hf(args.from_hf, args.out, args.force)
             print(f"imported {args.from_hf} -> {path}")
-    except (ExportError, FileNotFoundError) as e:
+    except (ExportError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

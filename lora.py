@@ -1,7 +1,7 @@
 """LoRA (Hu et al. 2021): low-rank adapters on the linear layers of a minimind model.
 
     python train.py --mode=sft --init-from out/pretrain --lora-rank 8 --lora-alpha 16 ... --out out/sft-lora
-    python lora.py merge out/sft-lora --out out/sft-merged     # fold the adapters into a full checkpoint
+    python export.py --merge-lora out/sft-lora --out out/sft-merged   # fold the adapters into a full checkpoint
 
 A targeted linear layer W (out, in) becomes  y = x W^T + (alpha / r) * x A^T B^T  with A (r, in)
 and B (out, r) trainable and W frozen. B starts at zero, so training starts exactly at the base
@@ -11,13 +11,11 @@ model. The wrapped layer keeps W under its own name (`layers.0.attn.wq.weight`) 
 An adapter checkpoint stores only the adapters (adapter.safetensors, a few hundred KB) and, in
 state.json, {"lora": {"rank", "alpha", "targets", "base", "base_rel"}} where `base` is the checkpoint
 the adapters were trained on (`base_rel`: the same, relative to the run directory, so a copied tree
-of runs still loads). common.load_checkpoint loads such a checkpoint as base + adapters,
+of runs still loads). checkpoint.load_checkpoint loads such a checkpoint as base + adapters,
 merged for inference (sample.py, serve.py, export.py) or unmerged to continue training.
 """
-import argparse
 import contextlib
 import math
-import sys
 
 import torch
 import torch.nn as nn
@@ -141,31 +139,3 @@ def lora_disabled(model):
     finally:
         for m in mods:
             m.enabled = True
-
-
-# -----------------------------------------------------------------------------
-# command line: merge an adapter checkpoint into a full one
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="write base + adapters as a full checkpoint (model.safetensors)")
-    m.add_argument("ckpt", help="adapter checkpoint (or its run directory)")
-    m.add_argument("--out", required=True, help="run directory for the merged checkpoint")
-    args = p.parse_args(argv)
-
-    from common import load_checkpoint, save_checkpoint
-    model, state, ckpt = load_checkpoint(args.ckpt, merge_lora=True)
-    if "lora" not in state:
-        sys.exit(f"{ckpt}: not a LoRA checkpoint (no adapter.safetensors)")
-    step = state.get("step", 0)
-    merged_from = {"adapter": str(ckpt.resolve()), **state["lora"]}
-    state = {k: v for k, v in state.items() if k not in ("step", "lora")}
-    state["merged_from"] = merged_from
-    tok = ckpt / "tokenizer"
-    final = save_checkpoint(args.out, step, model, state, tokenizer_dir=tok if tok.exists() else None)
-    print(f"merged {ckpt} -> {final}")
-
-
-if __name__ == "__main__":
-    main()

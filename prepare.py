@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from common import (SPECIAL_TOKENS, CHAT_TEMPLATE, BOS, EOS, PAD, ROLES, DataError, Tokenizer, iter_jsonl,
-                    render_chat)
+from data import DataError, check_conversation, iter_jsonl
+from tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Tokenizer, chat_segments, render_chat
 
 # -----------------------------------------------------------------------------
 # reading documents
@@ -267,40 +267,6 @@ def cmd_pretrain(args):
 #                                      {split}.idx  int64 offsets, (N + 1,): conversation i = [idx[i], idx[i+1])
 # DPO files: .bin / .mask the same, each pair stored as prompt ++ chosen ++ rejected (completions
 # only, the shared prompt once); {split}.idx int64 (N, 4): start, prompt, chosen, rejected lengths.
-
-
-def check_conversation(msgs):
-    """Raise ValueError naming the first problem of a list of {"role", "content"} messages."""
-    if not isinstance(msgs, list) or not msgs:
-        raise ValueError("expected a non-empty list of messages")
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            raise ValueError(f"message {i}: empty content")
-    if msgs[-1]["role"] != "assistant":
-        raise ValueError("the conversation does not end with an assistant turn")
-
-
-def chat_segments(msgs):
-    """The ChatML text of a conversation (common.render_chat) cut into (text, trained) pieces:
-    trained = an assistant reply and the <|im_end|> that closes it. Cuts fall only right after a
-    role header's newline or after <|im_end|> (a special token), so encoding the pieces one by one
-    gives the tokens of the whole text, the tokens the model sees in `sample.py --chat`. The
-    newline after the final <|im_end|> is left out: no loss would ever be computed from it."""
-    segs, prompt = [], ""
-    for m in msgs:
-        head = f"{BOS}{m['role']}\n"
-        if m["role"] == "assistant":
-            segs += [(prompt + head, False), (m["content"] + EOS, True)]
-            prompt = "\n"
-        else:
-            prompt += head + m["content"] + EOS + "\n"
-    if msgs[-1]["role"] != "assistant":
-        segs.append((prompt, False))
-    return segs
 
 
 def encode_segments(tok, pieces):

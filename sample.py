@@ -17,120 +17,14 @@ The context window is --context, else the training sequence length stored in the
 (state.json args.seq_len), else 2048.
 """
 import argparse
-import codecs
-import json
 import sys
 import time
 from typing import Optional
 
 import torch
 
-import kernels
-from common import Tokenizer, load_checkpoint, pick_device, pick_dtype
-
-DEFAULT_CONTEXT = 2048
-
-
-# -----------------------------------------------------------------------------
-# loading
-
-def load(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
-         context: int = 0):
-    """(model, tokenizer, device, context) ready for inference. `kernel_backend` goes to
-    kernels.set_backend; the context window is `context`, else the sequence length the checkpoint
-    was trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
-    if kernel_backend:
-        kernels.set_backend(kernel_backend)
-    device = pick_device(device)
-    model, state, path = load_checkpoint(ckpt, device)
-    tok = Tokenizer(path / "tokenizer")
-    model.to(pick_dtype(dtype, device))
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-    context = context or (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
-    return model, tok, device, min(int(context), model.config.max_seq_len)
-
-
-def add_model_args(p):
-    """The flags that choose and place the model, shared by sample.py and serve.py."""
-    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
-    p.add_argument("--context", type=int, default=0,
-                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
-                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
-
-
-def load_from_args(args):
-    """load() from add_model_args' flags; a missing or broken checkpoint exits with its message."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
-        return load(args.ckpt, args.device, args.dtype, args.kernels, args.context)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
-# -----------------------------------------------------------------------------
-# streaming detokenization
-
-def _byte_level_alphabet() -> dict:
-    """The printable character that byte-level BPE (GPT-2) uses for each byte -> that byte.
-    Printable Latin-1 bytes stand for themselves; the other 68 are shifted to 256 + n."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, shifted = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + shifted)] = b
-            shifted += 1
-    return chars
-
-
-def token_bytes(tok, skip_special_tokens: bool = True) -> list:
-    """The UTF-8 bytes of every token id (a token may hold part of a character). Special tokens
-    are b"" when skipped. Tokenizers that are not byte-level fall back to decoding each token."""
-    hf = tok.tok
-    special = {t.content for t in hf.get_added_tokens_decoder().values()}
-    byte_level = json.loads(hf.to_str()).get("decoder", {}).get("type") == "ByteLevel"
-    alphabet = _byte_level_alphabet()
-    table = []
-    for i in range(hf.get_vocab_size()):
-        piece = hf.id_to_token(i)
-        if piece is None:
-            table.append(b"")
-        elif piece in special:
-            table.append(b"" if skip_special_tokens else piece.encode("utf-8"))
-        elif byte_level and all(c in alphabet for c in piece):
-            table.append(bytes(alphabet[c] for c in piece))
-        else:
-            table.append(tok.decode([i]).encode("utf-8"))
-    return table
-
-
-class TokenDecoder:
-    """Token ids in, text out, one token at a time; text is released only as whole characters.
-
-        dec = TokenDecoder(tok)
-        for t in tokens: print(dec.feed(t), end="")
-        print(dec.flush())
-
-    Bytes that do not (yet) form a complete UTF-8 character are held; invalid bytes become U+FFFD."""
-
-    def __init__(self, tok, skip_special_tokens: bool = True, table: Optional[list] = None):
-        self.table = table if table is not None else token_bytes(tok, skip_special_tokens)
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def feed(self, token_id: int) -> str:
-        b = self.table[token_id] if 0 <= token_id < len(self.table) else b""
-        return self.utf8.decode(b)
-
-    def flush(self) -> str:
-        return self.utf8.decode(b"", final=True)
+from checkpoint import add_model_args, load_from_args
+from tokenizer import TokenDecoder
 
 
 # -----------------------------------------------------------------------------

@@ -36,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from sample import TokenDecoder, add_model_args, load_from_args, token_bytes
+from checkpoint import add_model_args, load_from_args
+from tokenizer import TokenDecoder, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 MAX_STOP = 16  # stop strings per request
@@ -763,7 +764,7 @@ def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: 
 def _bench_server(device, out, clients, requests_per_client, max_tokens, tokenizer_dir):
     import http.client
     from pathlib import Path
-    from common import Tokenizer
+    from tokenizer import Tokenizer
     from minimind import MiniMind, PRESETS
     if Path(tokenizer_dir, "tokenizer.json").exists():
         tok = Tokenizer(tokenizer_dir)
@@ -820,7 +821,7 @@ def _bench_tokenizer():
     """A byte-level BPE tokenizer trained in a moment on a small built-in text (no data/tok)."""
     import tempfile
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    from common import SPECIAL_TOKENS, Tokenizer
+    from tokenizer import SPECIAL_TOKENS, Tokenizer
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()

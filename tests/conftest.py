@@ -72,7 +72,8 @@ def random_ckpt(tokenizer_dir, tmp_path_factory):
     up to outweigh the embedding (the output depends on the whole context) and the final norm is
     scaled so that the top logits are far apart (greedy decoding is stable to rounding)."""
     import torch
-    from common import Tokenizer, save_checkpoint
+    from checkpoint import save_checkpoint
+    from tokenizer import Tokenizer
     from minimind import MiniMind, ModelConfig
     tok = Tokenizer(tokenizer_dir)
     torch.manual_seed(0)
@@ -142,7 +143,8 @@ def dpo_dir(tokenizer_dir, tmp_path_factory):
 def base_ckpt(tokenizer_dir, tmp_path_factory):
     """A small random-weight "pretrain" checkpoint (dim 64, 2 layers) trained, say, at seq_len 128."""
     import torch
-    from common import Tokenizer, save_checkpoint
+    from checkpoint import save_checkpoint
+    from tokenizer import Tokenizer
     from minimind import MiniMind, ModelConfig
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=Tokenizer(tokenizer_dir).vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
@@ -178,7 +180,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def loaded(random_ckpt):
     """(model, tokenizer) of the random_ckpt checkpoint, as sample.py loads it."""
-    from sample import load
+    from checkpoint import load_for_inference as load
     model, tok, _, _ = load(random_ckpt, "cpu")
     return model, tok
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import export  # noqa: E402
-from common import Tokenizer, load_checkpoint, render_chat, save_checkpoint  # noqa: E402
+from checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from tokenizer import Tokenizer, render_chat  # noqa: E402
 from minimind import MiniMind, ModelConfig  # noqa: E402
 
 VOCAB = 512

@@ -1,6 +1,6 @@
 """LoRA tests: merged weights give the logits of base + adapters; training touches only the
 adapters and saves only them; an adapter checkpoint loads as base + adapters wherever checkpoints
-are loaded (common.load_checkpoint, lora.py merge, export.py); --resume is bit-identical; the DPO
+are loaded (checkpoint.load_checkpoint, export.py --merge-lora, export.py); --resume is bit-identical; the DPO
 reference of a LoRA run is the base model (adapters off).
 
     python -m pytest tests/test_lora.py -q
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import lora
-from common import atomic_write_text, load_checkpoint, resolve_checkpoint
+from checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
 from conftest import ONE_THREAD, loss_curve, read_log, run
 from minimind import MiniMind, ModelConfig
 
@@ -99,8 +99,8 @@ def test_adapter_checkpoints_load_merged_everywhere(lora_run, base_ckpt, tmp_pat
         want = unmerged(idx)[0]
         assert torch.allclose(merged(idx)[0], want, atol=1e-4)
         assert (base(idx)[0] - want).abs().max() > 1e-2
-    # lora.py merge: a full checkpoint
-    lora.main(["merge", str(out), "--out", str(tmp_path / "merged")])
+    # export.py --merge-lora: a full checkpoint
+    run(["export.py", "--merge-lora", out, "--out", tmp_path / "merged"])
     full = resolve_checkpoint(tmp_path / "merged")
     assert (full / "model.safetensors").exists() and (full / "tokenizer" / "tokenizer.json").exists()
     model, state, _ = load_checkpoint(full)

@@ -11,7 +11,7 @@ import torch
 
 import lora
 from minimind import PRESETS, MiniMind, ModelConfig
-from train import Muon, Optimizers, make_optimizer, orthogonalize
+from optim import Muon, Optimizers, make_optimizer, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3), (3, 5), (64, 64), (4, 37, 11), (2, 3, 11, 40)])

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from common import CHAT_TEMPLATE, Tokenizer, render_chat
+from tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat
 from conftest import ROOT
 import subprocess
 import sys

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from common import Tokenizer
-from sample import (TokenDecoder, _byte_level_alphabet, bench_decode, fit_history, generate_batch, stream_tokens,
-                    token_bytes)
+from tokenizer import Tokenizer, TokenDecoder, _byte_level_alphabet
+from sample import bench_decode, fit_history, generate_batch, stream_tokens
+from tokenizer import token_bytes
 
 
 # tiny models decode fastest on one thread, and a busy machine makes more threads much slower

@@ -16,7 +16,8 @@ import openai
 import pytest
 
 from conftest import ROOT
-from sample import TokenDecoder, stream_tokens
+from sample import stream_tokens
+from tokenizer import TokenDecoder
 from serve import Engine, GenRequest, StopText
 
 KEY = "sk-test-key"

@@ -17,11 +17,12 @@ import pytest
 import torch
 
 import prepare
-import sample
-from common import EOS, Tokenizer, load_checkpoint, render_chat, resolve_checkpoint
+from checkpoint import load_checkpoint, load_for_inference, resolve_checkpoint
+from tokenizer import EOS, Tokenizer, render_chat
 from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
-from train import DPOData, SFTData, make_dpo_loss, pack_rows, sequence_logprobs
+from data import DPOData, SFTData, pack_rows
+from losses import make_dpo_loss, sequence_logprobs
 
 
 def write_jsonl(path, records):
@@ -243,7 +244,7 @@ def test_sft_inherits_the_base_and_answers_in_the_assistant_format(sft_ckpt, bas
     assert state["kind"] == "sft" and (ckpt / "tokenizer" / "tokenizer.json").exists()
     assert state["args"]["seq_len"] == 128 and state["args"]["batch_size"] == 8  # inherited from the base
     assert json.loads((ckpt / "config.json").read_text()) == json.loads((resolve_checkpoint(base_ckpt) / "config.json").read_text())
-    model, tok, _, _ = sample.load(sft_ckpt, "cpu")  # as sample.py and serve.py load it
+    model, tok, _, _ = load_for_inference(sft_ckpt, "cpu")  # as sample.py and serve.py load it
     pattern = re.compile(rf"({'|'.join(ANSWERS)})喜欢({'|'.join(OBJECTS)})。")
     for subject in list(ANSWERS)[:3]:
         prompt = tok.encode_chat([{"role": "user", "content": f"{subject}喜欢什么？"}])

@@ -12,7 +12,7 @@ import time
 import torch
 from safetensors.torch import load_file
 
-from common import load_checkpoint, resolve_checkpoint
+from checkpoint import load_checkpoint, resolve_checkpoint
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 
 FAST = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-iters", "2", "--log-interval", "1"]

@@ -1,0 +1,222 @@
+"""Run directories and checkpoints: the only code that knows their layout (LoRA adapters included).
+
+Checkpoint layout (written by train.py, read by sample.py, serve.py, export.py):
+
+    OUT/
+      latest                 name of the newest complete checkpoint directory
+      log.jsonl              one JSON object per training step / evaluation
+      ckpt_000300/
+        model.safetensors    weights (the tied embedding stored once)
+        config.json          ModelConfig
+        state.json           step, args, data state, kind (pretrain|sft|dpo)
+        optim.pt             optimizer state (for --resume)
+        tokenizer/           the tokenizer the model was trained with
+
+A checkpoint directory is written under a temporary name and renamed when complete; `latest` is
+replaced atomically afterwards, so a killed run never leaves a half-written checkpoint in use.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+import sys
+from typing import Optional
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+import kernels
+import lora
+from minimind import MiniMind, ModelConfig
+from runtime import pick_device, pick_dtype
+from tokenizer import Tokenizer
+
+DEFAULT_CONTEXT = 2048
+
+# checkpoints
+
+def atomic_write_text(path, text: str):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=None, tokenizer_dir=None,
+                    keep: int = 2, weights: dict = None) -> Path:
+    """Write OUT/ckpt_{step}/ atomically, point OUT/latest at it, keep the newest `keep`.
+    `weights` (name -> tensor) replaces the full model weights (e.g. LoRA adapters only)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    if weights is None:
+        save_model(model, str(tmp / "model.safetensors"))
+    else:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / "optim.pt")
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+    final = out_dir / name
+    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    atomic_write_text(out_dir / "latest", name + "\n")
+    old = sorted(p for p in out_dir.glob("ckpt_*") if p.is_dir() and p.name != name)
+    for p in old[:max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory (follows `latest`) or a checkpoint directory -> the checkpoint directory."""
+    path = Path(path)
+    if (path / "latest").exists():
+        path = path / (path / "latest").read_text().strip()
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
+    return path
+
+
+def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
+    """Load a checkpoint -> (model, state dict, checkpoint dir). The model is in eval mode.
+
+    A LoRA checkpoint (adapter.safetensors, state["lora"]["base"] naming the base checkpoint) loads
+    as base + adapters: merged into plain weights (inference, export), or with merge_lora=False
+    as LoRA layers whose adapters are the only trainable parameters (resuming training)."""
+    ckpt = resolve_checkpoint(path)
+    cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+    if (ckpt / "adapter.safetensors").exists():  # LoRA: base + adapters
+        spec = state.get("lora") or {}
+        if not spec.get("base"):
+            raise FileNotFoundError(f"{ckpt}: adapter.safetensors without state.json lora.base (the base checkpoint)")
+        where = [Path(spec["base"])] + ([ckpt.parent / spec["base_rel"]] if spec.get("base_rel") else [])
+        try:  # where it was when trained, else the same place relative to this run (the tree was moved)
+            model, _, base = load_checkpoint(next((p for p in where if p.exists()), where[0]), "cpu", merge_lora=True)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{ckpt}: base checkpoint of the LoRA adapters is missing ({e})") from None
+        arch = lambda c: {k: v for k, v in c.to_dict().items() if k != "aux_loss_coef"}  # a training knob
+        if arch(model.config) != arch(cfg):
+            raise ValueError(f"{ckpt}: config.json differs from its base checkpoint {base}")
+        model.config = cfg
+        lora.apply_lora(model, spec["rank"], spec["alpha"], spec["targets"])
+        lora.load_lora_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+        if merge_lora:
+            lora.merge_lora(model)
+    elif (ckpt / "model.safetensors").exists():
+        model = MiniMind(cfg)
+        load_model(model, str(ckpt / "model.safetensors"), strict=True, device="cpu")
+    else:
+        raise FileNotFoundError(f"{ckpt}: no model.safetensors")
+    return model.to(device).eval(), state, ckpt
+
+
+def merge_lora_checkpoint(ckpt, out) -> Path:
+    """Write an adapter checkpoint's base + adapters as a full checkpoint (model.safetensors) in run
+    directory `out`; state.json records where the adapters came from."""
+    model, state, ckpt = load_checkpoint(ckpt, merge_lora=True)
+    if "lora" not in state:
+        raise ValueError(f"{ckpt}: not a LoRA checkpoint (no adapter.safetensors)")
+    merged_from = {"adapter": str(ckpt.resolve()), **state["lora"]}
+    rest = {k: v for k, v in state.items() if k not in ("step", "lora")}
+    tok = ckpt / "tokenizer"
+    return save_checkpoint(out, state.get("step", 0), model, {**rest, "merged_from": merged_from},
+                           tokenizer_dir=tok if tok.exists() else None)
+
+
+def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
+         context: int = 0):
+    """(model, tokenizer, device, context) ready for inference. `kernel_backend` goes to
+    kernels.set_backend; the context window is `context`, else the sequence length the checkpoint
+    was trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
+    if kernel_backend:
+        kernels.set_backend(kernel_backend)
+    device = pick_device(device)
+    model, state, path = load_checkpoint(ckpt, device)
+    tok = Tokenizer(path / "tokenizer")
+    model.to(pick_dtype(dtype, device))
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
+    context = context or (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
+    return model, tok, device, min(int(context), model.config.max_seq_len)
+
+
+def add_model_args(p):
+    """The flags that choose and place the model for inference, on an argparse parser of sample.py or
+    serve.py (the scripts own their parsers; this only adds the shared flags)."""
+    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
+    p.add_argument("--context", type=int, default=0,
+                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
+    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
+                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
+
+
+def load_from_args(args):
+    """load_for_inference() from add_model_args' flags; a missing or broken checkpoint exits with its message."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return load_for_inference(args.ckpt, args.device, args.dtype, args.kernels, args.context)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+# -----------------------------------------------------------------------------
+# training log
+
+class Log:
+    """OUT/log.jsonl, one JSON object a line; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, out_dir: Path, resume_step: int = None, enabled: bool = True):
+        self.path = out_dir / "log.jsonl"
+        self.enabled = enabled
+        if not enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            atomic_write_text(self.path, "".join(l + "\n" for l in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh log
+
+    def write(self, **record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def plot_log(out_dir):
+    """OUT/loss.png: loss and val_loss against step (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    out_dir = Path(out_dir)
+    rows = [json.loads(l) for l in (out_dir / "log.jsonl").read_text().splitlines() if l.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "val_loss"):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=key, marker="o" if key == "val_loss" else None, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(out_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = out_dir / "loss.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path

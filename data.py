@@ -1,0 +1,282 @@
+"""Input records and token files: JSON Lines read with errors that name the file and line, and the
+token files of `prepare.py` read back as training batches (pretraining windows, packed SFT/DPO rows).
+
+Every batch is a pure function of (seed, step, global micro-batch index), so a resumed run sees
+exactly the batches an uninterrupted one would."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenizer import ROLES
+
+# JSON Lines input
+
+class DataError(ValueError):
+    """A malformed input record; the message names the file and line."""
+
+
+def check_conversation(msgs):
+    """Raise ValueError naming the first problem of a list of {"role", "content"} messages."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError("expected a non-empty list of messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise ValueError(f"message {i}: empty content")
+    if msgs[-1]["role"] != "assistant":
+        raise ValueError("the conversation does not end with an assistant turn")
+
+
+def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
+    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not a JSON
+    object raises DataError naming file:line, or is counted in bad_counter["bad"] with skip_bad."""
+    for path in paths:
+        with open(path, "r", encoding="utf-8", errors="strict") as f:
+            line_no = 0
+            while True:
+                try:
+                    line = f.readline()
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{path}:{line_no + 1}: not UTF-8 ({e})") from None
+                if not line:
+                    break
+                line_no += 1
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                except ValueError as e:
+                    if skip_bad:
+                        if bad_counter is not None:
+                            bad_counter["bad"] = bad_counter.get("bad", 0) + 1
+                        continue
+                    raise DataError(f"{path}:{line_no}: malformed JSON line ({e})") from None
+                yield path, line_no, obj
+
+
+# -----------------------------------------------------------------------------
+# token files -> batches
+
+def batch_generator(seed: int, step: int, index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 65_537 + index)
+
+
+def read_meta(data_dir: Path, kind: str) -> dict:
+    """meta.json of a directory written by `prepare.py KIND`, or a clear error."""
+    meta_path = data_dir / "meta.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{meta_path}: not a prepared data directory (run `python prepare.py {kind}`)")
+    return json.loads(meta_path.read_text())
+
+
+class PretrainData:
+    """Random windows of seq_len + 1 tokens from memmapped uint16 files (documents back to back)."""
+
+    def __init__(self, data_dir, seq_len: int, seed: int):
+        self.dir = Path(data_dir)
+        self.meta = read_meta(self.dir, "pretrain")
+        self.seq_len, self.seed = seq_len, seed
+        self.splits = {}
+        for split in ("train", "val"):
+            path = self.dir / f"{split}.bin"
+            n = os.path.getsize(path) // 2
+            if n <= seq_len + 1:
+                raise ValueError(f"{path}: {n} tokens, fewer than one window of {seq_len + 1}")
+            self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r", shape=(n,))
+
+    def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
+        data = self.splits[split]
+        g = batch_generator(self.seed + (split == "val"), step, index)
+        starts = torch.randint(0, len(data) - self.seq_len - 1, (batch_size,), generator=g).tolist()
+        rows = np.stack([data[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+        t = torch.from_numpy(rows)
+        if device.startswith("cuda"):
+            t = t.pin_memory().to(device, non_blocking=True)
+        return {"idx": t[:, :-1], "targets": t[:, 1:]}
+
+
+# packed chat data (sft, dpo): whole conversations / preference pairs in rows of seq_len tokens
+
+def pack_rows(lengths, capacity: int) -> list:
+    """Best-fit decreasing bin packing: lists of item indices whose lengths sum to <= capacity.
+    A function of the lengths only (ties broken by index), so every process builds the same plan."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    rows = []
+    open_rows = [[] for _ in range(capacity + 1)]  # room left -> rows with exactly that much room
+    has_room = np.zeros(capacity + 1, dtype=bool)
+    for i in order:
+        n = int(lengths[i])
+        j = n + int(has_room[n:].argmax())  # the tightest row the item fits in, if any
+        if has_room[j]:
+            row = open_rows[j].pop()
+            has_room[j] = bool(open_rows[j])
+            rows[row].append(int(i))
+            room = j - n
+        else:
+            row, room = len(rows), capacity - n
+            rows.append([int(i)])
+        if room > 0:
+            open_rows[room].append(row)
+            has_room[room] = True
+    return rows
+
+
+class PackedData:
+    """Items (conversations, or preference pairs) packed whole into rows of seq_len tokens, from the
+    files of `prepare.py sft|dpo`. Every item is one or more documents: positions restart at 0 and
+    attention stays inside a document (`doc` ids), so the items of a row never see each other and
+    padding is only the unfilled tail of a row. Targets are the next token where its mask is 1.
+
+    The row plan (pack_rows) is fixed; each epoch visits the train rows in a seeded order and
+    micro-batch `index` of `step` takes the next batch_size rows of that stream: every batch is a
+    pure function of (seed, step, index). Validation rows are read in plan order."""
+
+    kind = None
+    micro_batches = 1  # micro-batches per optimizer step, over all processes (main sets it)
+
+    def __init__(self, data_dir, seq_len: int, seed: int):
+        self.dir = Path(data_dir)
+        self.meta = read_meta(self.dir, self.kind)
+        if self.meta.get("kind") != self.kind:
+            raise ValueError(f"{self.dir} holds {self.meta.get('kind')} data; --mode={self.kind} needs the output "
+                             f"of `prepare.py {self.kind}`")
+        self.seq_len, self.seed = seq_len, seed
+        self.splits, self.stats, self._perms = {}, {}, {}
+        for split in ("train", "val"):
+            index = np.fromfile(self.dir / f"{split}.idx", dtype=np.int64)
+            if self.n_records(index) == 0:
+                raise ValueError(f"{self.dir}: no {split} records (prepare with --val-fraction > 0 for a val split)")
+            tokens = np.memmap(self.dir / f"{split}.bin", dtype=np.uint16, mode="r")
+            mask = np.memmap(self.dir / f"{split}.mask", dtype=np.uint8, mode="r")
+            items, lengths, truncated = self.fit_items(index, mask)
+            if not items:
+                raise ValueError(f"{self.dir}: no {split} records fit rows of --seq-len {seq_len}")
+            rows = pack_rows(lengths, seq_len)
+            self.splits[split] = (tokens, mask, items, rows)
+            self.stats[split] = {"items": len(items), "rows": len(rows), "truncated": truncated,
+                                 "dropped": self.n_records(index) - len(items),
+                                 "padding": 1 - sum(lengths) / (len(rows) * seq_len)}
+
+    def describe(self) -> str:
+        s = self.stats["train"]
+        return (f"{self.kind} data: {s['items']:,} train items packed into {s['rows']:,} rows of {self.seq_len} "
+                f"({100 * s['padding']:.1f}% padding); {s['truncated']:,} cut to fit, {s['dropped']:,} of them "
+                f"dropped (nothing left to train on); {self.stats['val']['items']:,} val items")
+
+    def n_records(self, index) -> int:
+        raise NotImplementedError
+
+    def fit_items(self, index, mask):
+        """-> (items, their lengths in a row, number cut to fit); items are what `documents` reads."""
+        raise NotImplementedError
+
+    def documents(self, tokens, mask, item):
+        """-> [(token ids, mask)] of one item, each a document of its own."""
+        raise NotImplementedError
+
+    def row_ids(self, split: str, step: int, index: int, batch_size: int) -> list:
+        n_rows = len(self.splits[split][3])
+        if split != "train":
+            return [(index * batch_size + j) % n_rows for j in range(batch_size)]
+        first = ((step - 1) * self.micro_batches + index) * batch_size  # position in the stream of rows
+        out = []
+        for g in range(first, first + batch_size):
+            epoch, r = divmod(g, n_rows)
+            if epoch not in self._perms:
+                self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(n_rows),
+                               **{e: p for e, p in self._perms.items() if e == epoch - 1}}
+            out.append(int(self._perms[epoch][r]))
+        return out
+
+    def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
+        tokens, mask, items, rows = self.splits[split]
+        B, T = batch_size, self.seq_len
+        idx = np.full((B, T), self.meta["pad_id"], dtype=np.int64)
+        targets = np.full((B, T), -1, dtype=np.int64)
+        pos = np.zeros((B, T), dtype=np.int64)
+        doc = np.zeros((B, T), dtype=np.int64)
+        seq = np.full((B, T), -1, dtype=np.int64)  # which document of the micro-batch a target belongs to
+        n_seqs = 0
+        for b, row in enumerate(self.row_ids(split, step, index, batch_size)):
+            t, d = 0, 0
+            for i in rows[row]:
+                for ids, m in self.documents(tokens, mask, items[i]):
+                    n = len(ids)
+                    idx[b, t:t + n] = ids
+                    targets[b, t:t + n - 1] = np.where(m[1:] == 1, ids[1:], -1)  # last token: nothing to predict
+                    pos[b, t:t + n] = np.arange(n)
+                    doc[b, t:t + n] = d
+                    seq[b, t:t + n - 1] = n_seqs
+                    t, d, n_seqs = t + n, d + 1, n_seqs + 1
+            pos[b, t:] = np.arange(T - t)  # padding tail: a document of its own, no targets
+            doc[b, t:] = d
+        out = {"idx": idx, "targets": targets, "pos": pos, "doc": doc, "seq": seq}
+        out = {k: torch.from_numpy(v) for k, v in out.items()}
+        if device.startswith("cuda"):
+            out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
+        out["n_seqs"] = n_seqs
+        return out
+
+
+class SFTData(PackedData):
+    """Conversations; one longer than seq_len keeps its first seq_len tokens (dropped if that
+    leaves nothing to train on)."""
+
+    kind = "sft"
+
+    def n_records(self, offsets) -> int:
+        return len(offsets) - 1
+
+    def fit_items(self, offsets, mask):
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        fitted = np.minimum(lengths, self.seq_len)
+        over = np.flatnonzero(lengths > self.seq_len)
+        # a cut conversation must keep a target: a mask-1 token after its first
+        empty = {int(k) for k in over if not mask[starts[k] + 1:starts[k] + fitted[k]].any()}
+        keep = [k for k in range(len(starts)) if k not in empty]
+        return [(int(starts[k]), int(fitted[k])) for k in keep], [int(fitted[k]) for k in keep], len(over)
+
+    def documents(self, tokens, mask, item):
+        s, n = item
+        return [(tokens[s:s + n].astype(np.int64), mask[s:s + n])]
+
+
+class DPOData(PackedData):
+    """Preference pairs: prompt + chosen and prompt + rejected, two documents in the same row. A
+    pair longer than seq_len has its completions cut (dropped if one loses all its targets)."""
+
+    kind = "dpo"
+
+    def n_records(self, index) -> int:
+        return len(index) // 4
+
+    def fit_items(self, index, mask):
+        items, lengths, truncated = [], [], 0
+        for s, p, c, r in index.reshape(-1, 4).tolist():
+            room = self.seq_len - 2 * p  # for the two completions
+            if c + r > room:
+                truncated += 1
+                c2 = min(c, max(room // 2, room - r))
+                r2 = min(r, room - c2)
+                if c2 < 1 or r2 < 1 or not mask[s + p:s + p + c2].any() or not mask[s + p + c:s + p + c + r2].any():
+                    continue
+                c, r, full_c = c2, r2, c
+            else:
+                full_c = c
+            items.append((s, p, c, r, full_c))
+            lengths.append(2 * p + c + r)
+        return items, lengths, truncated
+
+    def documents(self, tokens, mask, item):
+        s, p, c, r, full_c = item
+        chosen = np.arange(s, s + p + c)
+        rejected = np.concatenate([np.arange(s, s + p), np.arange(s + p + full_c, s + p + full_c + r)])
+        return [(tokens[chosen].astype(np.int64), mask[chosen]), (tokens[rejected].astype(np.int64), mask[rejected])]
