@@ -10,7 +10,8 @@ Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported (by that 
 torch.compile, which imports it too); meant for tests.
 
 Files: rms_norm.py, rope.py, moe.py (kernel -> launcher/custom op -> autograd.Function -> function,
-twin alongside); bench.py (GPU benchmarks); aot_check.py (compile every kernel for sm_90 on CPU).
+twin alongside); aot_check.py (compile every kernel for sm_90 on CPU). The benchmarks live in the
+top-level bench.py (`python bench.py --only kernels`).
 """
 import os
 

@@ -443,10 +443,10 @@ def test_kernels_compile_for_sm90():
 
 
 def test_bench_cpu_smoke():
-    """bench_kernels' CPU run (PyTorch only), as bench.py calls it."""
-    from kernels.bench import bench_kernels
+    """bench.py's kernels section, CPU run (PyTorch only)."""
+    import bench
     out = {"kernels": "auto"}  # bench.py's own entries stay
-    bench_kernels("cpu", out)
+    bench.bench_kernels("cpu", out)
     res = out["kernel_bench"]
     assert out["kernels"] == "auto"
     assert {r["op"] for r in res["rows"]} == {"rms_norm", "rope", "moe", "train_step"}
@@ -460,9 +460,9 @@ def test_bench_triton_paths_on_cpu(monkeypatch):
     """The GPU-only paths of the benchmark (Triton rows, ratios, the Triton-vs-twin check; liger
     recorded as an error when it is not installed), interpreted on CPU's tiny shapes: each
     measurement runs once, and the training steps (a 256-dim model: slow to interpret) are left out."""
-    from kernels import bench
-    monkeypatch.setattr(bench, "_time", lambda fn, device: (fn(), 1.0, None)[1:])
-    monkeypatch.setattr(bench, "_step_cases", lambda device: iter(()))
+    import bench
+    monkeypatch.setattr(bench, "time_and_peak", lambda fn, device: (fn(), 1.0, None)[1:])
+    monkeypatch.setattr(bench, "step_cases", lambda device: iter(()))
     out = {}
     bench.bench_kernels("cpu", out, impls=("torch", "triton", "liger"))
     res = out["kernel_bench"]
