@@ -43,8 +43,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
 from kernels._triton import cdiv, gpu, dot_precision, jit, launcher, next_pow2
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -680,7 +680,7 @@ class MoEExpertsFunction(torch.autograd.Function):
 def moe_route(logits, top_k: int, renormalize: bool):
     """Router: logits (N, E) -> (weights (N, K) fp32, experts (N, K) int64, probs (N, E) fp32).
     Differentiable through weights and probs (the load-balance loss uses probs)."""
-    if not kernels.use_triton(logits):
+    if not use_triton(logits):
         return moe_route_torch(logits, top_k, renormalize)
     return MoERouteFunction.apply(logits, top_k, renormalize)
 
@@ -694,7 +694,7 @@ def moe_experts(x, weights, experts, w1, w3, w2):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return moe_experts_torch(x, weights, experts, w1, w3, w2)
     assert x.dtype == w1.dtype == w3.dtype == w2.dtype, "moe_experts: x and the expert weights must share a dtype"
     return MoEExpertsFunction.apply(x, weights, experts, w1, w3, w2)

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-import kernels
 from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, num_workers
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -203,7 +203,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of `x` (any leading shape, any strides); output in x's dtype;
     differentiable in x and weight."""
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return rms_norm_torch(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps, None)
 
@@ -213,7 +213,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     of x and residual (as `x + residual`). For pre-norm blocks, under autocast too (an fp32 residual
     stream plus a bf16 attention output):
         y, h = add_rms_norm(h, attn_out, ffn_norm.weight, eps)   # h: the new residual stream"""
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return add_rms_norm_torch(x, residual, weight, eps)
     assert x.shape == residual.shape, f"add_rms_norm: x {tuple(x.shape)} vs residual {tuple(residual.shape)}"
     return RMSNormFunction.apply(x, weight, eps, residual)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
 from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, prev_pow2
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -156,7 +156,7 @@ class RoPEFunction(torch.autograd.Function):
 def rope(q, k, cos, sin, offset: int = 0):
     """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by cos/sin of shape (T', D) or (B, T', D), using
     table rows offset..offset+T-1. Returns the rotated (q, k); differentiable in q and k."""
-    if not kernels.use_triton(q):
+    if not use_triton(q):
         return rope_torch(q, k, cos, sin, offset)
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: the Triton kernel treats cos/sin as constants; use MINIMIND_KERNELS=torch "

@@ -100,6 +100,7 @@ def compare(triton_fn, torch_fn, inputs, dtype, scale=1.0):
 # backend switch
 
 def test_backend_switch(monkeypatch):
+    """set_backend validates its argument; MINIMIND_KERNELS is read when kernels/backend.py is imported."""
     import importlib
     old = kernels.get_backend()
     try:
@@ -110,14 +111,14 @@ def test_backend_switch(monkeypatch):
         kernels.set_backend("auto")
         assert kernels.use_triton(torch.zeros(1, device=DEVICE)) == (DEVICE == "cuda")
         monkeypatch.setenv("MINIMIND_KERNELS", "triton")
-        importlib.reload(kernels)
+        importlib.reload(kernels.backend)
         assert kernels.get_backend() == "triton"
         monkeypatch.setenv("MINIMIND_KERNELS", "fast")
         with pytest.raises(ValueError, match="MINIMIND_KERNELS"):
-            importlib.reload(kernels)
+            importlib.reload(kernels.backend)
     finally:
         monkeypatch.delenv("MINIMIND_KERNELS")
-        importlib.reload(kernels)
+        importlib.reload(kernels.backend)
         kernels.set_backend(old)
 
 
