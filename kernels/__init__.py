@@ -10,13 +10,14 @@ Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported (by that 
 torch.compile, which imports it too); meant for tests.
 
 Files: one per op family, each reading kernel -> launcher/custom op -> autograd.Function -> function,
-twin alongside: rms_norm.py, rope.py, moe.py (router and grouped expert FFN);
+twin alongside: rms_norm.py, rope.py, moe_route.py (router), moe_experts.py (grouped expert FFN);
 backend.py (the switch); _triton.py (deferred triton, custom ops, launch helpers); aot_check.py
 (compile every kernel for sm_90 on CPU). The benchmarks live in the top-level bench.py
 (`python bench.py --only kernels`). This file only re-exports.
 """
 from kernels.backend import BACKENDS, get_backend, set_backend, use_triton
-from kernels.moe import moe_experts, moe_route
+from kernels.moe_experts import moe_experts
+from kernels.moe_route import moe_route
 from kernels.rms_norm import add_rms_norm, rms_norm
 from kernels.rope import rope
 

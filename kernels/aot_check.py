@@ -17,7 +17,8 @@ import time
 import torch
 
 from kernels import _triton, backend
-from kernels.moe import moe_experts, moe_route
+from kernels.moe_experts import moe_experts
+from kernels.moe_route import moe_route
 from kernels.rms_norm import add_rms_norm, rms_norm
 from kernels.rope import rope
 

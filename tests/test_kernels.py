@@ -29,7 +29,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.moe import moe_align, moe_experts, moe_experts_torch, moe_route, moe_route_torch  # noqa: E402
+from kernels.moe_experts import GEMM_CONFIG, moe_align, moe_experts, moe_experts_torch  # noqa: E402
+from kernels.moe_route import moe_route, moe_route_torch  # noqa: E402
 from kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
 from kernels.rope import rope, rope_torch  # noqa: E402
 
@@ -325,8 +326,7 @@ def _moe_inputs(N, E, K, D, Fh, dtype, skip_experts=()):
 def test_moe_experts(triton_backend, N, E, K, skip, dtype, monkeypatch):
     """Against the loop reference: prime E, K = E, experts with no token, non-power-of-two D and F
     (partial tiles), single token. Small CPU blocks so that groups span several blocks."""
-    from kernels import moe
-    monkeypatch.setitem(moe.GEMM_CONFIG, "cpu",
+    monkeypatch.setitem(GEMM_CONFIG, "cpu",
                         dict(block_m=8, up=(32, 16, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)))
     inputs = _moe_inputs(N, E, K, 40, 56, dtype, skip)
     compare(moe_experts, moe_loop_reference, inputs, dtype, scale=10.0 if dtype == torch.float32 else 2.0)
