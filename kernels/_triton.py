@@ -76,15 +76,20 @@ def launcher(name: str, fake: Callable):
         op = getattr(torch.ops.minimind, name)
 
         @functools.wraps(fn)
-        def call(*args):
+        def call(*args, **kwargs):
             if torch.compiler.is_compiling():
-                return op(*args)
-            return fn(*args)
+                return op(*args, **kwargs)
+            return fn(*args, **kwargs)
 
         call.op = op
         return call
 
     return wrap
+
+
+def last_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself if its last dim is contiguous (kernels take the other strides), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def gpu(t: torch.Tensor) -> bool:

@@ -16,8 +16,11 @@ import time
 
 import torch
 
-import kernels
-from kernels import _triton
+from kernels import _triton, backend
+from kernels.moe_experts import moe_experts
+from kernels.moe_route import moe_route
+from kernels.rms_norm import add_rms_norm, rms_norm
+from kernels.rope import rope
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
               torch.int32: "i32", torch.int64: "i64"}
@@ -29,13 +32,9 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def record_launches(dtypes=tuple(DTYPES.values())) -> list:
     """Run every op, forward and backward, in each dtype with the variants the model uses; return the
     recorded launches (kernel, grid, args, kwargs)."""
-    from kernels.moe import moe_experts, moe_route
-    from kernels.rms_norm import add_rms_norm, rms_norm
-    from kernels.rope import rope
-
     _triton.ASSUME_GPU, _triton.CAPTURE = True, []
-    backend = kernels.get_backend()
-    kernels.set_backend("triton")
+    old_backend = backend.get_backend()
+    backend.set_backend("triton")
     try:
         for dtype in dtypes:
             x = torch.randn(64, 512, dtype=dtype, requires_grad=True)
@@ -61,7 +60,7 @@ def record_launches(dtypes=tuple(DTYPES.values())) -> list:
         return _triton.CAPTURE
     finally:
         _triton.ASSUME_GPU, _triton.CAPTURE = False, None
-        kernels.set_backend(backend)
+        backend.set_backend(old_backend)
 
 
 def _arg_type(v):

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-import kernels
-from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, num_workers
+from kernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, num_workers
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -98,10 +98,9 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DH, DX, DW_PART, n_rows, n_cols, rows_p
 # -----------------------------------------------------------------------------
 # launchers (custom ops: opaque to torch.compile)
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
+def _flatten_rows(t: torch.Tensor) -> torch.Tensor:
     """(..., n) -> (rows, n) with a contiguous last dim; a view whenever strides allow."""
-    t2 = t.reshape(-1, t.shape[-1])
-    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+    return last_contiguous(t.reshape(-1, t.shape[-1]))
 
 
 def _fwd_config(x: torch.Tensor, n_cols: int):
@@ -111,26 +110,6 @@ def _fwd_config(x: torch.Tensor, n_cols: int):
         block_m = max(1, min(16, 4096 // block_n))
         return block_m, block_n, max(1, min(16, block_m * block_n // 512))
     return max(1, min(64, 16384 // block_n)), block_n, 1  # interpreter: big numpy blocks
-
-
-def _rms_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
-    """x, residual: (..., n); weight: (n,). Returns y (x's shape; dtype of x, or of x + residual),
-    h = x + residual (or an empty tensor) and rstd (rows,) fp32."""
-    shape, n = x.shape, x.shape[-1]
-    x2 = _rows(x)
-    r2 = _rows(residual) if residual is not None else x2
-    dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
-    y = torch.empty(shape, dtype=dtype, device=x.device)
-    h = torch.empty(shape if residual is not None else (0,), dtype=dtype, device=x.device)
-    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    if x2.shape[0] == 0:
-        return y, h, rstd
-    block_m, block_n, warps = _fwd_config(x, n)
-    _rms_norm_fwd_kernel[(cdiv(x2.shape[0], block_m),)](
-        x2, r2, weight, y, h if residual is not None else y, rstd, x2.shape[0], n,
-        x2.stride(0), r2.stride(0), n, n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-    return y, h, rstd
 
 
 def _rms_norm_fwd_fake(x, residual, weight, eps):
@@ -143,7 +122,20 @@ def _rms_norm_fwd_fake(x, residual, weight, eps):
 @launcher("rms_norm_fwd", _rms_norm_fwd_fake)
 def rms_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _rms_norm_fwd(x, residual, weight, eps)
+    """x, residual: (..., n); weight: (n,). Returns y (x's shape; dtype of x, or of x + residual),
+    h = x + residual (or an empty tensor) and rstd (rows,) fp32."""
+    n = x.shape[-1]
+    x2 = _flatten_rows(x)  # (rows, n)
+    r2 = _flatten_rows(residual) if residual is not None else x2  # (rows, n)
+    y, h, rstd = _rms_norm_fwd_fake(x, residual, weight, eps)
+    if x2.shape[0] == 0:
+        return y, h, rstd
+    block_m, block_n, warps = _fwd_config(x, n)
+    _rms_norm_fwd_kernel[(cdiv(x2.shape[0], block_m),)](
+        X=x2, R=r2, W=weight, Y=y, H=h if residual is not None else y, RSTD=rstd, n_rows=x2.shape[0], n_cols=n,
+        stride_x=x2.stride(0), stride_r=r2.stride(0), stride_y=n, stride_h=n, eps=eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+    return y, h, rstd
 
 
 @launcher("rms_norm_bwd", lambda dy, x, weight, rstd, dh: (x.new_empty(x.shape), weight.new_empty(weight.shape)))
@@ -151,8 +143,8 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
                  dh: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients (dx, dw) of y = rms_norm(x); `dh`, when given, is added to dx (fused residual)."""
     n = x.shape[-1]
-    dy2, x2 = _rows(dy), _rows(x)
-    dh2 = _rows(dh) if dh is not None else dy2
+    dy2, x2 = _flatten_rows(dy), _flatten_rows(x)  # (rows, n)
+    dh2 = _flatten_rows(dh) if dh is not None else dy2
     rows = x2.shape[0]
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if rows == 0:
@@ -166,9 +158,9 @@ def rms_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: 
     n_prog = cdiv(rows, rows_per_program)
     dw_part = torch.empty(n_prog, n, dtype=torch.float32, device=x.device)
     _rms_norm_bwd_kernel[(n_prog,)](
-        dy2, x2, weight, rstd, dh2, dx, dw_part, rows, n, rows_per_program,
-        dy2.stride(0), x2.stride(0), dh2.stride(0), n,
-        HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
+        DY=dy2, X=x2, W=weight, RSTD=rstd, DH=dh2, DX=dx, DW_PART=dw_part, n_rows=rows, n_cols=n,
+        rows_per_program=rows_per_program, stride_dy=dy2.stride(0), stride_x=x2.stride(0), stride_dh=dh2.stride(0),
+        stride_dx=n, HAS_DH=dh is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
@@ -203,7 +195,7 @@ class RMSNormFunction(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim of `x` (any leading shape, any strides); output in x's dtype;
     differentiable in x and weight."""
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return rms_norm_torch(x, weight, eps)
     return RMSNormFunction.apply(x, weight, eps, None)
 
@@ -213,7 +205,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     of x and residual (as `x + residual`). For pre-norm blocks, under autocast too (an fp32 residual
     stream plus a bf16 attention output):
         y, h = add_rms_norm(h, attn_out, ffn_norm.weight, eps)   # h: the new residual stream"""
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return add_rms_norm_torch(x, residual, weight, eps)
     assert x.shape == residual.shape, f"add_rms_norm: x {tuple(x.shape)} vs residual {tuple(residual.shape)}"
     return RMSNormFunction.apply(x, weight, eps, residual)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels._triton import cdiv, gpu, jit, launcher, next_pow2, prev_pow2
+from kernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, prev_pow2
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
@@ -97,10 +97,6 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, T, n_qh, n_kh, offset,
 # -----------------------------------------------------------------------------
 # launcher (custom op: opaque to torch.compile)
 
-def _last_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _rope_fake(q, k, cos, sin, offset, backward):
     return q.new_empty(q.shape), k.new_empty(k.shape)
 
@@ -115,7 +111,7 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     assert cos.shape == sin.shape and cos.shape[-1] == D and cos.shape[-2] >= offset + T, \
         f"rope: cos/sin {tuple(cos.shape)} for T={T} at offset {offset}"
     assert cos.dim() == 2 or cos.shape[0] == B, f"rope: per-row cos/sin {tuple(cos.shape)} for batch {B}"
-    q, k, cos, sin = (_last_contiguous(t) for t in (q, k, cos, sin))
+    q, k, cos, sin = (last_contiguous(t) for t in (q, k, cos, sin))
     if sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     qo, ko = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -128,9 +124,12 @@ def rope_launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     budget = 2048 if gpu(q) else 16384  # elements of each half per program (interpreter: bigger blocks)
     block_t = min(next_pow2(T), prev_pow2(budget // per_token))
     scb = cos.stride(0) if cos.dim() == 3 else 0
+    (sqb, sqt, sqh), (skb, skt, skh) = q.stride()[:3], k.stride()[:3]  # (batch, position, head) strides
+    (sob, sot, soh), (spb, spt, sph) = qo.stride()[:3], ko.stride()[:3]
     _rope_kernel[(cdiv(T, block_t), B)](
-        q, k, qo, ko, cos, sin, T, Hq, Hk, offset,
-        *q.stride()[:3], *k.stride()[:3], *qo.stride()[:3], *ko.stride()[:3], scb, cos.stride(-2),
+        Q=q, K=k, QO=qo, KO=ko, COS=cos, SIN=sin, T=T, n_qh=Hq, n_kh=Hk, offset=offset,
+        sqb=sqb, sqt=sqt, sqh=sqh, skb=skb, skt=skt, skh=skh, sob=sob, sot=sot, soh=soh, spb=spb, spt=spt, sph=sph,
+        scb=scb, sct=cos.stride(-2),
         BACKWARD=backward, HALF=half, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
         num_warps=4 if block_t * per_token >= 1024 else 1)
     return qo, ko
@@ -156,7 +155,7 @@ class RoPEFunction(torch.autograd.Function):
 def rope(q, k, cos, sin, offset: int = 0):
     """Rotate q (B, T, Hq, D) and k (B, T, Hk, D) by cos/sin of shape (T', D) or (B, T', D), using
     table rows offset..offset+T-1. Returns the rotated (q, k); differentiable in q and k."""
-    if not kernels.use_triton(q):
+    if not use_triton(q):
         return rope_torch(q, k, cos, sin, offset)
     if cos.requires_grad or sin.requires_grad:
         raise ValueError("rope: the Triton kernel treats cos/sin as constants; use MINIMIND_KERNELS=torch "

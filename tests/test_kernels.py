@@ -29,7 +29,8 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels.moe import moe_align, moe_experts, moe_experts_torch, moe_route, moe_route_torch  # noqa: E402
+from kernels.moe_experts import GEMM_CONFIG, moe_align, moe_experts, moe_experts_torch  # noqa: E402
+from kernels.moe_route import moe_route, moe_route_torch  # noqa: E402
 from kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
 from kernels.rope import rope, rope_torch  # noqa: E402
 
@@ -100,6 +101,7 @@ def compare(triton_fn, torch_fn, inputs, dtype, scale=1.0):
 # backend switch
 
 def test_backend_switch(monkeypatch):
+    """set_backend validates its argument; MINIMIND_KERNELS is read when kernels/backend.py is imported."""
     import importlib
     old = kernels.get_backend()
     try:
@@ -110,14 +112,14 @@ def test_backend_switch(monkeypatch):
         kernels.set_backend("auto")
         assert kernels.use_triton(torch.zeros(1, device=DEVICE)) == (DEVICE == "cuda")
         monkeypatch.setenv("MINIMIND_KERNELS", "triton")
-        importlib.reload(kernels)
+        importlib.reload(kernels.backend)
         assert kernels.get_backend() == "triton"
         monkeypatch.setenv("MINIMIND_KERNELS", "fast")
         with pytest.raises(ValueError, match="MINIMIND_KERNELS"):
-            importlib.reload(kernels)
+            importlib.reload(kernels.backend)
     finally:
         monkeypatch.delenv("MINIMIND_KERNELS")
-        importlib.reload(kernels)
+        importlib.reload(kernels.backend)
         kernels.set_backend(old)
 
 
@@ -324,8 +326,7 @@ def _moe_inputs(N, E, K, D, Fh, dtype, skip_experts=()):
 def test_moe_experts(triton_backend, N, E, K, skip, dtype, monkeypatch):
     """Against the loop reference: prime E, K = E, experts with no token, non-power-of-two D and F
     (partial tiles), single token. Small CPU blocks so that groups span several blocks."""
-    from kernels import moe
-    monkeypatch.setitem(moe.GEMM_CONFIG, "cpu",
+    monkeypatch.setitem(GEMM_CONFIG, "cpu",
                         dict(block_m=8, up=(32, 16, 1, 1), gemm=(32, 32, 1, 1), wgrad=(32, 32, 1, 1)))
     inputs = _moe_inputs(N, E, K, 40, 56, dtype, skip)
     compare(moe_experts, moe_loop_reference, inputs, dtype, scale=10.0 if dtype == torch.float32 else 2.0)
@@ -443,10 +444,10 @@ def test_kernels_compile_for_sm90():
 
 
 def test_bench_cpu_smoke():
-    """bench_kernels' CPU run (PyTorch only), as bench.py calls it."""
-    from kernels.bench import bench_kernels
+    """bench.py's kernels section, CPU run (PyTorch only)."""
+    import bench
     out = {"kernels": "auto"}  # bench.py's own entries stay
-    bench_kernels("cpu", out)
+    bench.bench_kernels("cpu", out)
     res = out["kernel_bench"]
     assert out["kernels"] == "auto"
     assert {r["op"] for r in res["rows"]} == {"rms_norm", "rope", "moe", "train_step"}
@@ -460,9 +461,9 @@ def test_bench_triton_paths_on_cpu(monkeypatch):
     """The GPU-only paths of the benchmark (Triton rows, ratios, the Triton-vs-twin check; liger
     recorded as an error when it is not installed), interpreted on CPU's tiny shapes: each
     measurement runs once, and the training steps (a 256-dim model: slow to interpret) are left out."""
-    from kernels import bench
-    monkeypatch.setattr(bench, "_time", lambda fn, device: (fn(), 1.0, None)[1:])
-    monkeypatch.setattr(bench, "_step_cases", lambda device: iter(()))
+    import bench
+    monkeypatch.setattr(bench, "time_and_peak", lambda fn, device: (fn(), 1.0, None)[1:])
+    monkeypatch.setattr(bench, "step_cases", lambda device: iter(()))
     out = {}
     bench.bench_kernels("cpu", out, impls=("torch", "triton", "liger"))
     res = out["kernel_bench"]

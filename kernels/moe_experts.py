@@ -1,21 +1,10 @@
-"""Mixture-of-Experts routing and grouped expert SwiGLU FFN.
+"""Mixture-of-Experts expert FFN: each token's K routed experts (SwiGLU), weighted and summed.
 
 Axes: N = tokens, D = model dim, F = expert hidden dim, E = experts, K = experts per token,
 S = N*K token slots (slot s = n*K + k), R = rows of the padded sorted layout.
 
-Routing (one fused kernel, fp32 math):
-    probs   = softmax(logits)                            (N, E)
-    w, idx  = topk(probs, K)                             (N, K), ties to the lowest expert index
-    w       = w / sum(w)     if renormalise and K > 1    (with K = 1 renormalising makes every
-                                                          weight the constant 1.0 and cuts the router
-                                                          off from the LM loss, so it is skipped)
-  backward, from dw (N, K) and dprobs (N, E) (the load-balance loss reads probs):
-    dp      = dprobs + scatter(idx, dw')   dw'_k = (dw_k - sum_j dw_j w_j) / sum_j p_idx_j  if renormalised
-    dlogits = p * (dp - sum(p * dp))
-
-Experts:
     y_n     = sum_k w_nk * FFN_{idx_nk}(x_n),   FFN_e(x) = (silu(x W1_e^T) * (x W3_e^T)) W2_e^T
-computed as
+(w, idx from the router, kernels/moe_route.py) computed as
     1. `moe_align`: sort the S slots by expert into contiguous groups, each padded to a multiple of
        BLOCK_M rows, so that every block of BLOCK_M rows belongs to one expert. Buffers are sized
        for the worst case, R = (cdiv(S, BLOCK_M) + E - 1) * BLOCK_M: no host sync, no token dropped.
@@ -31,10 +20,10 @@ computed as
     dW1_e, dW3_e = sum_{r in e} dh1[r]^T x[token(r)],  dh3[r]^T x[token(r)]
 Every weight-gradient tile belongs to one program that walks its expert's rows: deterministic.
 
-Entry points: `moe_route(logits, top_k, renormalize)` and `moe_experts(x, weights, experts, w1, w3, w2)`.
-Layers: kernels `_moe_*_kernel` -> launchers (custom ops minimind::moe_*) -> `MoERouteFunction`,
-`MoEExpertsFunction` -> `moe_route`, `moe_experts`. PyTorch twins: `moe_route_torch`,
-`moe_experts_torch` (sort by expert + `F.grouped_mm`: no host sync, no capacity drop).
+Layers: `moe_align` (torch ops) -> kernels `_moe_*_kernel` -> launchers (custom ops minimind::moe_up,
+moe_gemm, moe_down_bwd, moe_wgrad, moe_combine, moe_combine_bwd) -> `MoEExpertsFunction` ->
+`moe_experts`. PyTorch twin: `moe_experts_torch` (sort by expert + `F.grouped_mm`, itself a custom op
+`grouped_mm`: no host sync, no capacity drop).
 """
 from __future__ import annotations
 
@@ -43,22 +32,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels._triton import cdiv, gpu, dot_precision, jit, launcher, next_pow2
+from kernels._triton import cdiv, dot_precision, gpu, jit, last_contiguous, launcher, next_pow2
+from kernels.backend import use_triton
 
 tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------
-# PyTorch twins
-
-def moe_route_torch(logits: torch.Tensor, top_k: int, renormalize: bool):
-    probs = logits.float().softmax(dim=-1)  # (N, E)
-    weights, experts = probs.topk(top_k, dim=-1)  # (N, K), (N, K)
-    if renormalize and top_k > 1:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, experts, probs
-
+# PyTorch twin
 
 def _grouped_mm_fake(a, b, offs):
     return a.new_empty(a.shape[0], b.shape[-1])
@@ -109,85 +90,40 @@ def moe_experts_torch(x, weights, experts, w1, w3, w2):
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels: routing
+# the sorted layout (moe_align), shared by every kernel below
 
-@jit
-def _top1(cand, cols, BLOCK_E: tl.constexpr):
-    # largest entry of each row of cand (BLOCK_M, BLOCK_E) and its lowest column index
-    best = tl.max(cand, axis=1)
-    idx = tl.min(tl.where(cand == best[:, None], cols[None, :], BLOCK_E), axis=1)
-    return best, idx
+def moe_align(experts: torch.Tensor, n_experts: int, block_m: int):
+    """Sort the S = N*K token slots (slot n*K + k routed to experts[n, k]) into per-expert groups,
+    each padded to a multiple of `block_m` rows. Device-side torch ops only: no host sync.
 
-
-@jit
-def _moe_route_fwd_kernel(LOGITS, PROBS, WEIGHTS, EXPERTS, n_rows, n_experts, stride_l,
-                          TOP_K: tl.constexpr, RENORM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < n_rows
-    col_ok = cols < n_experts
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows = rows.to(tl.int64)
-    z = tl.load(LOGITS + rows[:, None] * stride_l + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.where(col_ok[None, :], z, -float("inf"))
-    e = tl.exp(z - tl.max(z, axis=1)[:, None])
-    p = e / tl.sum(e, axis=1)[:, None]  # (BLOCK_M, BLOCK_E)
-    tl.store(PROBS + rows[:, None] * n_experts + cols[None, :], p, mask=mask)
-    # top-k by repeated arg-max; a first pass sums the top-k probabilities when renormalising
-    cand = tl.where(col_ok[None, :], p, -1.0)
-    total = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if RENORM:
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        c = cand
-        for i in tl.static_range(TOP_K):
-            best, idx = _top1(c, cols, BLOCK_E)
-            total += best
-            c = tl.where(cols[None, :] == idx[:, None], -1.0, c)
-    for i in tl.static_range(TOP_K):
-        best, idx = _top1(cand, cols, BLOCK_E)
-        tl.store(WEIGHTS + rows * TOP_K + i, best / total, mask=row_ok)
-        tl.store(EXPERTS + rows * TOP_K + i, idx.to(tl.int64), mask=row_ok)
-        cand = tl.where(cols[None, :] == idx[:, None], -1.0, cand)
-
-
-@jit
-def _moe_route_bwd_kernel(PROBS, DPROBS, WEIGHTS, DWEIGHTS, EXPERTS, DLOGITS, n_rows, n_experts,
-                          HAS_DPROBS: tl.constexpr, TOP_K: tl.constexpr, RENORM: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_E)
-    row_ok = rows < n_rows
-    mask = row_ok[:, None] & (cols < n_experts)[None, :]
-    rows = rows.to(tl.int64)
-    offs = rows[:, None] * n_experts + cols[None, :]
-    p = tl.load(PROBS + offs, mask=mask, other=0.0)
-    if HAS_DPROBS:
-        dp = tl.load(DPROBS + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        dp = tl.zeros((BLOCK_M, BLOCK_E), dtype=tl.float32)
-    # renormalised weights w_k = p_k / s: dp_k = (dw_k - <dw, w>) / s; else dp_k = dw_k (dot 0, s 1)
-    dot = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    s = tl.full((BLOCK_M,), 1.0, tl.float32)
-    if RENORM:
-        s = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for i in tl.static_range(TOP_K):
-            idx = tl.load(EXPERTS + rows * TOP_K + i, mask=row_ok, other=0)
-            w = tl.load(WEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0)
-            dw = tl.load(DWEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0).to(tl.float32)
-            dot += dw * w
-            s += tl.sum(tl.where(cols[None, :] == idx[:, None], p, 0.0), axis=1)
-        s = tl.where(row_ok, s, 1.0)
-    for i in tl.static_range(TOP_K):
-        idx = tl.load(EXPERTS + rows * TOP_K + i, mask=row_ok, other=0)
-        dw = tl.load(DWEIGHTS + rows * TOP_K + i, mask=row_ok, other=0.0).to(tl.float32)
-        g = (dw - dot) / s
-        dp += tl.where(cols[None, :] == idx[:, None], g[:, None], 0.0)
-    dl = p * (dp - tl.sum(p * dp, axis=1)[:, None])
-    tl.store(DLOGITS + offs, dl.to(DLOGITS.dtype.element_ty), mask=mask)
+    Returns (R = (cdiv(S, block_m) + E - 1) * block_m rows, capped at S blocks: the worst case)
+        slot_of_row  (R,)   int32  slot held by each row; S for padding rows
+        row_of_slot  (S,)   int32  row of each slot: the inverse permutation
+        block_expert (R/block_m,) int32  expert of each block of rows; E for blocks past the last group
+        group_start  (E,)   int32  first row of each expert's group
+        group_size   (E,)   int32  slots routed to each expert
+    Within a group, slots keep their order (stable sort): rows follow the tokens."""
+    S, E = experts.numel(), n_experts
+    dev = experts.device
+    n_blocks = min(cdiv(S, block_m) + E - 1, S)
+    flat = experts.reshape(-1)
+    sorted_e, order = torch.sort(flat, stable=True)  # (S,), (S,)
+    size = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (size + block_m - 1) // block_m * block_m
+    end = padded.cumsum(0)
+    start = end - padded  # (E,) padded group starts
+    first = size.cumsum(0) - size  # (E,) unpadded group starts
+    row = start[sorted_e] + torch.arange(S, device=dev) - first[sorted_e]  # (S,) row of each sorted slot
+    row_of_slot = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order, row.to(torch.int32))
+    slot_of_row = torch.full((n_blocks * block_m,), S, dtype=torch.int32, device=dev)
+    slot_of_row = slot_of_row.scatter(0, row, order.to(torch.int32))
+    block_start = torch.arange(n_blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(end, block_start, right=True).to(torch.int32)  # skips empty groups
+    return slot_of_row, row_of_slot, block_expert, start.to(torch.int32), size.to(torch.int32)
 
 
 # -----------------------------------------------------------------------------
-# Triton kernels: experts. GEMM programs are (block of BLOCK_M sorted rows, tile of BLOCK_N columns);
+# Triton kernels. GEMM programs are (block of BLOCK_M sorted rows, tile of BLOCK_N columns);
 # BLOCK_EXPERT[block] is the block's expert, n_experts for blocks past the last group (they return).
 
 @jit
@@ -400,88 +336,8 @@ def _config(t: torch.Tensor) -> dict:
     return GEMM_CONFIG["cuda" if gpu(t) else "cpu"]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 # -----------------------------------------------------------------------------
-# launchers: routing
-
-def _route_fwd_fake(logits, top_k, renormalize):
-    N = logits.shape[0]
-    return (logits.new_empty(N, top_k, dtype=torch.float32), logits.new_empty(N, top_k, dtype=torch.int64),
-            logits.new_empty(logits.shape, dtype=torch.float32))
-
-
-@launcher("moe_route_fwd", _route_fwd_fake)
-def moe_route_fwd(logits: torch.Tensor, top_k: int,
-                  renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    N, E = logits.shape
-    assert 1 <= top_k <= E, f"moe_route: top_k={top_k} with {E} experts"
-    logits = _rows(logits)
-    weights, experts, probs = _route_fwd_fake(logits, top_k, renormalize)
-    if N == 0:
-        return weights, experts, probs
-    block_e = next_pow2(E)
-    block_m = max(1, min(64 if gpu(logits) else 256, 4096 // block_e))
-    _moe_route_fwd_kernel[(cdiv(N, block_m),)](
-        logits, probs, weights, experts, N, E, logits.stride(0),
-        TOP_K=top_k, RENORM=renormalize and top_k > 1, BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
-    return weights, experts, probs
-
-
-@launcher("moe_route_bwd", lambda dweights, dprobs, weights, experts, probs, renormalize, dtype:
-          probs.new_empty(probs.shape, dtype=dtype))
-def moe_route_bwd(dweights: torch.Tensor, dprobs: Optional[torch.Tensor], weights: torch.Tensor,
-                  experts: torch.Tensor, probs: torch.Tensor, renormalize: bool, dtype: torch.dtype) -> torch.Tensor:
-    N, E = probs.shape
-    K = experts.shape[1]
-    dlogits = torch.empty(N, E, dtype=dtype, device=probs.device)
-    if N == 0:
-        return dlogits
-    dweights = dweights.contiguous()
-    dprobs = dprobs.contiguous() if dprobs is not None else None
-    block_e = next_pow2(E)
-    block_m = max(1, min(64 if gpu(probs) else 256, 4096 // block_e))
-    _moe_route_bwd_kernel[(cdiv(N, block_m),)](
-        probs, dprobs if dprobs is not None else probs, weights, dweights, experts, dlogits, N, E,
-        HAS_DPROBS=dprobs is not None, TOP_K=K, RENORM=renormalize and K > 1,
-        BLOCK_M=block_m, BLOCK_E=block_e, num_warps=4)
-    return dlogits
-
-
-# -----------------------------------------------------------------------------
-# launchers: experts
-
-def moe_align(experts: torch.Tensor, n_experts: int, block_m: int):
-    """Sort the S = N*K token slots (slot n*K + k routed to experts[n, k]) into per-expert groups,
-    each padded to a multiple of `block_m` rows. Device-side torch ops only: no host sync.
-
-    Returns (R = (cdiv(S, block_m) + E - 1) * block_m rows, capped at S blocks: the worst case)
-        slot_of_row  (R,)   int32  slot held by each row; S for padding rows
-        row_of_slot  (S,)   int32  row of each slot: the inverse permutation
-        block_expert (R/block_m,) int32  expert of each block of rows; E for blocks past the last group
-        group_start  (E,)   int32  first row of each expert's group
-        group_size   (E,)   int32  slots routed to each expert
-    Within a group, slots keep their order (stable sort): rows follow the tokens."""
-    S, E = experts.numel(), n_experts
-    dev = experts.device
-    n_blocks = min(cdiv(S, block_m) + E - 1, S)
-    flat = experts.reshape(-1)
-    sorted_e, order = torch.sort(flat, stable=True)  # (S,), (S,)
-    size = torch.zeros(E, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (size + block_m - 1) // block_m * block_m
-    end = padded.cumsum(0)
-    start = end - padded  # (E,) padded group starts
-    first = size.cumsum(0) - size  # (E,) unpadded group starts
-    row = start[sorted_e] + torch.arange(S, device=dev) - first[sorted_e]  # (S,) row of each sorted slot
-    row_of_slot = torch.empty(S, dtype=torch.int32, device=dev).scatter_(0, order, row.to(torch.int32))
-    slot_of_row = torch.full((n_blocks * block_m,), S, dtype=torch.int32, device=dev)
-    slot_of_row = slot_of_row.scatter(0, row, order.to(torch.int32))
-    block_start = torch.arange(n_blocks, device=dev) * block_m
-    block_expert = torch.searchsorted(end, block_start, right=True).to(torch.int32)  # skips empty groups
-    return slot_of_row, row_of_slot, block_expert, start.to(torch.int32), size.to(torch.int32)
-
+# launchers (custom ops: opaque to torch.compile)
 
 @launcher("moe_up", lambda x, w1, w3, slot_of_row, block_expert, top_k, save: (
     x.new_empty(slot_of_row.shape[0], w1.shape[1]),
@@ -491,7 +347,7 @@ def moe_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, slot_of_row: tor
     """h = silu(x W1_e^T) * (x W3_e^T) in the sorted layout (R, F); (h1, h3) pre-activations if save."""
     (N, D), (E, Fh, _) = x.shape, w1.shape
     R = slot_of_row.shape[0]
-    x = _rows(x)
+    x = last_contiguous(x)
     w1, w3 = w1.contiguous(), w3.contiguous()
     h = x.new_empty(R, Fh)
     h1, h3 = (x.new_empty(R if save else 0, Fh) for _ in range(2))
@@ -499,9 +355,11 @@ def moe_up(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, slot_of_row: tor
         return h, h1, h3
     cfg = _config(x)
     block_n, block_k, warps, stages = cfg["up"]
+    stride_we, stride_wf, stride_wd = w1.stride()  # (E, F, D): w3 shares them
     _moe_up_kernel[(R // cfg["block_m"], cdiv(Fh, block_n))](
-        x, w1, w3, h, h1 if save else h, h3 if save else h, slot_of_row, block_expert, N * top_k, E, top_k, D, Fh,
-        x.stride(0), *w1.stride(),
+        X=x, W1=w1, W3=w3, H=h, H1=h1 if save else h, H3=h3 if save else h, SLOT_OF_ROW=slot_of_row,
+        BLOCK_EXPERT=block_expert, n_slots=N * top_k, n_experts=E, top_k=top_k, dim=D, hidden=Fh,
+        stride_x=x.stride(0), stride_we=stride_we, stride_wf=stride_wf, stride_wd=stride_wd,
         SAVE=save, PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
     return h, h1, h3
@@ -516,10 +374,10 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, a2: Optional[torch.Tensor], b2: O
     R, n_k = a.shape
     E = b.shape[0]
     n_n = b.shape[1] if trans_b else b.shape[2]
-    a = _rows(a)
+    a = last_contiguous(a)
     b = b.contiguous()
     if a2 is not None:
-        a2, b2 = _rows(a2), b2.contiguous()
+        a2, b2 = last_contiguous(a2), b2.contiguous()
         assert a2.stride() == a.stride() and b2.shape == b.shape
     c = a.new_empty(R, n_n)
     if R == 0:
@@ -529,8 +387,9 @@ def moe_gemm(a: torch.Tensor, b: torch.Tensor, a2: Optional[torch.Tensor], b2: O
     cfg = _config(a)
     block_n, block_k, warps, stages = cfg["gemm"]
     _moe_gemm_kernel[(R // cfg["block_m"], cdiv(n_n, block_n))](
-        a, b, a2 if a2 is not None else a, b2 if b2 is not None else b, c, slot_of_row, block_expert, n_slots, E,
-        n_k, n_n, a.stride(0), sbe, stride_bk, stride_bn,
+        A=a, B=b, A2=a2 if a2 is not None else a, B2=b2 if b2 is not None else b, C=c, SLOT_OF_ROW=slot_of_row,
+        BLOCK_EXPERT=block_expert, n_slots=n_slots, n_experts=E, n_k=n_k, n_n=n_n,
+        stride_a=a.stride(0), stride_be=sbe, stride_bk=stride_bk, stride_bn=stride_bn,
         DUAL=a2 is not None, PRECISION=dot_precision(a.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return c
@@ -544,23 +403,30 @@ def moe_down_bwd(dy: torch.Tensor, weights: torch.Tensor, w2: torch.Tensor, h1: 
     """(dh1, dh3) (R, F): the down projection and the SwiGLU, backward."""
     (N, D), (E, _, Fh) = dy.shape, w2.shape
     R = slot_of_row.shape[0]
-    dy, w2, weights = _rows(dy), w2.contiguous(), weights.contiguous()
+    dy, w2, weights = last_contiguous(dy), w2.contiguous(), weights.contiguous()
     dh1, dh3 = h1.new_empty(h1.shape), h1.new_empty(h1.shape)
     if R == 0:
         return dh1, dh3
     cfg = _config(dy)
     block_n, block_k, warps, stages = cfg["gemm"]
+    stride_we, stride_wd, stride_wf = w2.stride()  # (E, D, F)
     _moe_down_bwd_kernel[(R // cfg["block_m"], cdiv(Fh, block_n))](
-        dy, weights, w2, h1, h3, dh1, dh3, slot_of_row, block_expert, N * top_k, E, top_k, D, Fh,
-        dy.stride(0), *w2.stride(),
+        DY=dy, ROUTE_W=weights, W2=w2, H1=h1, H3=h3, DH1=dh1, DH3=dh3, SLOT_OF_ROW=slot_of_row,
+        BLOCK_EXPERT=block_expert, n_slots=N * top_k, n_experts=E, top_k=top_k, dim=D, hidden=Fh,
+        stride_dy=dy.stride(0), stride_we=stride_we, stride_wd=stride_wd, stride_wf=stride_wf,
         PRECISION=dot_precision(w2.dtype), BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=warps, num_stages=stages)
     return dh1, dh3
 
 
-def _wgrad_fake(g, g2, x, weights, slot_of_row, group_start, group_size, top_k, n_slots, g_tokens, x_tokens):
-    shape = (group_start.shape[0], g.shape[1], x.shape[1])
+def _wgrad_outputs(g, g2, x, n_experts: int):
+    """(dw, dw2), (E, n_n, n_k) each; dw2 empty without g2."""
+    shape = (n_experts, g.shape[1], x.shape[1])
     return x.new_empty(shape), x.new_empty(shape if g2 is not None else (0,))
+
+
+def _wgrad_fake(g, g2, x, weights, slot_of_row, group_start, group_size, top_k, n_slots, g_tokens, x_tokens):
+    return _wgrad_outputs(g, g2, x, group_start.shape[0])
 
 
 @launcher("moe_wgrad", _wgrad_fake)
@@ -570,17 +436,18 @@ def moe_wgrad(g: torch.Tensor, g2: Optional[torch.Tensor], x: torch.Tensor, weig
     """dW_e = sum over expert e's rows of g[r]^T x[r] (E, n_n, n_k), and dW2_e from g2 when given.
     g_tokens: g is token-major (N, n_n), row r reading weights[slot] * g[token]; x_tokens: x is token-major."""
     E, n_n, n_k = group_start.shape[0], g.shape[1], x.shape[1]
-    g, x = _rows(g), _rows(x)
+    g, x = last_contiguous(g), last_contiguous(x)
     if g2 is not None:
-        g2 = _rows(g2)
+        g2 = last_contiguous(g2)
         assert g2.stride() == g.stride()
-    dw, dw2 = _wgrad_fake(g, g2, x, weights, slot_of_row, group_start, group_size, top_k, n_slots, g_tokens, x_tokens)
+    dw, dw2 = _wgrad_outputs(g, g2, x, E)
     cfg = _config(x)
     block_n, block_k, warps, stages = cfg["wgrad"]
     _moe_wgrad_kernel[(cdiv(n_n, block_n) * cdiv(n_k, block_k), E)](
-        g, g2 if g2 is not None else g, x, weights.contiguous() if weights is not None else x,
-        dw, dw2 if g2 is not None else dw, slot_of_row, group_start, group_size, n_slots, top_k, n_n, n_k,
-        g.stride(0), x.stride(0),
+        G=g, G2=g2 if g2 is not None else g, X=x, ROUTE_W=weights.contiguous() if weights is not None else x,
+        DW=dw, DW2=dw2 if g2 is not None else dw, SLOT_OF_ROW=slot_of_row, GROUP_START=group_start,
+        GROUP_SIZE=group_size, n_slots=n_slots, top_k=top_k, n_n=n_n, n_k=n_k,
+        stride_g=g.stride(0), stride_x=x.stride(0),
         G_TOKENS=g_tokens, X_TOKENS=x_tokens, DUAL=g2 is not None, PRECISION=dot_precision(x.dtype),
         BLOCK_M=cfg["block_m"], BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return dw, dw2
@@ -592,14 +459,15 @@ def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: 
                 top_k: int) -> torch.Tensor:
     """y[n] = sum_k weights[n, k] * ys[row(n, k)] (N, D); plain sum when weights is None."""
     N, D = row_of_slot.shape[0] // top_k, ys.shape[1]
-    ys = _rows(ys)
+    ys = last_contiguous(ys)
     y = ys.new_empty(N, D)
     if N == 0:
         return y
     block_d = min(next_pow2(D), 256 if gpu(ys) else 1024)
     block_t = max(1, (4096 if gpu(ys) else 16384) // block_d)
     _moe_combine_kernel[(cdiv(N, block_t), cdiv(D, block_d))](
-        ys, weights.contiguous() if weights is not None else ys, row_of_slot, y, N, D, ys.stride(0),
+        YS=ys, ROUTE_W=weights.contiguous() if weights is not None else ys, ROW_OF_SLOT=row_of_slot, Y=y,
+        n_tokens=N, dim=D, stride_ys=ys.stride(0),
         HAS_WEIGHTS=weights is not None, TOP_K=top_k, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
     return y
 
@@ -609,35 +477,20 @@ def moe_combine(ys: torch.Tensor, weights: Optional[torch.Tensor], row_of_slot: 
 def moe_combine_bwd(dy: torch.Tensor, ys: torch.Tensor, row_of_slot: torch.Tensor, top_k: int) -> torch.Tensor:
     """dweights[n, k] = <dy[n], ys[row(n, k)]>, (N, K) fp32."""
     S, D = row_of_slot.shape[0], ys.shape[1]
-    dy, ys = _rows(dy), _rows(ys)
+    dy, ys = last_contiguous(dy), last_contiguous(ys)
     dw = torch.empty(S // top_k, top_k, dtype=torch.float32, device=dy.device)
     if S == 0:
         return dw
     block_d = min(next_pow2(D), 128 if gpu(dy) else 1024)
     block_s = max(1, (4096 if gpu(dy) else 16384) // block_d)
     _moe_combine_bwd_kernel[(cdiv(S, block_s),)](
-        dy, ys, row_of_slot, dw, S, D, top_k, dy.stride(0), ys.stride(0),
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+        DY=dy, YS=ys, ROW_OF_SLOT=row_of_slot, DW=dw, n_slots=S, dim=D, top_k=top_k, stride_dy=dy.stride(0),
+        stride_ys=ys.stride(0), BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     return dw
 
 
 # -----------------------------------------------------------------------------
-# autograd
-
-class MoERouteFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, top_k, renormalize):
-        weights, experts, probs = moe_route_fwd(logits, top_k, renormalize)
-        ctx.mark_non_differentiable(experts)
-        ctx.save_for_backward(weights, experts, probs)
-        ctx.renormalize, ctx.dtype = renormalize, logits.dtype
-        return weights, experts, probs
-
-    @staticmethod
-    def backward(ctx, dweights, dexperts, dprobs):
-        weights, experts, probs = ctx.saved_tensors
-        return moe_route_bwd(dweights, dprobs, weights, experts, probs, ctx.renormalize, ctx.dtype), None, None
-
+# autograd and module function
 
 class MoEExpertsFunction(torch.autograd.Function):
     @staticmethod
@@ -646,9 +499,9 @@ class MoEExpertsFunction(torch.autograd.Function):
         plan = moe_align(experts, w1.shape[0], _config(x)["block_m"])
         slot_of_row, row_of_slot, block_expert, group_start, group_size = plan
         save = any(ctx.needs_input_grad)
-        h, h1, h3 = moe_up(x, w1, w3, slot_of_row, block_expert, K, save)
-        ys = moe_gemm(h, w2, None, None, slot_of_row, block_expert, N * K, True)  # (R, D) unweighted
-        y = moe_combine(ys, weights, row_of_slot, K)
+        h, h1, h3 = moe_up(x, w1, w3, slot_of_row, block_expert, top_k=K, save=save)  # (R, F) each
+        ys = moe_gemm(h, w2, None, None, slot_of_row, block_expert, n_slots=N * K, trans_b=True)  # (R, D) unweighted
+        y = moe_combine(ys, weights, row_of_slot, top_k=K)  # (N, D)
         if save:
             ctx.save_for_backward(x, weights, w1, w3, w2, h, h1, h3, ys, *plan)
         return y
@@ -661,28 +514,19 @@ class MoEExpertsFunction(torch.autograd.Function):
         need_x, need_w, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         dx = dweights = dw1 = dw3 = dw2 = None
         if need_w:
-            dweights = moe_combine_bwd(dy, ys, row_of_slot, K).to(weights.dtype)
+            dweights = moe_combine_bwd(dy, ys, row_of_slot, top_k=K).to(weights.dtype)  # (N, K)
         if need_x or need_w1 or need_w3:
-            dh1, dh3 = moe_down_bwd(dy, weights, w2, h1, h3, slot_of_row, block_expert, K)
+            dh1, dh3 = moe_down_bwd(dy, weights, w2, h1, h3, slot_of_row, block_expert, top_k=K)  # (R, F) each
             if need_x:
-                dxs = moe_gemm(dh1, w1, dh3, w3, slot_of_row, block_expert, N * K, False)  # (R, D)
-                dx = moe_combine(dxs, None, row_of_slot, K)
-            if need_w1 or need_w3:
-                dw1, dw3 = moe_wgrad(dh1, dh3, x, None, slot_of_row, group_start, group_size, K, N * K, False, True)
-        if need_w2:
-            dw2, _ = moe_wgrad(dy, None, h, weights, slot_of_row, group_start, group_size, K, N * K, True, False)
+                dxs = moe_gemm(dh1, w1, dh3, w3, slot_of_row, block_expert, n_slots=N * K, trans_b=False)  # (R, D)
+                dx = moe_combine(dxs, None, row_of_slot, top_k=K)  # (N, D)
+            if need_w1 or need_w3:  # dh1, dh3 in sorted rows; x read per token
+                dw1, dw3 = moe_wgrad(dh1, dh3, x, None, slot_of_row, group_start, group_size, top_k=K, n_slots=N * K,
+                                     g_tokens=False, x_tokens=True)  # (E, F, D) each
+        if need_w2:  # dy read per token and scaled by the routing weight; h in sorted rows
+            dw2, _ = moe_wgrad(dy, None, h, weights, slot_of_row, group_start, group_size, top_k=K, n_slots=N * K,
+                               g_tokens=True, x_tokens=False)  # (E, D, F)
         return dx, dweights, None, dw1, dw3, dw2
-
-
-# -----------------------------------------------------------------------------
-# module functions
-
-def moe_route(logits, top_k: int, renormalize: bool):
-    """Router: logits (N, E) -> (weights (N, K) fp32, experts (N, K) int64, probs (N, E) fp32).
-    Differentiable through weights and probs (the load-balance loss uses probs)."""
-    if not kernels.use_triton(logits):
-        return moe_route_torch(logits, top_k, renormalize)
-    return MoERouteFunction.apply(logits, top_k, renormalize)
 
 
 def moe_experts(x, weights, experts, w1, w3, w2):
@@ -694,7 +538,7 @@ def moe_experts(x, weights, experts, w1, w3, w2):
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
-    if not kernels.use_triton(x):
+    if not use_triton(x):
         return moe_experts_torch(x, weights, experts, w1, w3, w2)
     assert x.dtype == w1.dtype == w3.dtype == w2.dtype, "moe_experts: x and the expert weights must share a dtype"
     return MoEExpertsFunction.apply(x, weights, experts, w1, w3, w2)
