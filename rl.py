@@ -3,7 +3,7 @@ a generator of verifiable tasks. Pure functions and small classes; the training 
 
     import rl
     adv = rl.group_advantages(rewards, G)                       # (P*G,)
-    logp = rl.token_logprobs(logits, targets, mask)             # (B, T) fp32
+    logp = rl.completion_logprobs(model, prompt, completion, mask, pad)  # (B, T) fp32
     loss, metrics = rl.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.1)
     specs = rl.parse_reward_specs("exact:1.0 think:0.2 repetition:1.0")
     rewards, parts = rl.compute_rewards(specs, prompts, completions, records, group_size=G)
@@ -73,6 +73,26 @@ def token_logprobs(logits, targets, mask=None):
     if mask is not None:
         keep = keep & mask.bool()
     return torch.where(keep, logp, 0.0)
+
+
+def completion_logprobs(model, prompt, completion, mask=None, pad=None):
+    """log pi(completion token | prompt, earlier completion tokens), (B, R) fp32, in one forward pass of a
+    MiniMind-like model (`model(idx, pos=, doc=) -> (logits, loss)`).
+
+    prompt: (B, P) ids, left-padded by `pad` (B,) tokens per row (as generate_stream takes them);
+    completion: (B, R) ids; mask: (B, R) completion tokens to score (0 elsewhere in the result).
+    With padding, positions restart after each row's padding and the padding is a document of its
+    own (never attended to), so a padded row scores exactly as it would alone. The logits at
+    position P-1+t predict completion token t."""
+    B, P = prompt.shape
+    ids = torch.cat([prompt, completion], dim=1)[:, :-1]  # (B, P+R-1): the last token predicts nothing
+    kw = {}
+    if pad is not None:
+        t = torch.arange(ids.size(1), device=ids.device)[None, :]  # (1, P+R-1)
+        pad = pad.to(ids.device)[:, None]  # (B, 1)
+        kw = {"pos": (t - pad).clamp(min=0), "doc": (t >= pad).long()}
+    logits, _ = model(ids, **kw)  # (B, P+R-1, V)
+    return token_logprobs(logits[:, P - 1:], completion, mask)  # (B, R)
 
 
 def completion_mask(completion_ids, eos_id: int):

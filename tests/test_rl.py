@@ -51,6 +51,59 @@ def test_completion_mask_up_to_first_eos():
     assert rl.completion_mask(ids, eos_id=2).tolist() == want
 
 
+def tiny_minimind(seed=0, sharpen=30.0):
+    from minimind import MiniMind, ModelConfig
+    torch.manual_seed(seed)
+    model = MiniMind(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64))
+    with torch.no_grad():  # logits further apart than at the usual init (which predicts near-uniformly)
+        model.norm.weight.mul_(sharpen)
+    return model
+
+
+def test_completion_logprobs_padded_rows_score_as_alone():
+    model = tiny_minimind().eval()
+    prompts = [[5, 9, 11, 3, 7], [8, 4]]
+    completion = torch.tensor([[12, 13, 14, 2], [20, 2, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pad = torch.tensor([0, 3])
+    prompt = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
+    with torch.no_grad():
+        got = rl.completion_logprobs(model, prompt, completion, mask, pad)
+        for b in range(2):
+            ids = torch.tensor([prompts[b] + completion[b].tolist()])
+            logits, _ = model(ids)
+            want = logits[0, len(prompts[b]) - 1:-1].log_softmax(-1).gather(-1, completion[b, :, None]).squeeze(-1)
+            assert torch.allclose(got[b], want * mask[b], atol=1e-5), b
+
+
+def test_one_grpo_step_on_minimind_moves_towards_the_better_completions():
+    """Rollout with generate_stream, rewards, group advantages, GRPO loss, one SGD step: to first order
+    sum_b A_b * (log pi_new(o_b) - log pi_old(o_b)) > 0 - the update favours the better completions.
+    This is the contract of the pieces the training loop strings together."""
+    model = tiny_minimind(1, sharpen=3.0)
+    P, G, R, eos = 2, 4, 6, 2
+    prompt = torch.tensor([[5, 9, 11], [8, 4, 6]]).repeat_interleave(G, dim=0)  # (P*G, 3)
+    gen = torch.Generator().manual_seed(0)
+    model.eval()
+    completion = torch.stack(list(model.generate_stream(prompt, R, temperature=1.0, eos_id=eos, generator=gen)), 1)
+    mask = rl.completion_mask(completion, eos)  # (P*G, R')
+    rewards = (completion == 7).float().mul(mask).sum(1) + torch.arange(P * G) % 3  # any varied reward
+    adv = rl.group_advantages(rewards, G)
+    model.train()
+    logp = rl.completion_logprobs(model, prompt, completion, mask)
+    old = logp.detach()  # on-policy: ratio 1, the gradient is the policy gradient
+    loss, m = rl.grpo_loss(logp, old, adv, mask, ref_logp=old, beta=0.04)
+    assert m["ratio"].item() == pytest.approx(1) and m["kl"].item() == pytest.approx(0, abs=1e-6)
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1e-3 * p.grad
+        new = rl.completion_logprobs(model, prompt, completion, mask)
+    seq_gain = ((new - old) * mask).sum(1) / mask.sum(1)  # (P*G,) mean log-prob change per completion
+    assert (adv * seq_gain).sum().item() > 0
+    assert torch.equal(torch.sign(seq_gain), torch.sign(adv))  # here every completion moves its own way
+
+
 def test_whiten_masked():
     torch.manual_seed(0)
     x = torch.randn(3, 6) * 4 + 2
