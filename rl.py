@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from common import CHAT_TEMPLATE
+from tokenizer import CHAT_TEMPLATE
 
 
 # -----------------------------------------------------------------------------
