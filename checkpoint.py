@@ -12,9 +12,14 @@ Checkpoint layout (written by train.py, read by sample.py, serve.py, export.py):
         optim.pt             optimizer state (for --resume)
         tokenizer/           the tokenizer the model was trained with
 
-A checkpoint directory is written under a temporary name and renamed when complete; `latest` is
-replaced atomically afterwards, so a killed run never leaves a half-written checkpoint in use.
+A checkpoint directory is written under a temporary name (.ckpt_*), fsynced, and renamed when
+complete; `latest` is replaced atomically afterwards, so a killed run never leaves a half-written
+checkpoint in use. state.json records the SHA-256 of the weights, config and optimizer state, checked
+on every load: a corrupted file is named, and `--resume` falls back to the newest intact checkpoint.
 """
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -36,53 +41,177 @@ DEFAULT_CONTEXT = 2048
 
 # checkpoints
 
+class CheckpointError(ValueError):
+    """A checkpoint or run directory that cannot be used; the message names the file."""
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path):
+    """Flush every file under root and the directories themselves to disk."""
+    for d, _, files in os.walk(root):
+        for name in files:
+            with open(Path(d) / name, "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(d))
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(where: Path):
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CheckpointError(f"{where}: disk full while writing (free some space, then --resume)") from None
+        raise
+
+
 def atomic_write_text(path, text: str):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _disk_full_is_one_line(path):
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+HASHED = ("model.safetensors", "adapter.safetensors", "config.json", "optim.pt")  # what state.json vouches for
+
+
+def clean_stale(out_dir) -> list:
+    """Remove the temporary checkpoint directories (.ckpt_*) that a killed save left behind."""
+    stale = [p for p in Path(out_dir).glob(".ckpt_*") if p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def checkpoint_dirs(out_dir) -> list:
+    """The complete checkpoint directories of a run, oldest step first."""
+    return sorted((p for p in Path(out_dir).glob("ckpt_*") if p.is_dir() and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
 
 
 def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=None, tokenizer_dir=None,
                     keep: int = 2, weights: dict = None) -> Path:
     """Write OUT/ckpt_{step}/ atomically, point OUT/latest at it, keep the newest `keep`.
-    `weights` (name -> tensor) replaces the full model weights (e.g. LoRA adapters only)."""
+    `weights` (name -> tensor) replaces the full model weights (e.g. LoRA adapters only).
+    Every file is fsynced before the rename; state.json records each file's SHA-256."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     name = f"ckpt_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    if weights is None:
-        save_model(model, str(tmp / "model.safetensors"))
-    else:
-        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "adapter.safetensors"))
-    (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optim.pt")
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    final = out_dir / name
-    if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    with _disk_full_is_one_line(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+        try:
+            if weights is None:
+                save_model(model, str(tmp / "model.safetensors"))
+            else:
+                save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
+                          str(tmp / "adapter.safetensors"))
+            (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
+            if optimizer is not None:
+                torch.save(optimizer.state_dict(), tmp / "optim.pt")
+            hashes = {f: file_hash(tmp / f) for f in HASHED if (tmp / f).exists()}
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": hashes}, indent=2))
+            if tokenizer_dir is not None:
+                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            _fsync_tree(tmp)
+            final = out_dir / name
+            if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(out_dir)
     atomic_write_text(out_dir / "latest", name + "\n")
-    old = sorted(p for p in out_dir.glob("ckpt_*") if p.is_dir() and p.name != name)
-    for p in old[:max(0, len(old) - (keep - 1))]:
+    older = [p for p in checkpoint_dirs(out_dir) if int(p.name[5:]) < step]
+    for p in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
     return final
 
 
-def resolve_checkpoint(path) -> Path:
-    """A run directory (follows `latest`) or a checkpoint directory -> the checkpoint directory."""
+def verify_checkpoint(ckpt: Path) -> dict:
+    """state.json of a checkpoint directory whose files match the hashes it records (checkpoints
+    from before hashes were recorded are taken as they are); CheckpointError naming the file."""
+    state_path = ckpt / "state.json"
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_path}: unreadable ({e})") from None
+    for name, digest in (state.get("files") or {}).items():
+        path = ckpt / name
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing (state.json lists it)")
+        if file_hash(path) != digest:
+            raise CheckpointError(f"{path}: content does not match the hash in state.json (corrupted or modified)")
+    return state
+
+
+def resolve_checkpoint(path, fallback: bool = False) -> Path:
+    """A run directory (follows `latest`) or a checkpoint directory -> the checkpoint directory.
+    With `fallback`, a run whose `latest` is missing or fails verification gives its newest intact
+    checkpoint instead, saying so on stderr."""
     path = Path(path)
-    if (path / "latest").exists():
-        path = path / (path / "latest").read_text().strip()
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
-    return path
+    if (path / "config.json").exists():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    latest = path / "latest"
+    named = path / latest.read_text().strip() if latest.exists() else None
+    candidates = checkpoint_dirs(path)
+    if not fallback:
+        if named is not None and (named / "config.json").exists():
+            return named
+        if named is None and not candidates:
+            raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
+    problems = []
+    for ckpt in ([named] if named is not None else []) + candidates[::-1]:
+        try:
+            if not (ckpt / "config.json").exists():
+                raise CheckpointError(f"{ckpt}: missing or incomplete")
+            verify_checkpoint(ckpt)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            print(f"warning: {problems[0]}; using {ckpt.name}, the newest intact checkpoint", file=sys.stderr)
+        return ckpt
+    raise CheckpointError(f"{path}: no intact checkpoint" + (f" ({problems[0]})" if problems else ""))
+
+
+def _read_config(ckpt: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
+    except (ValueError, TypeError, AssertionError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{ckpt / 'config.json'}: not a valid model config ({e})") from None
+
+
+def _load_weights(model, path: Path, load):
+    """safetensors' loader with its failures (truncated file, another model's shapes) as one line."""
+    try:
+        load(model, path)
+    except Exception as e:  # safetensors raises its own SafetensorError, torch a RuntimeError
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: cannot be loaded into the model of config.json "
+                              f"({first[0][:300] if first else type(e).__name__})") from None
 
 
 def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
@@ -92,8 +221,8 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
     as base + adapters: merged into plain weights (inference, export), or with merge_lora=False
     as LoRA layers whose adapters are the only trainable parameters (resuming training)."""
     ckpt = resolve_checkpoint(path)
-    cfg = ModelConfig.from_dict(json.loads((ckpt / "config.json").read_text()))
-    state = json.loads((ckpt / "state.json").read_text()) if (ckpt / "state.json").exists() else {}
+    state = verify_checkpoint(ckpt)
+    cfg = _read_config(ckpt)
     if (ckpt / "adapter.safetensors").exists():  # LoRA: base + adapters
         spec = state.get("lora") or {}
         if not spec.get("base"):
@@ -108,12 +237,12 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
             raise ValueError(f"{ckpt}: config.json differs from its base checkpoint {base}")
         model.config = cfg
         lora.apply_lora(model, spec["rank"], spec["alpha"], spec["targets"])
-        lora.load_lora_state_dict(model, load_file(str(ckpt / "adapter.safetensors")))
+        _load_weights(model, ckpt / "adapter.safetensors", lambda m, p: lora.load_lora_state_dict(m, load_file(str(p))))
         if merge_lora:
             lora.merge_lora(model)
     elif (ckpt / "model.safetensors").exists():
         model = MiniMind(cfg)
-        load_model(model, str(ckpt / "model.safetensors"), strict=True, device="cpu")
+        _load_weights(model, ckpt / "model.safetensors", lambda m, p: load_model(m, str(p), strict=True, device="cpu"))
     else:
         raise FileNotFoundError(f"{ckpt}: no model.safetensors")
     return model.to(device).eval(), state, ckpt

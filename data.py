@@ -162,7 +162,7 @@ def read_meta(data_dir: Path, kind: str) -> dict:
 class PretrainData:
     """Random windows of seq_len + 1 tokens from memmapped uint16 files (documents back to back)."""
 
-    def __init__(self, data_dir, seq_len: int, seed: int):
+    def __init__(self, data_dir, seq_len: int, seed: int, micro_batches: int = 1):
         self.dir = Path(data_dir)
         self.meta = read_meta(self.dir, "pretrain")
         self.seq_len, self.seed = seq_len, seed
@@ -173,6 +173,14 @@ class PretrainData:
             if n <= seq_len + 1:
                 raise ValueError(f"{path}: {n} tokens, fewer than one window of {seq_len + 1}")
             self.splits[split] = np.memmap(path, dtype=np.uint16, mode="r", shape=(n,))
+
+    def describe(self) -> str:
+        return (f"pretrain data: {len(self.splits['train']):,} train / {len(self.splits['val']):,} val tokens, "
+                f"random windows of {self.seq_len}")
+
+    def epoch_tokens(self) -> int:
+        """Tokens in one pass over the training split."""
+        return len(self.splits["train"])
 
     def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
         data = self.splits[split]
@@ -222,10 +230,10 @@ class PackedData:
     pure function of (seed, step, index). Validation rows are read in plan order."""
 
     kind = None
-    micro_batches = 1  # micro-batches per optimizer step, over all processes (main sets it)
 
-    def __init__(self, data_dir, seq_len: int, seed: int):
+    def __init__(self, data_dir, seq_len: int, seed: int, micro_batches: int = 1):
         self.dir = Path(data_dir)
+        self.micro_batches = micro_batches  # per optimizer step, over all processes: where each step starts
         self.meta = read_meta(self.dir, self.kind)
         if self.meta.get("kind") != self.kind:
             raise ValueError(f"{self.dir} holds {self.meta.get('kind')} data; --mode={self.kind} needs the output "
@@ -252,6 +260,10 @@ class PackedData:
         return (f"{self.kind} data: {s['items']:,} train items packed into {s['rows']:,} rows of {self.seq_len} "
                 f"({100 * s['padding']:.1f}% padding); {s['truncated']:,} cut to fit, {s['dropped']:,} of them "
                 f"dropped (nothing left to train on); {self.stats['val']['items']:,} val items")
+
+    def epoch_tokens(self) -> int:
+        """Row slots in one pass over the training rows (padding included: a row is a row)."""
+        return len(self.splits["train"][3]) * self.seq_len
 
     def n_records(self, index) -> int:
         raise NotImplementedError
@@ -336,6 +348,12 @@ class DPOData(PackedData):
     pair longer than seq_len has its completions cut (dropped if one loses all its targets)."""
 
     kind = "dpo"
+
+    @staticmethod
+    def longest(data_dir) -> int:
+        """Tokens of the longest pair of the training split as one row (2 prompt + chosen + rejected)."""
+        index = np.fromfile(Path(data_dir) / "train.idx", dtype=np.int64).reshape(-1, 4)
+        return int((2 * index[:, 1] + index[:, 2] + index[:, 3]).max()) if len(index) else 0
 
     def n_records(self, index) -> int:
         return len(index) // 4

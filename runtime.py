@@ -2,6 +2,7 @@
 that MFU is measured against."""
 import contextlib
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -11,18 +12,46 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def pick_device(name: str = "auto") -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+    """'auto' = CUDA, else Apple's MPS, else the CPU."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and a bf16 matmul can be 100x slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: Apple silicon and others
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def pick_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' = bf16 on CUDA, fp32 elsewhere (a CPU gets bf16 only when asked)."""
+    """'auto' = bf16 on CUDA cards that have it (Ampere and newer), fp16 on older cards (training then
+    uses a gradient scaler), fp32 on MPS and CPUs: nothing picks bf16 for a CPU by itself."""
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.float32
     if name not in DTYPES:
         raise ValueError(f"--dtype {name!r}: expected auto or one of {sorted(DTYPES)}")
-    return DTYPES[name]
+    dtype = DTYPES[name]
+    if dtype == torch.bfloat16 and device == "cpu" and not cpu_has_bf16():
+        warnings.warn("--dtype bfloat16 on a CPU without bf16 units (no AVX512-BF16/AMX): bf16 is emulated "
+                      "here and can be 100x slower than float32", stacklevel=2)
+    return dtype
+
+
+def grad_scaler(device: str, dtype: torch.dtype):
+    """fp16 training needs its loss scaled against underflow; bf16 and fp32 do not (disabled scaler)."""
+    return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
 
 
 def autocast(device: str, dtype: torch.dtype):

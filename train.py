@@ -1,23 +1,35 @@
 """Train a minimind model: one loop for every stage.
 
-    python train.py --mode=pretrain --model=tiny --data=data/default --out=out/tiny
-    torchrun --standalone --nproc_per_node=8 train.py --mode=pretrain --model=minimind-3 --data=... --out=...
-    python train.py --mode=pretrain --out=out/tiny --resume          # continue after a crash / kill -9
-    python train.py --mode=sft --init-from=out/tiny --data=data/sft --out=out/sft --seq-len=512
-    python train.py --mode=dpo --init-from=out/sft --data=data/dpo --out=out/dpo --seq-len=1024
-    python train.py --mode=sft --init-from=out/tiny --data=data/sft --out=out/sft-lora --lora-rank=8  # adapters only
+    python train.py --mode=pretrain                  # data/pretrain -> out/pretrain (data built if missing)
+    python train.py --mode=sft                       # out/pretrain + data/sft -> out/sft
+    python train.py --mode=dpo                       # out/sft + data/dpo -> out/dpo
+    torchrun --standalone --nproc_per_node=4 train.py --mode=dpo
+    python train.py --mode=pretrain --resume         # continue out/pretrain after a crash / kill -9
+    python train.py --mode=pretrain --model=minimind-3 --data=data/big --out=out/m3 --epochs=1
+    python train.py --mode=sft --lora-rank=8 --out=out/sft-lora   # adapters only, base frozen
+
+Stages chain by default: --data is data/<mode>, --out is out/<mode>, and sft starts from
+out/pretrain, dpo from out/sft (--init-from to choose another). A missing start point is an error
+naming the command that makes it. Pretraining with no data at the default path prepares it first
+from the embedded corpus (prepare.py tokenizer + pretrain); SFT and DPO likewise from the embedded
+dialogs, with the tokenizer of the checkpoint they start from.
 
 SFT and DPO rows pack whole conversations (DPO: prompt + chosen and prompt + rejected of a pair)
 with positions restarting and attention confined to each; the loss covers the assistant replies.
 
 Per step it prints loss, lr, tokens/s, MFU and ETA, and appends to OUT/log.jsonl (training steps
 with "step" and "loss", evaluations with "step" and "val_loss"); OUT/loss.png plots them.
-Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see common.py). On CPU, a resumed run is
-bit-identical to an uninterrupted one: every batch is a pure function of (seed, step, index).
+Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see checkpoint.py). Every batch is a pure function
+of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
+uninterrupted one, also when it resumes with another number of processes (the tokens per step
+are kept; gradient accumulation makes up the difference).
 """
 import argparse
 import json
+import math
 import os
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,28 +39,36 @@ import torch.distributed as dist
 
 import kernels
 import lora
-from checkpoint import Log, load_checkpoint, plot_log, resolve_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, plot_log,
+                        resolve_checkpoint, save_checkpoint)
 from data import DPOData, PretrainData, SFTData
 from losses import lm_loss, make_dpo_loss
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import Optimizers, lr_multiplier, make_optimizer
-from runtime import autocast, datasheet_flops, measure_matmul_flops, pick_device, pick_dtype
+from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops, pick_device, pick_dtype
+from tokenizer import Tokenizer
 
+ROOT = Path(__file__).resolve().parent
 DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
 DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw"}
+STARTS_FROM = {"sft": "pretrain", "dpo": "sft"}  # the stage whose output a stage starts from by default
 
 # mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
 MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
          "sft": (SFTData, lambda model, args: lm_loss),  # the mask is in the targets (-1 = no loss)
          "dpo": (DPOData, make_dpo_loss)}
+RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
 
-
-# -----------------------------------------------------------------------------
-# schedule and optimizer
 
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def fail(message: str):
+    """A user mistake: one line on stderr, exit status 2 (no traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 # -----------------------------------------------------------------------------
@@ -58,21 +78,29 @@ def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--mode", choices=list(MODES), default="pretrain", help="training stage")
-    g.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, loss.png")
+    g.add_argument("--out", default=None, help="run directory: checkpoints, log.jsonl, loss.png (default: out/MODE)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    g.add_argument("--init-from", default=None, help="start from this checkpoint's weights and model config")
+    g.add_argument("--force", action="store_true",
+                   help="start over in an --out that holds a run: its checkpoints and log are deleted")
+    g.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights and model config (default: out/pretrain for sft, "
+                        "out/sft for dpo; none for pretrain)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(PRESETS), help="model preset (ignored with --init-from)")
     g.add_argument("--aux-loss-coef", type=float, default=None, help="MoE balance loss weight (default: the preset's)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, help="prepared data directory (from prepare.py)")
-    g.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    g.add_argument("--data", default=None, help="prepared data directory from prepare.py (default: data/MODE)")
+    g.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (default: pretrain 256, sft the checkpoint's, dpo the longest pair of "
+                        "the data up to the model's limit)")
     g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per optimizer step over all processes; gradient accumulation makes up the "
                         "difference (default: one micro-batch per process)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--max-iters", type=int, default=300, help="optimizer steps")
+    g.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300, or from --epochs)")
+    g.add_argument("--epochs", type=float, default=None,
+                   help="passes over the training data instead of --max-iters (fractions allowed)")
     g.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                    help="muon: Muon on attention/FFN matrices, AdamW on the rest (default: " +
                         ", ".join(f"{m} {o}" for m, o in DEFAULT_OPTIMIZER.items()) + ")")
@@ -99,8 +127,10 @@ def build_parser():
     g.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
     g.add_argument("--log-interval", type=int, default=10, help="print every N steps")
     g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
+    g.add_argument("--dtype", default="auto",
+                   help="auto (bf16 on CUDA cards that have it, fp16 + loss scaling on older ones, fp32 on "
+                        "CPU/MPS), float32, bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
@@ -118,76 +148,119 @@ def given_flags(argv) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
-def resolve_args(args):
-    """Fill defaults from the run being resumed or the checkpoint being fine-tuned.
-    Flags given on the command line win; flags not given inherit."""
-    given = given_flags(sys.argv[1:])
+def resolve_args(args, argv):
+    """Fill defaults: paths from the mode; then what the run being resumed or the checkpoint being
+    fine-tuned used. Flags given on the command line win; flags not given inherit."""
+    given = given_flags(argv)
+    args.out = args.out or f"out/{args.mode}"
+    args.data = args.data or f"data/{args.mode}"
+    if args.resume and args.force:
+        fail("--resume continues the run in --out, --force starts it over: choose one")
+    if args.epochs is not None and args.max_iters is not None:
+        fail("give --epochs or --max-iters, not both")
+    if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
+        args.init_from = f"out/{STARTS_FROM[args.mode]}"
+        if not Path(args.init_from).exists():
+            fail(f"--mode={args.mode} starts from a trained checkpoint, and {args.init_from} holds none: make it "
+                 f"with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
     source = None
-    if args.resume:
-        source = resolve_checkpoint(args.out)
-    elif args.init_from:
-        source = resolve_checkpoint(args.init_from)
+    try:
+        if args.resume:
+            source = resolve_checkpoint(args.out, fallback=True)
+        elif args.init_from:
+            source = resolve_checkpoint(args.init_from)
+    except FileNotFoundError as e:
+        fail(f"{e}" + ("; nothing to resume (the run never saved a checkpoint): start it without --resume"
+                       if args.resume else ""))
+    except CheckpointError as e:
+        fail(str(e))
     if source is not None:
         saved = json.loads((source / "state.json").read_text()).get("args", {})
         inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]
+        if args.mode == "dpo" and saved.get("mode") != "dpo":
+            inherit.remove("seq_len")  # DPO rows hold pairs: sized from the data, not the SFT rows
         if args.resume:  # the same run: everything not overridden
             saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed used AdamW
             if "optimizer" in given and args.optimizer != saved["optimizer"]:
-                sys.exit(f"--optimizer {args.optimizer}: {args.out} was trained with {saved['optimizer']}, "
-                         "whose state cannot carry over (start a new run with --init-from instead)")
-            inherit = [k for k in saved if k not in ("resume", "out", "init_from")]
+                fail(f"--optimizer {args.optimizer}: {args.out} was trained with {saved['optimizer']}, whose state "
+                     "cannot carry over (start a new run with --init-from instead)")
+            if "batch_tokens_per_step" in saved and "batch_tokens" not in given:  # keep the step across world sizes
+                saved["batch_tokens"] = saved["batch_tokens_per_step"]
+            inherit = [k for k in saved if k not in ("resume", "out", "init_from", "force")]
         for k in inherit:
             if k in saved and k not in given and hasattr(args, k):
                 setattr(args, k, saved[k])
+        if "max_iters" in given:  # a length given now replaces an --epochs the run was started with
+            args.epochs = None
     if args.lr is None:
         args.lr = DEFAULT_LR[args.mode]
     if args.optimizer is None:
         args.optimizer = DEFAULT_OPTIMIZER[args.mode]
-    if args.data is None:
-        sys.exit("--data is required (a directory written by prepare.py)")
     return args, source
 
 
 # -----------------------------------------------------------------------------
-# main
+# setup
 
-def main():
-    args, source = resolve_args(build_parser().parse_args())
-    if args.kernels:
-        kernels.set_backend(args.kernels)
-
-    # distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = "RANK" in os.environ
-    if ddp:
-        rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        device = pick_device(args.device)
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    else:
-        rank, world, device = 0, 1, pick_device(args.device)
-    master = rank == 0
-    dtype = pick_dtype(args.dtype, device)
+def setup_distributed(device_flag: str):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -> (ddp, rank, world, local_rank, device)."""
+    if "RANK" not in os.environ:
+        return False, 0, 1, 0, pick_device(device_flag)
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = pick_device(device_flag)
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    out = Path(args.out)
-    if master:
-        out.mkdir(parents=True, exist_ok=True)
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, world, local_rank, device
 
-    # model: fresh from a preset, or from a checkpoint
-    start_step = 0
+
+def prepare_run_dir(out: Path, args):
+    """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
+    train.py wrote there); every run removes the temporaries a killed save left."""
+    if not args.resume and (checkpoint_dirs(out) or any((out / f).exists() for f in RUN_FILES)):
+        if not args.force:
+            fail(f"{out} holds a run already: --resume to continue it, --force to start over (deletes its "
+                 "checkpoints and log), or another --out")
+        for p in checkpoint_dirs(out):
+            shutil.rmtree(p)
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        fail(f"{out}: cannot create the run directory ({e.strerror})")
+    for p in clean_stale(out):
+        print(f"removed {p.name}, left by a save that was interrupted")
+
+
+def build_default_data(args, source):
+    """Prepare data/<mode> from the embedded corpora when the default path is missing (rank 0 only)."""
+    if Path(args.data).exists() or args.data != f"data/{args.mode}":
+        return
+    tok = source / "tokenizer" if source is not None and (source / "tokenizer").exists() else ROOT / "data/tokenizer"
+    print(f"{args.data} is missing: preparing it from the embedded {'corpus' if args.mode == 'pretrain' else 'dialogs'}"
+          f" with the tokenizer {tok}")
+    steps = [] if tok.exists() else [["tokenizer", "--out", str(tok)]]
+    steps.append([args.mode, "--tokenizer", str(tok), "--out", args.data])
+    for step in steps:
+        if subprocess.run([sys.executable, str(ROOT / "prepare.py"), *step]).returncode != 0:
+            fail(f"`python prepare.py {' '.join(step)}` failed (see above)")
+
+
+def build_model(args, source, device, out: Path):
+    """-> (model, start_step, lora_spec): fresh from a preset, or from a checkpoint, LoRA applied."""
+    start_step, state = 0, {}
     if source is not None:
         # resuming a LoRA run: base + adapters kept apart; otherwise adapters (if any) merged in
-        model, state, _ = load_checkpoint(source, device, merge_lora=not args.resume)
+        try:
+            model, state, _ = load_checkpoint(source, device, merge_lora=not args.resume)
+        except (FileNotFoundError, CheckpointError) as e:
+            fail(str(e))
         model.train()
-        if args.resume:
-            start_step = state["step"]
+        start_step = state["step"] if args.resume else 0
     else:
-        cfg = ModelConfig(**PRESETS[args.model].to_dict())
-        model = MiniMind(cfg).to(device)
+        model = MiniMind(ModelConfig(**PRESETS[args.model].to_dict())).to(device)
     if args.aux_loss_coef is not None:
         model.config.aux_loss_coef = args.aux_loss_coef
     lora_spec = None  # LoRA: only adapters train and are saved; the base checkpoint stays where it is
@@ -195,32 +268,112 @@ def main():
         lora_spec = state["lora"]
     elif args.lora_rank:
         if source is None or args.mode == "pretrain":
-            sys.exit("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo and --init-from")
-        targets = lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+            fail("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo (and --init-from)")
+        try:
+            targets = lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
+        except ValueError as e:
+            fail(str(e))
         lora_spec = {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": targets,
                      "base": str(source.resolve()),  # and relative to OUT, for a copied or moved tree of runs:
                      "base_rel": os.path.relpath(source.resolve(), out.resolve())}
     else:
         model.requires_grad_(True)
+    return model, start_step, lora_spec
 
-    DataClass, make_loss = MODES[args.mode]
-    data = DataClass(args.data, args.seq_len, args.seed)
-    if data.meta.get("vocab_size", 0) > model.config.vocab_size:
-        sys.exit(f"{args.data}: vocabulary {data.meta['vocab_size']} > model's {model.config.vocab_size}")
 
-    # token budget -> gradient accumulation
+def check_tokenizer(data, source):
+    """The data must be tokenized by the tokenizer the checkpoint was trained with."""
+    tok_dir = source / "tokenizer" if source is not None else None
+    if tok_dir is None or not (tok_dir / "tokenizer.json").exists() or "tokenizer_hash" not in data.meta:
+        return
+    theirs = Tokenizer(tok_dir).hash()
+    if theirs != data.meta["tokenizer_hash"]:
+        fail(f"{data.dir} was tokenized by another tokenizer (hash {data.meta['tokenizer_hash']}) than the checkpoint "
+             f"{source} was trained with ({theirs}): prepare the data with --tokenizer {tok_dir}")
+
+
+def setup_data(args, model, world: int):
+    """-> (data, accum, batch_tokens): the data reader, micro-steps per optimizer step, tokens per step."""
+    DataClass = MODES[args.mode][0]
+    if args.seq_len is None:
+        args.seq_len = 256
+        if args.mode == "dpo":  # long enough for the data's pairs, within what the model can attend to
+            try:
+                longest = DPOData.longest(args.data)
+            except FileNotFoundError:
+                fail(f"{args.data}: no DPO data here (make it with `python prepare.py dpo`)")
+            args.seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
     tokens_per_micro = args.batch_size * args.seq_len
     batch_tokens = args.batch_tokens or tokens_per_micro * world
-    assert batch_tokens % (tokens_per_micro * world) == 0, \
-        f"--batch-tokens {batch_tokens} must be a multiple of batch-size*seq-len*world = {tokens_per_micro * world}"
+    if batch_tokens % (tokens_per_micro * world):
+        fail(f"--batch-tokens {batch_tokens} must be a multiple of batch-size x seq-len x processes = "
+             f"{tokens_per_micro * world}")
     accum = batch_tokens // (tokens_per_micro * world)
-    data.micro_batches = accum * world  # packed data walks its rows in order: where each step starts
-    loss_fn = make_loss(model, args)
-    warmup = args.warmup_iters if args.warmup_iters is not None else max(1, args.max_iters // 20)
+    try:
+        data = DataClass(args.data, args.seq_len, args.seed, micro_batches=accum * world)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if data.meta.get("vocab_size", 0) > model.config.vocab_size:
+        fail(f"{args.data}: vocabulary {data.meta['vocab_size']} > model's {model.config.vocab_size}")
+    if args.epochs is not None:
+        args.max_iters = max(1, math.ceil(args.epochs * data.epoch_tokens() / batch_tokens))
+    elif args.max_iters is None:
+        args.max_iters = 300
+    return data, accum, batch_tokens
 
+
+def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype):
+    n, n_act = model.num_params(), model.num_params(active=True)
+    print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
+          f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
+          f"{args.batch_size} x {args.seq_len} | {args.max_iters} steps | kernels {kernels.get_backend()}")
+    if isinstance(optimizer, Optimizers):
+        n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
+        print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
+    else:
+        print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if args.optimizer == "muon" else ""))
+    if lora_spec:
+        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"LoRA rank {lora_spec['rank']} on {','.join(lora_spec['targets'])}: {n_lora / 1e6:.3f}M trainable "
+              f"params; base {lora_spec['base']}")
+    print(data.describe())
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, source = resolve_args(build_parser().parse_args(argv), argv)
+    if args.kernels:
+        kernels.set_backend(args.kernels)
+    ddp, rank, world, local_rank, device = setup_distributed(args.device)
+    master = rank == 0
+    try:
+        dtype = pick_dtype(args.dtype, device)
+    except ValueError as e:
+        fail(str(e))
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    if master:
+        prepare_run_dir(out, args)
+        build_default_data(args, source)
+    if ddp:
+        dist.barrier()
+
+    model, start_step, lora_spec = build_model(args, source, device, out)
+    data, accum, batch_tokens = setup_data(args, model, world)
+    check_tokenizer(data, source)
+    args.batch_tokens_per_step = batch_tokens  # recorded, so a resume with another world size keeps it
+    loss_fn = MODES[args.mode][1](model, args)
+    warmup = args.warmup_iters if args.warmup_iters is not None else max(1, args.max_iters // 20)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     if args.resume:
         optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
+    scaler = grad_scaler(device, dtype)
     train_model = torch.compile(model) if args.compile else model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -232,36 +385,22 @@ def main():
     log = Log(out, start_step if args.resume else None, enabled=master)
     tok_dir = data.dir / "tokenizer"
     if master:
-        n, n_act = model.num_params(), model.num_params(active=True)
-        print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
-              f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
-              f"{args.batch_size} x {args.seq_len} | kernels {kernels.get_backend()}")
-        if isinstance(optimizer, Optimizers):
-            n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
-            print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
-        else:
-            print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if args.optimizer == "muon" else ""))
-        if lora_spec:
-            n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"LoRA rank {lora_spec['rank']} on {','.join(lora_spec['targets'])}: {n_lora / 1e6:.3f}M trainable "
-                  f"params; base {lora_spec['base']}")
-        if hasattr(data, "describe"):
-            print(data.describe())
+        describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype)
 
     @torch.no_grad()
-    def evaluate(step):
+    def evaluate():
+        """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
+        A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
         model.eval()
+        mine = [i for i in range(args.eval_iters) if i % world == rank]
         totals = {}
-        for i in range(args.eval_iters):  # the same validation batches every time; split across ranks
-            if i % world != rank:
-                continue
+        for i in mine or [rank]:
             with autocast(device, dtype):
                 loss, extra = loss_fn(model, data.batch("val", 0, i, args.batch_size, device))
             for k, v in {"loss": loss, **extra}.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
+                totals[k] = totals.get(k, 0.0) + (float(v) if mine else 0.0)
         keys = sorted(totals)
-        vals = torch.tensor([totals[k] for k in keys] + [sum(1 for i in range(args.eval_iters) if i % world == rank)],
-                            dtype=torch.float64)
+        vals = torch.tensor([totals[k] for k in keys] + [len(mine)], dtype=torch.float64)
         if ddp:
             dist.all_reduce(vals)
         model.train()
@@ -272,57 +411,64 @@ def main():
             state = {"kind": args.mode, "args": vars(args), "data": {"dir": str(data.dir), "meta": data.meta}}
             if lora_spec:
                 state["lora"] = lora_spec
-            save_checkpoint(out, step, model, state, optimizer, tok_dir if tok_dir.exists() else None,
-                            weights=lora.lora_state_dict(model) if lora_spec else None)
+            try:
+                save_checkpoint(out, step, model, state, optimizer, tok_dir if tok_dir.exists() else None,
+                                weights=lora.lora_state_dict(model) if lora_spec else None)
+            except CheckpointError as e:
+                fail(str(e))
         if ddp:
             dist.barrier()
 
-    t_start = time.time()
-    t_last, tokens_since = time.time(), 0
+    def train_step(step):
+        """One optimizer step: accum micro-batches per process, gradients all-reduced on the last."""
+        metrics = {}
+        for micro in range(accum):
+            batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
+            if ddp:
+                train_model.require_backward_grad_sync = micro == accum - 1
+            with autocast(device, dtype):
+                loss, extra = loss_fn(train_model, batch)
+            scaler.scale(loss / accum).backward()
+            for k, v in {"loss": loss, **extra}.items():
+                metrics[k] = metrics.get(k, 0.0) + v.detach() / accum
+        scaler.unscale_(optimizer)
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return metrics
+
+    t_start = t_last = time.time()
+    tokens_since = 0
     model.train()
     for step in range(start_step + 1, args.max_iters + 1):
         lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        metrics = {}
-        for micro in range(accum):
-            batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
-            sync = micro == accum - 1  # all-reduce gradients on the last micro-step only
-            if ddp:
-                train_model.require_backward_grad_sync = sync
-            with autocast(device, dtype):
-                loss, extra = loss_fn(train_model, batch)
-            (loss / accum).backward()
-            for k, v in {"loss": loss, **extra}.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach() / accum
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        metrics = train_step(step)
         tokens_since += batch_tokens
+
         if step % args.log_interval == 0 or step == args.max_iters or step == start_step + 1:
             keys = sorted(metrics)
             vals = torch.stack([metrics[k].float() for k in keys])  # one host sync per logged step
             if ddp:
                 dist.all_reduce(vals)
                 vals /= world
-            vals = vals.tolist()
+            rec = dict(zip(keys, vals.tolist()))
             now = time.time()
             tps = tokens_since / (now - t_last)
             mfu = tps * flops_per_step / batch_tokens / peak
             eta = (args.max_iters - step) * batch_tokens / tps
             t_last, tokens_since = now, 0
-            rec = dict(zip(keys, vals))
-            log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4),
-                      time=round(now - t_start, 2))
+            log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - t_start, 2))
             if master:
                 shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
                 print(f"step {step:5d}/{args.max_iters} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                       f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
         if step % args.eval_interval == 0 or step == args.max_iters:
-            rec = evaluate(step)
-            if not datasheet:  # a peak measured while the machine was busy reads low: keep the best seen
+            rec = evaluate()
+            if master and not datasheet:  # a peak measured while the machine was busy reads low: keep the best
                 peak = max(peak, measure_matmul_flops(device, dtype, seconds=0.2) * world)
             log.write(step=step, **rec)
             if master:

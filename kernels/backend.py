@@ -2,11 +2,17 @@
 
     --kernels=auto|triton|torch   (scripts)   or   MINIMIND_KERNELS=auto|triton|torch   (environment)
 
-auto = Triton for CUDA tensors, PyTorch otherwise; `triton` on CPU tensors runs the kernels in
+auto = Triton for CUDA tensors when Triton is installed and can compile for the card (compute
+capability 8.0+: Ampere and newer), PyTorch otherwise, saying once why; `triton` on CPU tensors runs the kernels in
 Triton's interpreter (TRITON_INTERPRET=1, for tests). The environment variable is read once, when
 this module is imported; `set_backend` changes the choice afterwards.
 """
+import functools
+import importlib.util
 import os
+import sys
+
+import torch
 
 BACKENDS = ("auto", "triton", "torch")
 _backend = os.environ.get("MINIMIND_KERNELS", "auto")
@@ -32,4 +38,18 @@ def use_triton(x) -> bool:
         return False
     if _backend == "triton":
         return True
-    return x.is_cuda
+    return x.is_cuda and _triton_usable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_usable(device_index: int) -> bool:
+    """Triton importable (it is not on Windows and macOS) and the card new enough for its kernels."""
+    if importlib.util.find_spec("triton") is None:
+        print("kernels: triton is not installed; using the PyTorch twins", file=sys.stderr)
+        return False
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if major < 8:
+        print(f"kernels: compute capability {major}.{minor} < 8.0, below what the Triton kernels target; "
+              "using the PyTorch twins", file=sys.stderr)
+        return False
+    return True
