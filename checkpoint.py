@@ -177,11 +177,10 @@ def resolve_checkpoint(path, fallback: bool = False) -> Path:
     latest = path / "latest"
     named = path / latest.read_text().strip() if latest.exists() else None
     candidates = checkpoint_dirs(path)
-    if not fallback:
-        if named is not None and (named / "config.json").exists():
-            return named
-        if named is None and not candidates:
-            raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
+    if named is None and not candidates:
+        raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
+    if not fallback and named is not None and (named / "config.json").exists():
+        return named
     problems = []
     for ckpt in ([named] if named is not None else []) + candidates[::-1]:
         try:

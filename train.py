@@ -169,11 +169,9 @@ def resolve_args(args, argv):
             source = resolve_checkpoint(args.out, fallback=True)
         elif args.init_from:
             source = resolve_checkpoint(args.init_from)
-    except FileNotFoundError as e:
-        fail(f"{e}" + ("; nothing to resume (the run never saved a checkpoint): start it without --resume"
-                       if args.resume else ""))
-    except CheckpointError as e:
-        fail(str(e))
+    except (FileNotFoundError, CheckpointError) as e:
+        fail(f"{e}" + ("; nothing to resume: start the run again without --resume (with --force if --out holds "
+                       "its log)" if args.resume else ""))
     if source is not None:
         saved = json.loads((source / "state.json").read_text()).get("args", {})
         inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]

@@ -1,0 +1,204 @@
+"""Reliability of training runs and checkpoints: nothing lost, every failure one clear line.
+
+An existing run is never overwritten by accident; a corrupted checkpoint is named and --resume falls
+back to an intact one; a save killed or stopped by a full disk leaves nothing half-written; data of
+another tokenizer is refused; DDP ends when --eval-iters < processes; stages chain by default.
+
+    python -m pytest tests/test_reliability.py -q
+"""
+import errno
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import checkpoint
+import runtime
+from checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from conftest import ONE_THREAD, ROOT, loss_curve, prepare_data, read_log, run
+from minimind import MiniMind, ModelConfig
+
+FAST = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-iters", "1", "--log-interval", "1"]
+
+
+def train(*args, cwd=ROOT, check=True):
+    """train.py as a user runs it; returns the finished process (stdout, stderr, returncode)."""
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, capture_output=True,
+                       text=True, env=ONE_THREAD, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train.py {args} exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+
+def one_line_error(r):
+    """A user mistake: non-zero exit, no traceback, the message on the last line of stderr."""
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def small_cfg():
+    return ModelConfig(vocab_size=400, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64)
+
+
+def test_a_new_run_never_replaces_an_existing_one(pretrain_dir, tmp_path):
+    out = tmp_path / "run"
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "2")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    line = one_line_error(train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "2", check=False))
+    assert "--resume" in line and "--force" in line
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "3", "--save-interval", "3", "--force")
+    assert (out / "notes.txt").read_text() == "mine"  # --force deletes only what train.py wrote
+    assert sorted(p.name for p in out.glob("ckpt_*")) == ["ckpt_000003"]
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3]
+
+
+def test_evaluation_with_fewer_batches_than_processes_ends(pretrain_dir, tmp_path):
+    """Two processes, --eval-iters 1: rank 1 has no validation batch and still all-reduces (no hang)."""
+    out = tmp_path / "ddp"
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--data", pretrain_dir,
+         "--out", out, *FAST, "--max-iters", "2", "--eval-interval", "2"], env=ONE_THREAD, timeout=300)
+    assert resolve_checkpoint(out).name == "ckpt_000002"
+    assert [r["val_loss"] for r in read_log(out) if "val_loss" in r]
+
+
+def test_corrupted_checkpoint_is_named_and_resume_falls_back(pretrain_dir, tmp_path):
+    out = tmp_path / "run"
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "4", "--save-interval", "2")
+    weights = out / "ckpt_000004" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-4096:] = bytes(b ^ 0xFF for b in raw[-4096:])  # 4 KB of flipped weight bytes
+    weights.write_bytes(raw)
+    with pytest.raises(CheckpointError, match="ckpt_000004/model.safetensors"):
+        load_checkpoint(out)
+    r = train("--data", pretrain_dir, "--out", out, "--resume", "--max-iters", "6")
+    assert "ckpt_000002" in r.stderr and "newest intact" in r.stderr
+    steps = [r["step"] for r in read_log(out) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6][:2] + [3, 4, 5, 6]  # the log was cut back to step 2 and continued
+    assert resolve_checkpoint(out).name == "ckpt_000006"
+
+
+def test_latest_pointing_nowhere_and_killed_first_save(pretrain_dir, tmp_path):
+    out = tmp_path / "run"
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "2", "--save-interval", "1")
+    (out / "latest").write_text("ckpt_000009\n")  # e.g. the directory was deleted by hand
+    assert resolve_checkpoint(out, fallback=True).name == "ckpt_000002"
+    train("--data", pretrain_dir, "--out", out, "--resume", "--max-iters", "3")
+    # a run killed during its first save: only a temporary directory and a log
+    fresh = tmp_path / "fresh"
+    (fresh / ".ckpt_000002.abc").mkdir(parents=True)
+    (fresh / "log.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    line = one_line_error(train("--data", pretrain_dir, "--out", fresh, "--resume", check=False))
+    assert "without --resume" in line
+    train("--data", pretrain_dir, "--out", fresh, *FAST, "--max-iters", "1", "--force")
+    assert not list(fresh.glob(".ckpt_*"))  # stale temporaries cleaned at start
+
+
+def test_disk_full_during_a_save_is_one_line_and_leaves_nothing(tmp_path, small_cfg, monkeypatch):
+    model = MiniMind(small_cfg)
+    save_checkpoint(tmp_path, 1, model, {"kind": "pretrain"})
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save_model", full)
+    with pytest.raises(CheckpointError, match="disk full"):
+        save_checkpoint(tmp_path, 2, model, {"kind": "pretrain"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_000001", "latest"]
+    assert resolve_checkpoint(tmp_path).name == "ckpt_000001"
+
+
+def test_broken_checkpoints_are_one_line(tmp_path, small_cfg):
+    model = MiniMind(small_cfg)
+    ckpt = save_checkpoint(tmp_path / "a", 1, model, {"kind": "pretrain"})
+    # a truncated file in a checkpoint from before hashes were recorded
+    state = json.loads((ckpt / "state.json").read_text())
+    del state["files"]
+    (ckpt / "state.json").write_text(json.dumps(state))
+    raw = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(ckpt)
+    # config.json with wrong types; weights of another model
+    ckpt = save_checkpoint(tmp_path / "b", 1, model, {"kind": "pretrain"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "state.json").write_text("{}")
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "n_heads": "two"}))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(ckpt)
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "dim": 64, "ffn_dim": 128}))
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot be loaded"):
+        load_checkpoint(ckpt)
+
+
+def test_data_of_another_tokenizer_is_refused(pretrain_dir, corpus, tmp_path):
+    out = tmp_path / "run"
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "1")
+    other_tok = tmp_path / "tok2"
+    run(["prepare.py", "tokenizer", "--input", corpus, "--vocab-size", "380", "--out", other_tok, "--quiet"])
+    other = prepare_data("pretrain", corpus, other_tok, tmp_path / "other")
+    line = one_line_error(train("--data", other, "--out", out, "--resume", "--max-iters", "2", check=False))
+    assert "another tokenizer" in line and json.loads((other / "meta.json").read_text())["tokenizer_hash"] in line
+    line = one_line_error(train("--init-from", out, "--data", other, "--out", tmp_path / "x",
+                                check=False))
+    assert "another tokenizer" in line
+
+
+def test_stages_chain_by_default_and_a_missing_start_is_named(tmp_path):
+    line = one_line_error(train("--mode", "sft", cwd=tmp_path, check=False))
+    assert "out/pretrain" in line and "python train.py --mode=pretrain" in line
+    line = one_line_error(train("--mode", "dpo", cwd=tmp_path, check=False))
+    assert "out/sft" in line and "python train.py --mode=sft" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_epochs_and_resume_with_fewer_processes(pretrain_dir, tmp_path):
+    """--epochs sets the length from the data; a 2-process run resumed by 1 process follows the
+    uninterrupted 1-process run (same tokens per step, same batches)."""
+    meta = json.loads((pretrain_dir / "meta.json").read_text())
+    r = train("--data", pretrain_dir, "--out", tmp_path / "ep", *FAST, "--epochs", "0.01", "--eval-interval", "1000")
+    steps = -(-int(0.01 * meta["train_tokens"]) // (2 * 32))
+    assert f"| {steps} steps |" in r.stdout
+    common = ["--data", pretrain_dir, *FAST, "--eval-interval", "1000", "--save-interval", "3"]
+    train("--out", tmp_path / "one", *common, "--max-iters", "6")
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", tmp_path / "two",
+         *common, "--max-iters", "3"], env=ONE_THREAD, timeout=300)
+    train("--out", tmp_path / "two", "--resume", "--max-iters", "6")
+    a, b = ([(s, l) for s, l, _ in loss_curve(tmp_path / d) if l is not None] for d in ("one", "two"))
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
+    assert [l for _, l in b] == pytest.approx([l for _, l in a], rel=1e-4)
+
+
+def test_dtype_choices(monkeypatch):
+    assert runtime.pick_dtype("auto", "cpu") == torch.float32  # nothing picks bf16 for a CPU
+    assert runtime.pick_dtype("auto", "mps") == torch.float32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="emulated"):
+        assert runtime.pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runtime.pick_dtype("bfloat16", "cpu")
+    assert runtime.grad_scaler("cpu", torch.float16).is_enabled()
+    assert not runtime.grad_scaler("cpu", torch.bfloat16).is_enabled()
+
+
+def test_float16_training_uses_a_loss_scaler(pretrain_dir, tmp_path):
+    out = tmp_path / "fp16"
+    train("--data", pretrain_dir, "--out", out, *FAST, "--max-iters", "3", "--dtype", "float16",
+          "--optimizer", "adamw")
+    losses = [r["loss"] for r in read_log(out) if "loss" in r]
+    assert len(losses) == 3 and all(l == l and l < 10 for l in losses)  # finite
+
+
+def test_sft_output_dir_as_file_and_unwritable(pretrain_dir, tmp_path):
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    line = one_line_error(train("--data", pretrain_dir, "--out", target, *FAST, "--max-iters", "1", check=False))
+    assert str(target) in line
+    shutil.rmtree(tmp_path / "none", ignore_errors=True)
