@@ -164,11 +164,14 @@ def test_epochs_and_resume_with_fewer_processes(pretrain_dir, tmp_path):
     r = train("--data", pretrain_dir, "--out", tmp_path / "ep", *FAST, "--epochs", "0.01", "--eval-interval", "1000")
     steps = -(-int(0.01 * meta["train_tokens"]) // (2 * 32))
     assert f"| {steps} steps |" in r.stdout
-    common = ["--data", pretrain_dir, *FAST, "--eval-interval", "1000", "--save-interval", "3"]
+    common = ["--data", pretrain_dir, *FAST, "--batch-tokens", "128", "--eval-interval", "1000", "--save-interval", "3"]
     train("--out", tmp_path / "one", *common, "--max-iters", "6")
-    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", tmp_path / "two",
-         *common, "--max-iters", "3"], env=ONE_THREAD, timeout=300)
-    train("--out", tmp_path / "two", "--resume", "--max-iters", "6")
+    two = tmp_path / "two"
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--out", two,
+         *common, "--max-iters", "6"], env=ONE_THREAD, timeout=300)
+    shutil.rmtree(two / "ckpt_000006")  # as if the 2-process run had stopped after step 3
+    (two / "latest").write_text("ckpt_000003\n")
+    train("--out", two, "--resume")
     a, b = ([(s, l) for s, l, _ in loss_curve(tmp_path / d) if l is not None] for d in ("one", "two"))
     assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4, 5, 6]
     assert [l for _, l in b] == pytest.approx([l for _, l in a], rel=1e-4)
