@@ -198,7 +198,8 @@ def add_model_args(p):
     serve.py (the scripts own their parsers; this only adds the shared flags)."""
     p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
     p.add_argument("--context", type=int, default=0,
-                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
+                   help="context window in tokens (0: factor x original with --rope-scaling, else the training "
+                        "seq_len of the checkpoint, else 2048)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, default=0,
