@@ -162,7 +162,8 @@ def parse_rope_scaling(spec: str, trained_len: Optional[int] = None) -> Optional
                 raise ValueError(f"unknown key {key!r}")
             scaling[key] = int(value) if key == "original_max_position_embeddings" else float(value)
     except ValueError as e:
-        raise ValueError(f"--rope-scaling {spec!r}: {e} ({ROPE_SCALING_HELP})") from None
+        raise ValueError(f"--rope-scaling {spec!r}: {e} (expected yarn, yarn:FACTOR or KEY=VALUE,... with keys "
+                         f"factor, original, beta_fast, beta_slow, attention_factor; or none)") from None
     if scaling["factor"] < 1 or scaling["original_max_position_embeddings"] < 1:
         raise ValueError(f"--rope-scaling {spec!r}: factor and original must be >= 1")
     return scaling

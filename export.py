@@ -391,8 +391,8 @@ def load_hf_weights(model: MiniMind, sd: dict, arch: str):
     cfg, sd = model.config, dict(sd)
     if arch == QWEN3_MOE:
         unfuse_experts(sd, cfg)
-    head = sd.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, sd.get("model.embed_tokens.weight")):
+    head, embed = sd.pop("lm_head.weight", None), sd.get("model.embed_tokens.weight")
+    if head is not None and embed is not None and not torch.equal(head, embed):
         raise ExportError("lm_head differs from the input embedding (tie_word_embeddings=false): minimind ties them")
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out, experts = {}, {}
