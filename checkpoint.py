@@ -260,21 +260,66 @@ def merge_lora_checkpoint(ckpt, out) -> Path:
                            tokenizer_dir=tok if tok.exists() else None)
 
 
+# MiniMind's inference_rope_scaling: YaRN with these settings (its attention factor is 1.0, not YaRN's
+# 0.1 ln(factor) + 1); --rope-scaling's keys override them, `original` is short for the long name
+YARN_DEFAULTS = {"factor": 16.0, "original_max_position_embeddings": 2048, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "attention_factor": 1.0}
+ROPE_SCALING_HELP = ("YaRN RoPE scaling at inference, for contexts beyond the trained one: 'yarn' (factor 16, as "
+                     "MiniMind's inference_rope_scaling), 'yarn:4' (factor 4), or KEY=VALUE,... over those defaults "
+                     "(factor, original, beta_fast, beta_slow, attention_factor), e.g. 'factor=4,original=2048'; "
+                     "original defaults to the checkpoint's training seq_len (2048 when unknown); 'none' removes "
+                     "the checkpoint's own scaling. --context then defaults to factor x original")
+
+
+def parse_rope_scaling(spec: str, trained_len: Optional[int] = None) -> Optional[dict]:
+    """ModelConfig.rope_scaling from a --rope-scaling value (see ROPE_SCALING_HELP); None for 'none'."""
+    text = spec.strip()
+    if text == "none":
+        return None
+    scaling = {"type": "yarn", **YARN_DEFAULTS}
+    if trained_len:
+        scaling["original_max_position_embeddings"] = int(trained_len)
+    body = text[len("yarn"):].removeprefix(":") if text.startswith("yarn") else text
+    try:
+        if body and "=" not in body:
+            scaling["factor"] = float(body)
+        for item in filter(None, body.split(",") if "=" in body else []):
+            key, value = (part.strip() for part in item.split("=", 1))
+            key = "original_max_position_embeddings" if key == "original" else key
+            if key not in YARN_DEFAULTS:
+                raise ValueError(f"unknown key {key!r}")
+            scaling[key] = int(value) if key == "original_max_position_embeddings" else float(value)
+    except ValueError as e:
+        raise ValueError(f"--rope-scaling {spec!r}: {e} (expected yarn, yarn:FACTOR or KEY=VALUE,... with keys "
+                         f"factor, original, beta_fast, beta_slow, attention_factor; or none)") from None
+    if scaling["factor"] < 1 or scaling["original_max_position_embeddings"] < 1:
+        raise ValueError(f"--rope-scaling {spec!r}: factor and original must be >= 1")
+    return scaling
+
+
 def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
-         context: int = 0):
+         context: int = 0, rope_scaling: Optional[str] = None):
     """(model, tokenizer, device, context) ready for inference. `kernel_backend` goes to
-    kernels.set_backend; the context window is `context`, else the sequence length the checkpoint
-    was trained at (state.json args.seq_len), else DEFAULT_CONTEXT; never beyond config.max_seq_len."""
+    kernels.set_backend; `rope_scaling` (a --rope-scaling value) replaces the RoPE scaling of the
+    config. The context window is `context`, else factor x original positions with RoPE scaling, else
+    the sequence length the checkpoint was trained at (state.json args.seq_len), else
+    DEFAULT_CONTEXT; never beyond config.max_seq_len."""
     if kernel_backend:
         kernels.set_backend(kernel_backend)
     device = pick_device(device)
     model, state, path = load_checkpoint(ckpt, device)
+    trained_len = (state.get("args") or {}).get("seq_len")
+    cfg = model.config
+    if rope_scaling is not None:
+        cfg.rope_scaling = parse_rope_scaling(rope_scaling, trained_len)
+        model._grow_rope(model.rope_len)  # the RoPE tables follow the config
     tok = Tokenizer(path / "tokenizer")
     model.to(pick_dtype(dtype, device))
-    if tok.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {model.config.vocab_size}")
-    context = context or (state.get("args") or {}).get("seq_len") or DEFAULT_CONTEXT
-    return model, tok, device, min(int(context), model.config.max_seq_len)
+    if tok.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{ckpt}: tokenizer has {tok.vocab_size} tokens, the model only {cfg.vocab_size}")
+    scaled_len = cfg.rope_scaling and int(cfg.rope_scaling["factor"] * cfg.rope_scaling["original_max_position_embeddings"])
+    context = context or scaled_len or trained_len or DEFAULT_CONTEXT
+    return model, tok, device, min(int(context), cfg.max_seq_len)
 
 
 def add_model_args(p):
@@ -282,13 +327,15 @@ def add_model_args(p):
     serve.py (the scripts own their parsers; this only adds the shared flags)."""
     p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
     p.add_argument("--context", type=int, default=0,
-                   help="context window in tokens (0: training seq_len of the checkpoint, else 2048)")
+                   help="context window in tokens (0: factor x original with --rope-scaling, else the training "
+                        "seq_len of the checkpoint, else 2048)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
+    p.add_argument("--rope-scaling", default=None, metavar="SPEC", help=ROPE_SCALING_HELP)
 
 
 def load_from_args(args):
@@ -296,7 +343,7 @@ def load_from_args(args):
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        return load_for_inference(args.ckpt, args.device, args.dtype, args.kernels, args.context)
+        return load_for_inference(args.ckpt, args.device, args.dtype, args.kernels, args.context, args.rope_scaling)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -4,6 +4,8 @@
     python export.py --ckpt out/tiny --out hf/tiny --dtype bfloat16
     python export.py --from-hf hf/minimind-3 --out out/minimind-3  # transformers directory -> minimind
     python export.py --merge-lora out/sft-lora --out out/sft-merged  # LoRA adapters folded into their base
+    python export.py --from-minimind out/full_sft_768_moe.pth --model minimind-3-moe --tokenizer model \
+        --out out/m3-moe                                           # MiniMind's own .pth -> minimind
 
 The exported directory loads with plain `AutoModelForCausalLM.from_pretrained(DIR)` and
 `AutoTokenizer.from_pretrained(DIR)` (no trust_remote_code), and so in vllm, llama.cpp's
@@ -12,10 +14,12 @@ convert_hf_to_gguf.py and ollama. Which architecture a model becomes:
     minimind model                                   transformers architecture
     dense, no q/k-norm                               LlamaForCausalLM
     dense, q/k-norm                                  Qwen3ForCausalLM
-    MoE, q/k-norm, no shared experts                 Qwen3MoeForCausalLM   norm_topk_prob = norm_topk and top_k > 1
-    MoE, no q/k-norm, top_k > 1 renormalised         MixtralForCausalLM    (Mixtral always renormalises)
-    shared experts; top-1 / unnormalised MoE         refused: no standard architecture computes it
-      without q/k-norm
+    MoE, q/k-norm, no shared experts                 Qwen3MoeForCausalLM   norm_topk_prob = norm_topk (top-k > 1),
+                                                                           norm_top1 (top-1: MiniMind-3-MoE)
+    MoE, no q/k-norm, renormalised weights           MixtralForCausalLM    (Mixtral always renormalises)
+      (top-k > 1 with norm_topk, top-1 with norm_top1)
+    shared experts; MoE without q/k-norm whose       refused: no standard architecture computes it
+      weights are not renormalised
 
 Refused models are refused on purpose: an export that loads but computes something else is worse
 than none. Every mapping is exact in fp32 (tests/test_export.py checks logits, greedy decoding,
@@ -29,7 +33,28 @@ the RoPE settings both as `rope_parameters` (transformers 5) and `rope_theta` / 
 
 Import accepts those four architectures (single or sharded safetensors, or pytorch_model.bin) and
 writes a standard minimind checkpoint (checkpoint.save_checkpoint) with the tokenizer copied in, ready
-for fine-tuning (`train.py --init-from OUT`), sample.py and serve.py.
+for fine-tuning (`train.py --init-from OUT`), sample.py and serve.py. A top-1 Qwen3-MoE with
+norm_topk_prob=true (MiniMind-3-MoE converted by its scripts/convert_model.py) imports with norm_top1.
+
+--from-minimind reads the state dicts MiniMind's trainers save with torch.save (`out/pretrain_768.pth`,
+`full_sft_768_moe.pth`, ..., fp16; or the "model" of a `checkpoints/*_resume.pth`). They carry no
+config, so --model names the preset they were trained as; names map as they do for Qwen3(-MoE):
+
+    MiniMind .pth                                          minimind
+    model.embed_tokens.weight (= lm_head.weight)           embed.weight (tied)
+    model.norm.weight                                      norm.weight
+    model.layers.{i}.input_layernorm.weight                layers.{i}.attn_norm.weight
+    model.layers.{i}.post_attention_layernorm.weight       layers.{i}.ffn_norm.weight
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight       layers.{i}.attn.{wq,wk,wv,wo}.weight
+    model.layers.{i}.self_attn.{q,k}_norm.weight           layers.{i}.attn.{q,k}_norm.weight (MiniMind-3)
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight        layers.{i}.ffn.{w1,w3,w2}.weight
+    model.layers.{i}.mlp.gate.weight                       layers.{i}.ffn.router.weight
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj   layers.{i}.ffn.{w1,w3,w2}[e] (stacked experts)
+    model.layers.{i}.mlp.shared_experts.{s}.{...}_proj     layers.{i}.ffn.shared.{s}.{w1,w3,w2} (MiniMind2-MoE)
+
+A top-1 MoE (MiniMind-3-MoE) imports with MiniMind's routing: norm_top1 (every weight 1.0) and
+balance-loss weight 5e-4, MiniMind-3's router_aux_loss_coef.
+A shape or name that does not fit the preset is refused with the file, the tensor and both shapes.
 """
 import argparse
 import json
@@ -38,15 +63,17 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from checkpoint import load_checkpoint, merge_lora_checkpoint, resolve_checkpoint, save_checkpoint
-from minimind import MiniMind, ModelConfig
+from minimind import PRESETS, MiniMind, ModelConfig
 from tokenizer import CHAT_TEMPLATE
 
 LLAMA, QWEN3, QWEN3_MOE, MIXTRAL = "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"
+MINIMIND = "MiniMind .pth"  # MiniMind's native state dicts: Qwen3 names, per-expert MoE, MiniMind2's shared experts
 MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", QWEN3_MOE: "qwen3_moe", MIXTRAL: "mixtral"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -73,13 +100,18 @@ def hf_architecture(cfg: ModelConfig) -> str:
             "without shared experts to export it as Qwen3MoeForCausalLM.")
     if cfg.qk_norm:
         return QWEN3_MOE
-    if cfg.top_k > 1 and cfg.norm_topk:
+    if renormalises(cfg):
         return MIXTRAL
     raise ExportError(
         f"MoE without q/k-norm and with {'top-1' if cfg.top_k == 1 else 'unnormalised top-k'} routing (weight = raw "
         "router probability) has no standard transformers architecture: Qwen3-MoE always applies q/k-norm and "
         "Mixtral always renormalises the top-k weights (a top-1 weight becomes 1.0). Train with qk_norm=True "
         "(exports as Qwen3MoeForCausalLM) or top_k > 1 with norm_topk (exports as MixtralForCausalLM).")
+
+
+def renormalises(cfg: ModelConfig) -> bool:
+    """Whether the routed weights are renormalised to sum to 1 (transformers' norm_topk_prob)."""
+    return cfg.norm_top1 if cfg.top_k == 1 else cfg.norm_topk
 
 
 def weight_names(cfg: ModelConfig, arch: str):
@@ -107,6 +139,9 @@ def weight_names(cfg: ModelConfig, arch: str):
         for e in range(cfg.n_experts):
             for ours, theirs in expert_names.items():
                 names.append((f"{mm}ffn.{ours}", f"{moe}experts.{e}.{theirs}.weight", e))
+        for s in range(cfg.n_shared_experts):  # MiniMind2-MoE's .pth only: no transformers architecture has them
+            for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+                names.append((f"{mm}ffn.shared.{s}.{ours}.weight", f"{moe}shared_experts.{s}.{theirs}.weight", None))
     return names
 
 
@@ -149,8 +184,7 @@ def hf_config(cfg: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
         c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
     if arch == QWEN3_MOE:
         c.update(num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.ffn_dim,
-                 # minimind renormalises only for k > 1 (a renormalised top-1 weight is the constant 1)
-                 norm_topk_prob=bool(cfg.norm_topk and cfg.top_k > 1),
+                 norm_topk_prob=renormalises(cfg),
                  decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=cfg.aux_loss_coef,
                  output_router_logits=False)
     if arch == MIXTRAL:
@@ -199,10 +233,14 @@ def copy_tokenizer(src: Path, dst: Path, vocab_size: int):
         raise ExportError(f"{src}: tokenizer has {n} tokens, more than the model's vocab_size {vocab_size}")
 
 
+def refuse_nonempty(out: Path, force: bool, what: str = "replace it"):
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ExportError(f"{out} exists and is not empty (pass --force to {what})")
+
+
 def new_output_dir(out: Path, force: bool) -> Path:
     """A temporary directory next to `out`, to be moved into place by `finish_output_dir`."""
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} exists and is not empty (pass --force to replace it)")
+    refuse_nonempty(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
 
@@ -290,8 +328,6 @@ def config_from_hf(c: dict):
     if arch == QWEN3_MOE:
         if c.get("mlp_only_layers") or c.get("decoder_sparse_step", 1) != 1:
             problems.append("dense layers inside the MoE (mlp_only_layers / decoder_sparse_step)")
-        if c.get("num_experts_per_tok", 1) == 1 and c.get("norm_topk_prob"):
-            problems.append("top-1 routing with norm_topk_prob=true (every weight 1.0; minimind keeps the probability)")
     if problems:
         raise ExportError(f"{arch}: not representable in minimind: " + "; ".join(problems))
     theta, scaling = rope_from_hf(c)
@@ -306,16 +342,15 @@ def config_from_hf(c: dict):
         "bos_id": first_id(c.get("bos_token_id"), 1), "eos_id": first_id(c.get("eos_token_id"), 2),
         "pad_id": first_id(c.get("pad_token_id"), 0),
     }
+    if arch in (QWEN3_MOE, MIXTRAL):
+        top_k = c["num_experts_per_tok"]
+        # Mixtral always renormalises; top-1 renormalised (weight 1.0) is minimind's norm_top1, and
+        # norm_topk keeps its default for top-1 so that configs round-trip
+        norm = arch == MIXTRAL or bool(c.get("norm_topk_prob", False))
+        d.update(n_experts=c.get("num_experts") or c["num_local_experts"], top_k=top_k,
+                 norm_topk=norm or top_k == 1, norm_top1=norm and top_k == 1)
     if arch == QWEN3_MOE:
-        d.update(n_experts=c.get("num_experts") or c["num_local_experts"], top_k=c["num_experts_per_tok"],
-                 ffn_dim=c["moe_intermediate_size"],
-                 # k = 1 never renormalises in minimind; keep its default flag so configs round-trip
-                 norm_topk=bool(c.get("norm_topk_prob", False)) or c["num_experts_per_tok"] == 1)
-    if arch == MIXTRAL:
-        d.update(n_experts=c.get("num_local_experts") or c["num_experts"], top_k=c["num_experts_per_tok"],
-                 norm_topk=True)
-        if d["top_k"] == 1:
-            raise ExportError("Mixtral with top-1 routing (weight 1.0) is not representable in minimind")
+        d["ffn_dim"] = c["moe_intermediate_size"]
     if "router_aux_loss_coef" in c and d.get("n_experts"):
         d["aux_loss_coef"] = c["router_aux_loss_coef"]
     return ModelConfig.from_dict(d), arch
@@ -350,50 +385,121 @@ def unfuse_experts(sd: dict, cfg: ModelConfig):
                 sd[f"{p}{e}.down_proj.weight"] = down[e]
 
 
-def from_hf_weights(sd: dict, cfg: ModelConfig, arch: str) -> dict:
-    """minimind state dict (without the tied lm_head) from transformers weights; every tensor must
-    be used exactly once."""
-    sd = dict(sd)
+def load_hf_weights(model: MiniMind, sd: dict, arch: str):
+    """Load transformers-named weights `sd` into `model` (fp32): every tensor used exactly once, every
+    shape checked against the model's, the tied lm_head equal to the embedding. ExportError otherwise."""
+    cfg, sd = model.config, dict(sd)
     if arch == QWEN3_MOE:
         unfuse_experts(sd, cfg)
-    head = sd.pop("lm_head.weight", None)
-    if head is not None and not torch.equal(head, sd["model.embed_tokens.weight"]):
+    head, embed = sd.pop("lm_head.weight", None), sd.get("model.embed_tokens.weight")
+    if head is not None and embed is not None and not torch.equal(head, embed):
         raise ExportError("lm_head differs from the input embedding (tie_word_embeddings=false): minimind ties them")
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     out, experts = {}, {}
     for ours, theirs, e in weight_names(cfg, arch):
         if theirs not in sd:
             raise ExportError(f"missing weight {theirs}")
         t = sd.pop(theirs)
+        want = shapes[ours] if e is None else shapes[ours][1:]  # stacked experts: (E, F, D) -> (F, D) each
+        if tuple(t.shape) != want:
+            raise ExportError(f"{theirs} has shape {tuple(t.shape)}, the model expects {want}")
         if e is None:
             out[ours] = t
         else:
             experts.setdefault(ours, [None] * cfg.n_experts)[e] = t
     if sd:
-        raise ExportError(f"unexpected weights (not part of a minimind model): {sorted(sd)[:8]}")
+        raise ExportError(f"unexpected weights (not part of this minimind model): {sorted(sd)[:8]}")
     for ours, ts in experts.items():
         out[ours] = torch.stack(ts)  # (E, F, D) or (E, D, F)
-    return out
+    out["lm_head.weight"] = out["embed.weight"]
+    model.load_state_dict({k: v.float() for k, v in out.items()}, strict=True)
 
 
 def import_hf(hf_dir, out, force: bool = False) -> Path:
     """Convert a transformers directory into a minimind checkpoint under run dir `out`; returns its path."""
     hf_dir, out = Path(hf_dir), Path(out)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ExportError(f"{out} exists and is not empty (pass --force to write a checkpoint into it)")
+    refuse_nonempty(out, force, "write a checkpoint into it")
     c = json.loads((hf_dir / "config.json").read_text())
     cfg, arch = config_from_hf(c)
     if not (hf_dir / "tokenizer.json").exists():
         raise ExportError(f"{hf_dir}: no tokenizer.json (minimind needs the fast tokenizer file)")
     model = MiniMind(cfg)
-    weights = from_hf_weights(read_hf_weights(hf_dir), cfg, arch)
-    weights["lm_head.weight"] = weights["embed.weight"]
-    model.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+    load_hf_weights(model, read_hf_weights(hf_dir), arch)
+    return save_import(model, out, hf_dir, {"kind": "import", "source": str(hf_dir), "architecture": arch})
+
+
+def save_import(model: MiniMind, out: Path, tok_dir: Path, state: dict) -> Path:
+    """Save an imported model as checkpoint 0 of run dir `out`, with the tokenizer files of `tok_dir`."""
     with tempfile.TemporaryDirectory() as tok:  # only the tokenizer files travel into the checkpoint
         for name in TOKENIZER_FILES:
-            if (hf_dir / name).exists():
-                shutil.copy2(hf_dir / name, Path(tok) / name)
-        state = {"kind": "import", "source": str(hf_dir), "architecture": arch}
+            if (tok_dir / name).exists():
+                shutil.copy2(tok_dir / name, Path(tok) / name)
         return save_checkpoint(out, 0, model, state, tokenizer_dir=tok)
+
+
+# -----------------------------------------------------------------------------
+# MiniMind's own .pth weights -> minimind
+
+MINIMIND_AUX_LOSS_COEF = 5e-4  # MiniMind-3's router_aux_loss_coef (the same Switch balance loss as minimind's)
+
+
+def minimind_config(preset: str) -> ModelConfig:
+    """Preset `preset` with MiniMind's MoE routing: MiniMind renormalises the routed weights
+    (norm_topk_prob=True) for top-1 too, where every weight becomes 1.0 (MiniMind-3-MoE)."""
+    if preset not in PRESETS:
+        raise ExportError(f"unknown --model {preset!r}; presets: {', '.join(PRESETS)}")
+    cfg = replace(PRESETS[preset])
+    if cfg.n_experts and cfg.top_k == 1:
+        cfg = replace(cfg, norm_top1=True, aux_loss_coef=MINIMIND_AUX_LOSS_COEF)
+    elif cfg.n_experts:
+        cfg = replace(cfg, norm_topk=True)
+    return cfg
+
+
+def read_minimind_pth(path: Path) -> dict:
+    """name -> tensor of a state dict saved by MiniMind's trainers (`out/full_sft_768.pth`, fp16), or
+    the weights inside one of its resume files (`checkpoints/*_resume.pth`)."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and weights_only errors alike; their messages run to many lines
+        raise ExportError(f"{path}: not a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(sd, dict) and isinstance(sd.get("model"), dict) and "optimizer" in sd:
+        sd = sd["model"]  # a resume file: {"model", "optimizer", "epoch", "step", ...}
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ExportError(f"{path}: not a state dict (name -> tensor)")
+    if any("lora" in k for k in sd):
+        raise ExportError(f"{path}: LoRA adapter weights, not a model: merge them into their base with MiniMind's "
+                          "scripts/convert_model.py (convert_merge_base_lora) and import the merged .pth")
+    # RoPE tables, should a model have registered them persistently: minimind computes its own
+    return {k: v for k, v in sd.items() if not k.endswith(("freqs_cos", "freqs_sin"))}
+
+
+def describe_minimind_pth(sd: dict) -> str:
+    """'8 layers, hidden 768, 4 experts': enough to tell which preset a file is."""
+    layers = {k.split(".")[2] for k in sd if k.startswith("model.layers.")}
+    experts = {k.split(".")[5] for k in sd if ".mlp.experts." in k}
+    emb = sd.get("model.embed_tokens.weight")
+    hidden = emb.shape[1] if emb is not None else "?"
+    return f"{len(layers)} layers, hidden {hidden}" + (f", {len(experts)} experts" if experts else ", dense")
+
+
+def import_minimind(pth, preset: str, tokenizer, out, force: bool = False) -> Path:
+    """Convert a MiniMind `.pth` state dict, trained as preset `preset`, into a minimind checkpoint
+    under run dir `out`, with the tokenizer of directory `tokenizer` (MiniMind's `model/`)."""
+    pth, out, tok = Path(pth), Path(out), Path(tokenizer)
+    refuse_nonempty(out, force, "write a checkpoint into it")
+    if not (tok / "tokenizer.json").exists():
+        raise ExportError(f"{tok}: no tokenizer.json (MiniMind's tokenizer is its model/ directory)")
+    sd = read_minimind_pth(pth)
+    model = MiniMind(minimind_config(preset))
+    try:
+        load_hf_weights(model, sd, MINIMIND)  # MiniMind-3 names its weights as Qwen3(-MoE) does
+    except ExportError as e:
+        raise ExportError(f"{pth} ({describe_minimind_pth(sd)}) does not fit --model {preset}: {e}") from None
+    state = {"kind": "import", "source": str(pth), "architecture": MINIMIND, "preset": preset}
+    return save_import(model, out, tok, state)
 
 
 # -----------------------------------------------------------------------------
@@ -406,18 +512,28 @@ def main(argv=None):
     src.add_argument("--from-hf", help="transformers model directory to import as a minimind checkpoint")
     src.add_argument("--merge-lora", metavar="CKPT",
                      help="LoRA adapter checkpoint to fold into its base, written as a full minimind checkpoint")
+    src.add_argument("--from-minimind", metavar="PTH",
+                     help="MiniMind .pth state dict (e.g. out/full_sft_768_moe.pth) to import; needs --model, --tokenizer")
     parser.add_argument("--out", required=True, help="output directory (transformers dir, or minimind run dir)")
-    # export only
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES), help="dtype of the exported weights")
-    parser.add_argument("--tokenizer", help="tokenizer directory, if the checkpoint carries none")
+    parser.add_argument("--model", choices=list(PRESETS),
+                        help="--from-minimind: the preset the .pth was trained as (minimind-3, minimind-3-moe, ...)")
+    parser.add_argument("--tokenizer", help="tokenizer directory: for --ckpt if the checkpoint carries none; "
+                                            "for --from-minimind, MiniMind's model/ directory (required)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPE_NAMES),
+                        help="--ckpt: dtype of the exported weights")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
+    if args.from_minimind and not (args.model and args.tokenizer):
+        parser.error("--from-minimind needs --model PRESET and --tokenizer DIR")
     try:
         if args.ckpt:
             arch = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.force)
             print(f"exported {args.ckpt} as {arch} -> {args.out}")
         elif args.merge_lora:
             print(f"merged {args.merge_lora} -> {merge_lora_checkpoint(args.merge_lora, args.out)}")
+        elif args.from_minimind:
+            path = import_minimind(args.from_minimind, args.model, args.tokenizer, args.out, args.force)
+            print(f"imported {args.from_minimind} as {args.model} -> {path}")
         else:
             path = import_hf(args.from_hf, args.out, args.force)
             print(f"imported {args.from_hf} -> {path}")

@@ -11,7 +11,8 @@ Architecture choices (all presets):
 - grouped-query attention through `F.scaled_dot_product_attention` (causal; block-diagonal when
   rows pack several documents); optional RMSNorm of each q/k head (Qwen3)
 - SwiGLU feed-forward; or a Mixture-of-Experts of SwiGLU experts: softmax router, top-k,
-  renormalised for k > 1, optional always-on shared experts (DeepSeek), load-balance aux loss
+  renormalised for k > 1 (for k = 1 too with `norm_top1`, MiniMind-3's routing), optional always-on
+  shared experts (DeepSeek), load-balance aux loss
 - tied input embedding and output head, vocabulary 6400
 - a preallocated KV cache for decoding (written in place, never grown by torch.cat)
 - no host syncs in forward: the dense model compiles with `fullgraph=True`
@@ -48,6 +49,10 @@ class ModelConfig:
     n_shared_experts: int = 0  # MoE: experts every token goes through
     top_k: int = 1  # MoE: routed experts per token
     norm_topk: bool = True  # MoE: renormalise the top-k weights to sum to 1 (only meaningful for k > 1)
+    # MoE, top-1: renormalise the single weight too, so it is exactly 1.0 (MiniMind-3-MoE; Qwen3-MoE's
+    # norm_topk_prob=true with K=1). Off by default: the router then gets no gradient from the LM loss,
+    # only from the aux loss. MiniMind-3 pairs it with aux_loss_coef=5e-4.
+    norm_top1: bool = False
     aux_loss_coef: float = 0.01  # MoE: weight of the load-balance loss in the total loss
     bos_id: int = 1
     eos_id: int = 2
@@ -59,6 +64,7 @@ class ModelConfig:
         assert self.n_heads % self.n_kv_heads == 0, "n_heads must be a multiple of n_kv_heads"
         assert self.head_dim % 2 == 0, "RoPE needs an even head_dim"
         assert self.n_experts == 0 or 1 <= self.top_k <= self.n_experts
+        assert not self.norm_top1 or (self.n_experts and self.top_k == 1), "norm_top1 is for top-1 MoE routing"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,7 +226,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, D, Fh = cfg.n_experts, cfg.dim, cfg.ffn_dim
-        self.top_k, self.norm_topk, self.n_experts = cfg.top_k, cfg.norm_topk, E
+        self.top_k, self.norm_topk, self.norm_top1, self.n_experts = cfg.top_k, cfg.norm_topk, cfg.norm_top1, E
         self.router = nn.Linear(D, E, bias=False)
         self.w1 = nn.Parameter(torch.empty(E, Fh, D))  # gate, nn.Linear layout (out, in) per expert
         self.w3 = nn.Parameter(torch.empty(E, Fh, D))  # up
@@ -232,6 +238,8 @@ class MoE(nn.Module):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # (N, D)
         weights, experts, probs = kernels.moe_route(self.router(xf), self.top_k, self.norm_topk)  # (N, K), (N, K), (N, E)
+        if self.norm_top1:  # MiniMind-3: p / p, exactly 1.0 (the kernels renormalise only for K > 1)
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, 1)
         y = kernels.moe_experts(xf, weights, experts, self.w1, self.w3, self.w2)  # (N, D)
         for shared in self.shared:
             y = y + shared(xf)

@@ -6,7 +6,9 @@ For tiny models of every exportable family (Llama-, Qwen3-, Qwen3-MoE- and Mixtr
 and briefly trained: the exported directory loads with plain AutoModelForCausalLM /
 AutoTokenizer, logits agree to 1e-4, greedy decoding agrees for 32 tokens, the tokenizer and chat
 template agree with minimind's, and importing the export gives back the same weights and config.
-Also: refusals (shared experts, top-1 MoE without q/k-norm, LoRA checkpoints) and YaRN parity.
+Also: refusals (shared experts, top-1 MoE without q/k-norm, LoRA checkpoints) and YaRN parity; and
+the other direction from directories transformers itself writes: a dense Qwen3 and a top-1 Qwen3-MoE
+with norm_topk_prob=true in MiniMind-3's shapes (scaled down) import with the same logits.
 Needs `transformers` (a test dependency); builds its own tokenizer and models, downloads nothing.
 """
 import json
@@ -36,6 +38,10 @@ FAMILIES = {  # name: (config overrides, expected transformers architecture)
     "qwen3-moe": (dict(qk_norm=True, n_experts=4, top_k=1, ffn_dim=48), "Qwen3MoeForCausalLM"),
     "qwen3-moe-top2": (dict(qk_norm=True, n_experts=4, top_k=2, ffn_dim=48), "Qwen3MoeForCausalLM"),
     "mixtral": (dict(n_experts=4, top_k=2, ffn_dim=48), "MixtralForCausalLM"),
+    # MiniMind-3-MoE's routing: top-1 weight renormalised to 1.0 (norm_topk_prob=true)
+    "qwen3-moe-norm-top1": (dict(qk_norm=True, n_experts=4, top_k=1, norm_top1=True, ffn_dim=48, aux_loss_coef=5e-4),
+                            "Qwen3MoeForCausalLM"),
+    "mixtral-top1": (dict(n_experts=4, top_k=1, norm_top1=True, ffn_dim=48), "MixtralForCausalLM"),
 }
 
 
@@ -115,6 +121,64 @@ def test_export_parity_and_roundtrip(tmp_path, tok_dir, family, trained):
     for k in want:
         assert torch.equal(want[k], got[k]), k
     assert Tokenizer(ckpt / "tokenizer").hash() == Tokenizer(tok_dir).hash()
+
+
+# MiniMind-3's shapes, scaled down: head_dim = dim / heads, 2:1 GQA, q/k-norm, eps 1e-6, theta 1e6, tied
+M3 = dict(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+          head_dim=24, intermediate_size=160, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=256,
+          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def transformers_dir(hf_cls, cfg, out: Path, tok_dir) -> Path:
+    """A model transformers builds and saves itself (save_pretrained), with non-trivial norms and
+    decisive routers, plus our tokenizer files."""
+    torch.manual_seed(0)
+    model = hf_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+            elif name.endswith("mlp.gate.weight"):
+                p.normal_(0.0, 0.5)  # a router far from uniform
+    model.save_pretrained(out)
+    for f in tok_dir.iterdir():
+        if f.is_file():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["qwen3", "qwen3-moe-top1-norm"])
+def test_import_transformers_written_qwen3(tmp_path, tok_dir, moe):
+    if moe:
+        cfg = transformers.Qwen3MoeConfig(**M3, num_experts=4, num_experts_per_tok=1, norm_topk_prob=True,
+                                          moe_intermediate_size=64, router_aux_loss_coef=5e-4)
+        hf = transformers_dir(transformers.Qwen3MoeForCausalLM, cfg, tmp_path / "hf", tok_dir)
+    else:
+        hf = transformers_dir(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**M3), tmp_path / "hf", tok_dir)
+    export.main(["--from-hf", str(hf), "--out", str(tmp_path / "run")])
+    ours, _, _ = load_checkpoint(tmp_path / "run")
+    cfg = ours.config
+    assert (cfg.dim, cfg.head_dim, cfg.n_kv_heads, cfg.qk_norm, cfg.norm_eps) == (96, 24, 2, True, 1e-6)
+    if moe:
+        assert (cfg.n_experts, cfg.top_k, cfg.norm_top1, cfg.aux_loss_coef) == (4, 1, True, 5e-4)
+    theirs = load_hf(hf)
+    idx = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ours(idx)[0] - theirs(idx).logits).abs().max().item()
+    print(f"import {'qwen3-moe top-1 norm_topk_prob' if moe else 'qwen3'}: max abs logit diff {diff:.2e}")
+    assert diff <= 1e-4
+    if moe:  # the routing is decisive and varied, so renormalising (or not) shows in the logits
+        experts = ours.layers[0].ffn.router(ours.embed(idx)).argmax(-1)
+        assert len(experts.unique()) > 1
+        unnormalised = MiniMind(ModelConfig.from_dict({**cfg.to_dict(), "norm_top1": False})).eval()
+        unnormalised.load_state_dict(ours.state_dict())
+        assert (unnormalised(idx)[0] - theirs(idx).logits).abs().max() > 1e-2
+
+    # and back: exported again, transformers computes the same
+    export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf2")])
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text()).get("norm_topk_prob", True) is True
+    with torch.no_grad():
+        assert (load_hf(tmp_path / "hf2")(idx).logits - theirs(idx).logits).abs().max() <= 1e-4
 
 
 def test_export_files_and_tokenizer(tmp_path, tok_dir):
