@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -121,6 +122,10 @@ class Stub(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.bodies.append(body)
         question = body["messages"][-1]["content"]
+        if question == "too long":
+            return self._send(400, "application/json", json.dumps({"error": {
+                "message": "This model's maximum context length is 256 tokens.", "type": "invalid_request_error",
+                "param": "messages", "code": "context_length_exceeded"}}).encode())
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
@@ -402,6 +407,24 @@ def test_conversation_list_new_rename_delete(browser, server):
     viewport(d, DESKTOP)
 
 
+def test_page_route_needs_no_key_and_can_be_off(server, loaded):
+    with urllib.request.urlopen(server + "/", timeout=5) as r:
+        assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert r.read() == PAGE.read_bytes()
+    from serve import make_server
+    model, tok = loaded
+    httpd = make_server(model, tok, port=0, quiet=True, ui=False)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}/", timeout=5)
+        assert e.value.code == 404
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        httpd.app.engine.stop()
+
+
 # -----------------------------------------------------------------------------
 # against the stub: markup stays text; reasoning, tool calls, request fields
 
@@ -455,6 +478,15 @@ def test_model_output_is_text_not_html(browser, stub):
     assert body["chat_template_kwargs"] == {"enable_thinking": False}
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
     assert body["messages"][2]["content"] == NASTY and REASONING not in json.dumps(body)
+
+
+def test_an_error_is_shown_in_the_reply(browser, stub):
+    d = browser
+    open_page(d, stub)
+    type_and_send(d, "too long")
+    wait(lambda: idle(d) and all_by(d, "#thread .msg.assistant .error"), 10, "the error")
+    assert by(d, "#thread .msg.assistant .error").text == "This model's maximum context length is 256 tokens."
+    assert by(d, "#thread .msg.assistant .regenerate").is_displayed()  # try again from there
 
 
 def test_renderer_builds_only_safe_nodes(browser, stub):
