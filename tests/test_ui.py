@@ -8,6 +8,7 @@ to say (markup, reasoning, tool calls).
 Needs Chromium and its driver (Debian: apt-get install chromium chromium-driver); skips without them.
 Screenshots at desktop (1280x800) and phone (390x844) size are saved under the test's tmp_path.
 """
+import contextlib
 import json
 import os
 import select
@@ -55,13 +56,12 @@ def browser():
         d.quit()
 
 
-@pytest.fixture(scope="module")
-def server(random_ckpt):
-    """serve.py with an API key on a free loopback port; its base URL. A long context (4096) so that a
-    reply can be stopped long before it would end."""
+@contextlib.contextmanager
+def serve(ckpt, *flags):
+    """serve.py on a free loopback port (stopped on exit, or by itself after 5 minutes); its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, "serve.py", "--ckpt", str(random_ckpt), "--port", "0", "--api-key", KEY, "--quiet",
-         "--device", "cpu", "--context", "4096", "--shutdown-after", "300"],
+        [sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", "0", "--quiet", "--device", "cpu",
+         "--shutdown-after", "300", *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -75,6 +75,14 @@ def server(random_ckpt):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(random_ckpt):
+    """The real server with an API key and a long context (4096), so that a reply can be stopped long
+    before it would end."""
+    with serve(random_ckpt, "--api-key", KEY, "--context", "4096") as url:
+        yield url
 
 
 REASONING = "The user wants to see what the page does with markup. I will answer with some."
@@ -407,22 +415,14 @@ def test_conversation_list_new_rename_delete(browser, server):
     viewport(d, DESKTOP)
 
 
-def test_page_route_needs_no_key_and_can_be_off(server, loaded):
+def test_page_route_needs_no_key_and_can_be_off(server, random_ckpt):
     with urllib.request.urlopen(server + "/", timeout=5) as r:
         assert r.status == 200 and r.headers["Content-Type"] == "text/html; charset=utf-8"
         assert r.read() == PAGE.read_bytes()
-    from serve import make_server
-    model, tok = loaded
-    httpd = make_server(model, tok, port=0, quiet=True, ui=False)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serve(random_ckpt, "--no-ui") as url:
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(f"http://127.0.0.1:{httpd.server_address[1]}/", timeout=5)
+            urllib.request.urlopen(url + "/", timeout=5)
         assert e.value.code == 404
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        httpd.app.engine.stop()
 
 
 # -----------------------------------------------------------------------------
@@ -524,6 +524,20 @@ def test_renderer_builds_only_safe_nodes(browser, stub):
     assert out[2]["links"] == ["https://x/y.png", "https://ok.example/", "https://ok.example/path_(x)"]
     assert "</code></pre><script>alert(1)</script>" in out[3]["text"]
     assert "<u>u</u>" in out[4]["text"] and "<b>x</b>" in out[4]["text"]
+    markdown = {  # what the renderer makes of ordinary markdown (read back as HTML)
+        "***x*** **b** _i_ ~~d~~ `a*b*c` \\*no*": "<p><strong><em>x</em></strong> <strong>b</strong> <em>i</em> "
+                                                 "<del>d</del> <code>a*b*c</code> *no*</p>",
+        "snake_case_name and 2 * 3 * 4": "<p>snake_case_name and 2 * 3 * 4</p>",
+        "## Steps\n1. one\n2. two\n   - sub\n\nafter": "<h2>Steps</h2><ol><li><p>one</p></li><li><p>two</p>"
+                                                       "<ul><li><p>sub</p></li></ul></li></ol><p>after</p>",
+        "a\nb\n\n> q\n\n---": "<p>a<br>b</p><blockquote><p>q</p></blockquote><hr>",
+        "see https://a.example/x_(y). [t](http://b.example)": '<p>see <a href="https://a.example/x_(y)" target="_blank" '
+            'rel="noopener noreferrer nofollow">https://a.example/x_(y)</a>. <a href="http://b.example/" '
+            'target="_blank" rel="noopener noreferrer nofollow">t</a></p>',
+    }
+    html = js(d, "return arguments[0].map(src => { const b = document.createElement('div'); "
+                 "b.append(minimind.renderMarkdown(src)); return b.innerHTML; })", list(markdown))
+    assert dict(zip(markdown, html)) == markdown
     split = js(d, "return minimind.split({content: arguments[0]})", "<think>plan</think>\n\nanswer")
     assert split == {"reasoning": "plan", "answer": "answer"}
 
