@@ -7,6 +7,7 @@
     POST /v1/completions        raw continuation of a prompt (bos + prompt tokens)
     GET  /v1/models             the one model served
     GET  /health                liveness, active and queued requests
+    GET  /                      the chat page, ui/chat.html (off with --no-ui)
 
 Design:
 - HTTP is the standard library's ThreadingHTTPServer (a thread per connection, HTTP/1.1 keep-alive,
@@ -32,6 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -41,6 +43,7 @@ from tokenizer import TokenDecoder, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 MAX_STOP = 16  # stop strings per request
+UI_PAGE = Path(__file__).resolve().parent / "ui" / "chat.html"
 
 
 # -----------------------------------------------------------------------------
@@ -477,6 +480,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_page(self, data: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        self.wfile.write(data)
+
     def _error(self, e: APIError, close: bool = False):
         if e.status == 401:
             close = True
@@ -537,6 +548,8 @@ class Handler(BaseHTTPRequestHandler):
             path = self.path.split("?")[0].rstrip("/")
             if path == "/health":
                 return self._send_json(200, {"status": "ok", **self.app.engine.load(), **self.app.engine.stats})
+            if path == "" and self.app.ui and UI_PAGE.is_file():  # no key needed: the page asks on a 401
+                return self._send_page(UI_PAGE.read_bytes())
             self._check_key()
             if path == "/v1/models":
                 return self._send_json(200, {"object": "list", "data": [self.app.model_card()]})
@@ -715,9 +728,9 @@ class App:
     """What the request handlers share: model name, tokenizer, engine, limits."""
 
     def __init__(self, engine: Engine, tok, name: str, context: int, api_key: Optional[str] = None,
-                 default_max_tokens: int = 512, quiet: bool = False):
+                 default_max_tokens: int = 512, quiet: bool = False, ui: bool = True):
         self.engine, self.tok, self.name, self.context = engine, tok, name, context
-        self.api_key, self.quiet = api_key, quiet
+        self.api_key, self.quiet, self.ui = api_key, quiet, ui
         self.default_max_tokens = default_max_tokens
         self.default_max_tokens_raw = 16  # OpenAI's default for /v1/completions
         self.table = token_bytes(tok)  # token id -> bytes, shared by every TokenDecoder
@@ -730,11 +743,11 @@ class App:
 
 def make_server(model, tok, host: str = "127.0.0.1", port: int = 8000, name: str = "minimind", context: int = 2048,
                 api_key: Optional[str] = None, max_batch: int = 8, max_queue: int = 64, default_max_tokens: int = 512,
-                quiet: bool = False):
+                quiet: bool = False, ui: bool = True):
     """A ready (not yet serving) ThreadingHTTPServer with its engine started; `server.app` holds the rest.
     Serve with server.serve_forever(); stop with server.shutdown(), server.app.engine.stop()."""
     engine = Engine(model, tok.eos_id, max_batch, max_queue).start()
-    app = App(engine, tok, name, context, api_key, default_max_tokens, quiet)
+    app = App(engine, tok, name, context, api_key, default_max_tokens, quiet, ui)
     handler = type("BoundHandler", (Handler,), {"app": app})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
@@ -843,6 +856,7 @@ def build_parser():
     p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default="minimind", help="model id reported by /v1/models and in responses")
+    p.add_argument("--no-ui", action="store_true", help="do not serve the chat page (ui/chat.html) at /")
     # limits
     p.add_argument("--max-tokens", type=int, default=512,
                    help="chat completion length when a request gives no max_tokens (capped by the context)")
@@ -860,12 +874,14 @@ def main(argv=None):
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
     model, tok, device, context = load_from_args(args)
     server = make_server(model, tok, args.host, args.port, args.model_name, context, args.api_key, args.max_batch,
-                         args.max_queue, args.max_tokens, args.quiet)
+                         args.max_queue, args.max_tokens, args.quiet, not args.no_ui)
     host, port = server.server_address[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     print(f"serving {args.model_name} ({device}, context {context}) on http://{host}:{port}/v1", flush=True)
+    if not args.no_ui:
+        print(f"chat page: http://{host}:{port}/", flush=True)
     if args.shutdown_after > 0:
         timer = threading.Timer(args.shutdown_after, server.shutdown)
         timer.daemon = True
