@@ -419,7 +419,12 @@ def import_hf(hf_dir, out, force: bool = False) -> Path:
     """Convert a transformers directory into a minimind checkpoint under run dir `out`; returns its path."""
     hf_dir, out = Path(hf_dir), Path(out)
     refuse_nonempty(out, force, "write a checkpoint into it")
-    c = json.loads((hf_dir / "config.json").read_text())
+    if not (hf_dir / "config.json").is_file():
+        raise ExportError(f"{hf_dir}: not a transformers model directory (no config.json)")
+    try:
+        c = json.loads((hf_dir / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ExportError(f"{hf_dir / 'config.json'}: not JSON ({err})") from None
     cfg, arch = config_from_hf(c)
     if not (hf_dir / "tokenizer.json").exists():
         raise ExportError(f"{hf_dir}: no tokenizer.json (minimind needs the fast tokenizer file)")

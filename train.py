@@ -65,6 +65,20 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def positive(kind, zero: bool = False):
+    """argparse type: a finite number > 0 (>= 0 with zero=True)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not (value >= 0 if zero else value > 0) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if zero else '>'} 0, got {text}")
+        return value
+    parse.__name__ = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
+    return parse
+
+
 def fail(message: str):
     """A user mistake: one line on stderr, exit status 2 (no traceback)."""
     print(f"error: {message}", file=sys.stderr)
@@ -87,45 +101,53 @@ def build_parser():
                         "out/sft for dpo; none for pretrain)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny", choices=list(PRESETS), help="model preset (ignored with --init-from)")
-    g.add_argument("--aux-loss-coef", type=float, default=None, help="MoE balance loss weight (default: the preset's)")
+    g.add_argument("--aux-loss-coef", type=positive(float, zero=True), default=None,
+                   help="MoE balance loss weight (default: the preset's)")
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="prepared data directory from prepare.py (default: data/MODE)")
-    g.add_argument("--seq-len", type=int, default=None,
+    g.add_argument("--seq-len", type=positive(int), default=None,
                    help="tokens per row (default: pretrain 256, sft the checkpoint's, dpo the longest pair of "
                         "the data up to the model's limit)")
-    g.add_argument("--batch-size", type=int, default=16, help="rows per micro-batch per process")
-    g.add_argument("--batch-tokens", type=int, default=None,
+    g.add_argument("--batch-size", type=positive(int), default=16, help="rows per micro-batch per process")
+    g.add_argument("--batch-tokens", type=positive(int), default=None,
                    help="tokens per optimizer step over all processes; gradient accumulation makes up the "
                         "difference (default: one micro-batch per process)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--max-iters", type=int, default=None, help="optimizer steps (default 300, or from --epochs)")
-    g.add_argument("--epochs", type=float, default=None,
+    g.add_argument("--max-iters", type=positive(int), default=None,
+                   help="optimizer steps (default 300, or from --epochs)")
+    g.add_argument("--epochs", type=positive(float), default=None,
                    help="passes over the training data instead of --max-iters (fractions allowed)")
     g.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                    help="muon: Muon on attention/FFN matrices, AdamW on the rest (default: " +
                         ", ".join(f"{m} {o}" for m, o in DEFAULT_OPTIMIZER.items()) + ")")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=positive(float), default=None,
                    help="peak learning rate (default, tuned on the tiny preset: " +
                         ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of --lr")
-    g.add_argument("--warmup-iters", type=int, default=None, help="linear warmup steps (default: 5%% of --max-iters)")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on >=2-D weights")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    g.add_argument("--min-lr-ratio", type=positive(float, zero=True), default=0.1,
+                   help="final lr as a fraction of --lr")
+    g.add_argument("--warmup-iters", type=positive(int, zero=True), default=None,
+                   help="linear warmup steps (default: 5%% of --max-iters)")
+    g.add_argument("--weight-decay", type=positive(float, zero=True), default=0.1,
+                   help="AdamW weight decay on >=2-D weights")
+    g.add_argument("--grad-clip", type=positive(float, zero=True), default=1.0,
+                   help="clip the global gradient norm (0: off)")
     g = p.add_argument_group("dpo")
-    g.add_argument("--beta", type=float, default=0.1, help="DPO: strength of the KL tie to the reference model")
+    g.add_argument("--beta", type=positive(float), default=0.1,
+                   help="DPO: strength of the KL tie to the reference model")
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
     g = p.add_argument_group("lora (sft, dpo)")
-    g.add_argument("--lora-rank", type=int, default=0,
+    g.add_argument("--lora-rank", type=positive(int, zero=True), default=0,
                    help="train rank-R LoRA adapters on top of --init-from (frozen) instead of every weight (0: off)")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: updates are multiplied by alpha / rank")
+    g.add_argument("--lora-alpha", type=positive(float), default=16.0,
+                   help="LoRA scale: updates are multiplied by alpha / rank")
     g.add_argument("--lora-targets", default="q,k,v,o,gate,up,down",
                    help="layers that get adapters: any of q,k,v,o (attention), gate,up,down (feed-forward)")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (and at the end)")
-    g.add_argument("--eval-iters", type=int, default=20, help="validation batches per evaluation")
-    g.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--log-interval", type=int, default=10, help="print every N steps")
+    g.add_argument("--eval-interval", type=positive(int), default=100, help="evaluate every N steps (and at the end)")
+    g.add_argument("--eval-iters", type=positive(int), default=20, help="validation batches per evaluation")
+    g.add_argument("--save-interval", type=positive(int), default=100, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--log-interval", type=positive(int), default=10, help="print every N steps")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
     g.add_argument("--dtype", default="auto",
@@ -135,7 +157,8 @@ def build_parser():
     g.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
-    g.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU (default: known GPU or measured)")
+    g.add_argument("--peak-tflops", type=positive(float), default=None,
+                   help="peak for MFU (default: known GPU or measured)")
     return p
 
 
