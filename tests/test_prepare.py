@@ -102,3 +102,105 @@ def test_rerun_replaces_output_atomically(tmp_path, corpus, tokenizer_dir):
 def test_vocab_over_uint16_is_refused(tmp_path, corpus):
     r = prepare(["tokenizer", "--input", corpus, "--vocab-size", "70000", "--out", tmp_path / "t", "--quiet"])
     assert r.returncode != 0 and "65535" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# --out: only prepare's own outputs are replaced
+
+
+def test_out_holding_other_files_is_refused_and_kept(tmp_path, corpus, tokenizer_dir):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    mine = out / "corpus.jsonl"
+    mine.write_bytes(corpus.read_bytes())
+    for cmd in (["pretrain", "--tokenizer", tokenizer_dir], ["tokenizer", "--vocab-size", "400"]):
+        r = prepare([*cmd, "--input", mine, "--out", out, "--quiet"])
+        assert r.returncode != 0 and "--force" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        # the input inside --out is never deleted, not even with --force
+        r = prepare([*cmd, "--input", mine, "--out", out, "--quiet", "--force"])
+        assert r.returncode != 0 and "inside" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert sorted(p.name for p in out.iterdir()) == ["corpus.jsonl", "notes.txt"]
+        assert mine.read_bytes() == corpus.read_bytes()
+    # --force replaces a directory that holds no input
+    r = prepare(["pretrain", "--input", corpus, "--tokenizer", tokenizer_dir, "--out", out, "--quiet", "--force"])
+    assert r.returncode == 0, r.stderr
+    assert (out / "meta.json").exists() and not (out / "notes.txt").exists()
+
+
+def test_rerun_replaces_prepares_own_outputs_without_force(tmp_path, corpus, tokenizer_dir):
+    tok = tmp_path / "tok"
+    for _ in range(2):
+        r = prepare(["tokenizer", "--input", corpus, "--vocab-size", "400", "--out", tok, "--quiet"])
+        assert r.returncode == 0, r.stderr
+    out = tmp_path / "data"
+    for _ in range(2):
+        r = prepare(["pretrain", "--input", corpus, "--tokenizer", tok, "--out", out, "--quiet"])
+        assert r.returncode == 0, r.stderr
+    assert json.loads((out / "meta.json").read_text())["written_by"] == "minimind prepare.py"
+    # a directory of the same look that prepare did not write (a downloaded tokenizer) is not replaced
+    hf = tmp_path / "downloaded"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_bytes((tok / "tokenizer.json").read_bytes())
+    (hf / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
+    r = prepare(["tokenizer", "--input", corpus, "--vocab-size", "400", "--out", hf, "--quiet"])
+    assert r.returncode != 0 and "--force" in r.stderr
+    assert json.loads((hf / "tokenizer_config.json").read_text()) == {"tokenizer_class": "PreTrainedTokenizerFast"}
+    # the tokenizer being read is never the output, even with --force
+    r = prepare(["pretrain", "--input", corpus, "--tokenizer", tok, "--out", tok, "--quiet", "--force"])
+    assert r.returncode != 0 and "inside" in r.stderr and (tok / "tokenizer.json").exists()
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one line, no traceback
+
+
+def one_line_error(r, *needles):
+    assert r.returncode != 0 and "Traceback" not in r.stderr + r.stdout, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for n in needles:
+        assert str(n) in r.stderr, r.stderr
+
+
+def test_plain_text_not_utf8_names_file_and_line(tmp_path, tokenizer_dir):
+    txt = tmp_path / "book.txt"
+    txt.write_bytes("第一段\n\n第二段\n".encode("utf-8") + b"caf\xe9\n")
+    r = prepare(["pretrain", "--input", txt, "--tokenizer", tokenizer_dir, "--out", tmp_path / "o", "--quiet"])
+    one_line_error(r, f"{txt}:4: not UTF-8")
+    r = prepare(["tokenizer", "--input", txt, "--vocab-size", "400", "--out", tmp_path / "t", "--quiet"])
+    one_line_error(r, f"{txt}:4: not UTF-8")
+
+
+def test_plain_text_bom_is_accepted(tmp_path, tokenizer_dir):
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes(b"\xef\xbb\xbf" + "第一段\n\n第二段\n".encode("utf-8"))
+    out = tmp_path / "o"
+    r = prepare(["pretrain", "--input", txt, "--tokenizer", tokenizer_dir, "--out", out, "--quiet",
+                 "--val-fraction", "0"])
+    assert r.returncode == 0, r.stderr
+    tok = Tokenizer(tokenizer_dir)
+    text = tok.decode(np.fromfile(out / "train.bin", dtype=np.uint16).tolist(), skip_special_tokens=False)
+    assert text == "<|im_start|>第一段<|im_end|><|im_start|>第二段<|im_end|>"
+
+
+def test_directory_input_missing_tokenizer_and_unwritable_out(tmp_path, corpus, tokenizer_dir):
+    """As command lines; test_prepare_errors.py runs these and many more cases in-process."""
+    r = prepare(["pretrain", "--input", tmp_path, "--tokenizer", tokenizer_dir, "--out", tmp_path / "o", "--quiet"])
+    one_line_error(r, tmp_path, "directory")
+    one_line_error(prepare(["pretrain", "--input", corpus, "--tokenizer", tmp_path / "nowhere", "--out", tmp_path / "o",
+                            "--quiet"]), "nowhere")
+    # /sys refuses new entries, to root too
+    one_line_error(prepare(["pretrain", "--input", corpus, "--tokenizer", tokenizer_dir, "--out", "/sys/minimind-out",
+                            "--quiet"]), "/sys/minimind-out", "cannot write")
+
+
+def test_tokenizer_refuses_tiny_vocab_and_empty_input(tmp_path, corpus):
+    r = prepare(["tokenizer", "--input", corpus, "--vocab-size", "10", "--out", tmp_path / "t", "--quiet"])
+    one_line_error(r, "--vocab-size 10", "at least")
+    assert not (tmp_path / "t").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    r = prepare(["tokenizer", "--input", empty, "--out", tmp_path / "t", "--quiet"])
+    one_line_error(r, "empty")
+    assert not (tmp_path / "t").exists()
