@@ -317,7 +317,7 @@ def conversation_segments(obj, key: str, augment: Optional[dict] = None, rng=Non
     # MiniMind leaves the tool-use conversations as they are
     if augment and not tools and msgs[0]["role"] != "system" and rng.random() < augment["system_prompt"]:
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *msgs]
-    segs = chat_segments(msgs, tools)
+    segs = chat_segments(msgs, tools=tools)
     if augment and rng.random() < augment["drop_empty_think"]:
         segs = [(t.replace(EMPTY_THINK, "") if trained else t, trained) for t, trained in segs]
     return segs if segs[-1][1] else segs[:-1]

@@ -153,7 +153,7 @@ def _assistant_text(m) -> str:
     return text
 
 
-def chat_segments(messages, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
+def chat_segments(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
                   enable_thinking: bool = False) -> list:
     """The chat-template text of a conversation cut into (text, trained) pieces; their concatenation
     is `render_chat`. trained = what an assistant writes: its think block, its text, its tool calls
@@ -195,11 +195,12 @@ def chat_segments(messages, tools=None, add_generation_prompt: bool = False, ope
     return segs
 
 
-def render_chat(messages, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
+def render_chat(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
                 enable_thinking: bool = False) -> str:
     """The chat-template text of a conversation: what transformers' apply_chat_template gives with
     CHAT_TEMPLATE, byte for byte (arguments as in `chat_segments`)."""
-    return "".join(t for t, _ in chat_segments(messages, tools, add_generation_prompt, open_thinking, enable_thinking))
+    return "".join(t for t, _ in chat_segments(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               open_thinking=open_thinking, enable_thinking=enable_thinking))
 
 
 # -----------------------------------------------------------------------------

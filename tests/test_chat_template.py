@@ -213,10 +213,10 @@ OPENAI_RECORD = {"tools": [WEATHER], "conversations": [
 
 
 def test_minimind_and_openai_records_render_alike():
-    a = check_conversation(MINIMIND_RECORD["conversations"])
-    b = check_conversation(OPENAI_RECORD["conversations"], OPENAI_RECORD["tools"])
-    assert a[1] == b[1] == [WEATHER] and render_chat(*a) == render_chat(*b)
-    assert "查到了。" in render_chat(*a) and "北京3度。" in render_chat(*a)
+    (a, tools), (b, openai_tools) = (check_conversation(MINIMIND_RECORD["conversations"]),
+                                     check_conversation(OPENAI_RECORD["conversations"], OPENAI_RECORD["tools"]))
+    assert tools == openai_tools == [WEATHER] and render_chat(a, tools=tools) == render_chat(b, tools=tools)
+    assert "<think>\n查到了。\n</think>\n\n北京3度。" in render_chat(a, tools=tools)
 
 
 @pytest.mark.parametrize("messages, tools, message", [
@@ -253,7 +253,8 @@ def test_sft_mask_is_what_the_assistant_writes_token_by_token(tmp_path, tokenize
     tok = Tokenizer(tmp_path / "d" / "tokenizer")
     tokens = np.fromfile(tmp_path / "d" / "train.bin", dtype=np.uint16).tolist()
     mask = np.fromfile(tmp_path / "d" / "train.mask", dtype=np.uint8).tolist()
-    text = render_chat(*check_conversation(MINIMIND_RECORD["conversations"]))
+    messages, tools = check_conversation(MINIMIND_RECORD["conversations"])
+    text = render_chat(messages, tools=tools)
     assert tokens == tok.encode(text[:-1])  # the whole conversation but the newline after the last <|im_end|>
     # the bytes the assistant writes: from after each "<|im_start|>assistant\n" through its <|im_end|>
     raw, trained = text.encode("utf-8"), set()
