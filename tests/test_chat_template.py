@@ -414,3 +414,18 @@ def test_streamed_events_come_as_soon_as_they_are_certain():
     [(kind, call)] = p.feed("</tool_call>")
     assert kind == "tool_call" and call["function"] == {"name": "f", "arguments": "{}"}
     assert p.finish() == []
+
+
+def test_chat_display_shows_the_reasoning_apart_and_the_tool_calls(capsys, random_ckpt):
+    from sample import ReplyDisplay
+    parser, show = ReplyParser(thinking=True), ReplyDisplay()
+    for piece in ["想一", "想\n</th", "ink>\n\n好的", "<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}\n</tool_call>"]:
+        show(parser.feed(piece))
+    show(parser.finish())
+    assert capsys.readouterr().out == "[think] 想一想\n好的\n[tool call] f({\"x\": 1})"
+    assert show.message["content"] == "好的" and show.message["reasoning_content"] == "想一想"
+    assert [c["function"] for c in show.message["tool_calls"]] == [{"name": "f", "arguments": "{\"x\": 1}"}]
+    # --think on: the prompt opens a think block, so the reply starts as reasoning
+    r = run(["sample.py", "--ckpt", random_ckpt, "--chat", "--think", "on", "--max-new-tokens", "8",
+             "--temperature", "0"], input="小明喜欢什么？\n")
+    assert r.stdout.startswith("[think] ") and r.stdout.endswith("\n")
