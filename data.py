@@ -21,19 +21,70 @@ class DataError(ValueError):
     """A malformed input record; the message names the file and line."""
 
 
-def check_conversation(msgs):
-    """Raise ValueError naming the first problem of a list of {"role", "content"} messages."""
+def _json_list(value, what: str) -> list:
+    """A list given as it is or, as MiniMind stores `tools` and `tool_calls`, as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{what} is not valid JSON") from None
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise ValueError(f"{what}: expected a list of objects")
+    return value
+
+
+def _check_tool_call(call: dict, what: str):
+    fn = call.get("function") or call  # OpenAI's {"function": {...}} or MiniMind's flat {"name", "arguments"}
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise ValueError(f"{what}: expected a \"name\"")
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            raise ValueError(f"{what}: arguments are not valid JSON") from None
+    if not isinstance(args, dict):
+        raise ValueError(f"{what}: expected \"arguments\", an object or its JSON text")
+
+
+def check_conversation(msgs, tools=None):
+    """Check a conversation and return it as `tokenizer.render_chat` takes it: (messages, tools).
+
+    Messages are OpenAI's or MiniMind's: {"role": system | user | assistant | tool, "content"}, an
+    assistant's with "reasoning_content" and "tool_calls" ([{"function": {"name", "arguments"}}] or
+    [{"name", "arguments"}]). The function specs come as `tools` (the record's field) or, where
+    MiniMind keeps them, as "tools" on the system message; MiniMind's JSON-text `tools` and
+    `tool_calls` are parsed. Content may be empty or null in a system message, a tool result and an
+    assistant turn that only calls tools. Raises ValueError naming the first problem."""
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("expected a non-empty list of messages")
+    out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
-        if m.get("role") not in ROLES:
-            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
+        role, content, m = m.get("role"), m.get("content"), dict(m)
+        if role not in ROLES:
+            raise ValueError(f"message {i}: unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        for key in ("content", "reasoning_content"):
+            if m.get(key) is not None and not isinstance(m[key], str):
+                raise ValueError(f"message {i}: {key} must be a string")
+        if m.get("tools"):
+            if role != "system" or tools:
+                raise ValueError(f"message {i}: tools belong on the record or on its one system message")
+            tools = m["tools"]
+        m.pop("tools", None)
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise ValueError(f"message {i}: only the assistant makes tool calls")
+            m["tool_calls"] = _json_list(m["tool_calls"], f"message {i}: tool_calls")
+            for j, call in enumerate(m["tool_calls"]):
+                _check_tool_call(call, f"message {i}: tool call {j}")
+        if not (content or "").strip() and (role == "user" or (role == "assistant" and not m.get("tool_calls"))):
             raise ValueError(f"message {i}: empty content")
-    if msgs[-1]["role"] != "assistant":
+        out.append(m)
+    if out[-1]["role"] != "assistant":
         raise ValueError("the conversation does not end with an assistant turn")
+    return out, (_json_list(tools, "tools") if tools else None)
 
 
 def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):

@@ -24,19 +24,21 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import sys
 import tempfile
 import time
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
 import corpus
 from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
-from tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Tokenizer, chat_segments, render_chat
+from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
 
 # -----------------------------------------------------------------------------
 # reading documents
@@ -220,6 +222,8 @@ def cmd_tokenizer(args):
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
     if args.vocab_size > 65535:
         sys.exit(f"--vocab-size {args.vocab_size}: token files are uint16, so at most 65535")
+    if args.vocab_size <= 256 + len(ADDED_TOKENS):
+        sys.exit(f"--vocab-size {args.vocab_size}: the 256 bytes and {len(ADDED_TOKENS)} added tokens leave no room")
     out = Path(args.out)
     bad = {}
     progress = tqdm(total=input_bytes(args.input) or None, unit="B", unit_scale=True, desc="reading",
@@ -238,12 +242,18 @@ def cmd_tokenizer(args):
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=SPECIAL_TOKENS,
+    # MiniMind-3's added tokens take ids 0..35, so its tokenizer and ours agree on them
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=[t for t, _ in ADDED_TOKENS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=not args.quiet)
     tok.train_from_iterator(texts(), trainer=trainer)
     progress.close()
-    for i, t in enumerate(SPECIAL_TOKENS):
-        assert tok.token_to_id(t) == i, f"special token {t} should have id {i}"
+    # the trainer makes them all special; the think and tool tags are not (decoding keeps them)
+    spec = json.loads(tok.to_str())
+    for t in spec["added_tokens"]:
+        t["special"] = dict(ADDED_TOKENS)[t["content"]]
+    tok = HFTokenizer.from_str(json.dumps(spec))
+    for i, (t, _) in enumerate(ADDED_TOKENS):
+        assert tok.token_to_id(t) == i, f"added token {t} should have id {i}"
 
     with staged_output(out) as tmp:
         write_tokenizer_dir(tok, tmp)
@@ -257,6 +267,7 @@ def write_tokenizer_dir(tok, tmp: Path):
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None,
+        "additional_special_tokens": [t for t, special in ADDED_TOKENS if special and t != PAD],
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": 32768, "chat_template": CHAT_TEMPLATE,
     }
@@ -377,16 +388,45 @@ def encode_segments(tok, pieces):
     return out
 
 
-def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool):
-    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad", message) | ("overlong",)]."""
+# MiniMind's SFT augmentation (dataset/lm_dataset.py), off by default: a system prompt from this list
+# added to a fraction of the conversations that have none, the empty think block dropped from a fraction
+SYSTEM_PROMPTS = [
+    "你是一个乐于助人的AI助手。",
+    "你是minimind，一个小而有用的语言模型。",
+    "你是一个知识渊博的助手，请准确、有条理地回答。",
+    "请认真回答用户的问题。",
+    "You are a helpful assistant.",
+    "You are minimind, a small but capable language model.",
+    "You are a knowledgeable assistant. Answer accurately and clearly.",
+    "You are a friendly chatbot; answer the user's questions with care.",
+]
+
+
+def conversation_segments(obj, key: str, augment: Optional[dict] = None, rng=None) -> list:
+    """(text, trained) pieces of the conversation obj[key] as it is stored (`chat_segments`); the
+    newline after the last <|im_end|> is left out: nothing is learned from it. `augment`: the
+    fractions {"system_prompt", "drop_empty_think"}, drawn with `rng`."""
+    msgs, tools = check_conversation(obj.get(key), obj.get("tools"))
+    # MiniMind leaves the tool-use conversations as they are
+    if augment and not tools and msgs[0]["role"] != "system" and rng.random() < augment["system_prompt"]:
+        msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *msgs]
+    segs = chat_segments(msgs, tools=tools)
+    if augment and rng.random() < augment["drop_empty_think"]:
+        segs = [(t.replace(EMPTY_THINK, "") if trained else t, trained) for t, trained in segs]
+    return segs if segs[-1][1] else segs[:-1]
+
+
+def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optional[dict] = None):
+    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad", message) | ("overlong",)].
+    `augment` (conversation_segments) also holds a seed: a record's draws depend on it and on the
+    record's file name and line only, not on how records are split among workers."""
     results, pieces = [None] * len(chunk), []
     for i, (path, line, obj) in enumerate(chunk):
+        rng = random.Random(f"{augment['seed']}:{os.path.basename(path)}:{line}") if augment else None
         try:
-            check_conversation(obj.get("conversations"))
+            pieces.append((i, conversation_segments(obj, "conversations", augment, rng)))
         except ValueError as e:
             results[i] = ("bad", f"{path}:{line}: {e}")
-            continue
-        pieces.append((i, chat_segments(obj["conversations"])))
     for (i, _), (ids, mask) in zip(pieces, encode_segments(_worker_tok, [s for _, s in pieces])):
         truncated = len(ids) > max_len
         if truncated:
@@ -404,23 +444,24 @@ def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
     results, pieces, where = [None] * len(chunk), [], []
     for i, (path, line, obj) in enumerate(chunk):
         try:
+            segs = {}
             for key in ("chosen", "rejected"):
                 try:
-                    check_conversation(obj.get(key))
+                    segs[key] = conversation_segments(obj, key)
                 except ValueError as e:
                     raise ValueError(f"\"{key}\": {e}") from None
         except ValueError as e:
             results[i] = ("bad", f"{path}:{line}: {e}")
             continue
-        c, r = obj["chosen"], obj["rejected"]
-        k = 0  # the shared prompt: the longest common prefix of messages
+        c, r = segs["chosen"], segs["rejected"]
+        k = 0  # the shared prompt: the pieces both begin with (up to the header of the first reply that differs)
         while k < min(len(c), len(r)) and c[k] == r[k]:
             k += 1
         if k == len(c) and k == len(r):
             results[i] = ("identical",)
             continue
-        prompt = [(render_chat(c[:k]), False)] if k else []
-        pieces += [prompt, chat_segments(c[k:]), chat_segments(r[k:])]
+        prompt = [("".join(t for t, _ in c[:k]), False)] if k else []
+        pieces += [prompt, c[k:], r[k:]]
         where.append(i)
     enc = encode_segments(_worker_tok, pieces)
     for j, i in enumerate(where):
@@ -471,6 +512,9 @@ def cmd_chat(args):
 
     encode = partial(_encode_sft_chunk if kind == "sft" else _encode_dpo_chunk, max_len=args.max_len,
                      drop_overlong=args.overlong == "drop")
+    if kind == "sft" and (args.system_prompt_fraction or args.drop_empty_think_fraction):
+        encode = partial(encode, augment={"system_prompt": args.system_prompt_fraction,
+                                          "drop_empty_think": args.drop_empty_think_fraction, "seed": args.seed})
     with staged_output(out) as tmp, contextlib.ExitStack() as stack:
         writer = TokenFileWriter(tmp, kind)
         stack.callback(writer.close)
@@ -501,7 +545,8 @@ def cmd_chat(args):
             "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
             "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
             "inputs": [str(p) for p in args.input] or ["<default chat corpus: chatterbot-corpus>"],
-            **({"dropped_identical": dropped["identical"]} if kind == "dpo" else {}),
+            **({"dropped_identical": dropped["identical"]} if kind == "dpo" else
+               {k: vars(args)[k] for k in ("system_prompt_fraction", "drop_empty_think_fraction", "seed")}),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
@@ -572,6 +617,14 @@ def build_parser():
         p.add_argument("--overlong", choices=("truncate", "drop"), default="truncate",
                        help="what to do with records over --max-len (either way they are counted)")
         p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
+        if kind == "sft":  # MiniMind's data options (dataset/lm_dataset.py), off by default
+            p.add_argument("--system-prompt-fraction", type=float, default=0.0,
+                           help="add a random built-in system prompt to this fraction of the conversations without "
+                                "one (tool-use conversations excepted); MiniMind uses 0.2")
+            p.add_argument("--drop-empty-think-fraction", type=float, default=0.0,
+                           help="remove the empty think block of replies without reasoning from this fraction of "
+                                "the conversations (MiniMind drops most of them)")
+            p.add_argument("--seed", type=int, default=0, help="seed of the two options above")
         if kind == "dpo":
             p.add_argument("--seed", type=int, default=0, help="draws the rejected replies of the embedded pairs")
         p.set_defaults(func=cmd_chat)
@@ -590,10 +643,10 @@ def check_args(args):
     if hasattr(args, "val_fraction") and not 0 <= args.val_fraction < 1:
         raise DataError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
     if args.cmd == "tokenizer":
-        least = 256 + len(SPECIAL_TOKENS) + MIN_MERGES
+        least = 256 + len(ADDED_TOKENS) + MIN_MERGES
         if args.vocab_size < least:
             raise DataError(f"--vocab-size {args.vocab_size}: must be at least {least} (256 bytes + "
-                            f"{len(SPECIAL_TOKENS)} special tokens + {MIN_MERGES} merges)")
+                            f"{len(ADDED_TOKENS)} special tokens + {MIN_MERGES} merges)")
 
 
 def main(argv=None):

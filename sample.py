@@ -3,12 +3,15 @@
     python sample.py --ckpt out/pretrain --prompt "人工智能是" --max-new-tokens 100
     python sample.py --ckpt out/pretrain --prompt "春天" --prompt "The weather today" --temperature 0
     python sample.py --ckpt out/sft --chat --system "你是一个乐于助人的助手。"
+    python sample.py --ckpt out/sft --chat --think on
 
 One --prompt streams its continuation (a pretrained model sees bos + prompt tokens). Several
 --prompt flags are decoded together as one left-padded batch: with --temperature 0 every result
 is the same as that prompt decoded alone. --chat is a multi-turn conversation in the tokenizer's
 chat template: the history is kept across turns and its oldest turns are dropped when it no longer
 fits the context window; /reset clears it, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.
+With --think on the reply starts inside a think block: its reasoning is shown dim, after "[think]",
+apart from the answer; tool calls are shown as "[tool call] name(arguments)".
 
 Streamed text never shows half a character: the byte-level tokenizer can split one UTF-8
 character over several tokens, so bytes are held back until they form complete characters.
@@ -24,7 +27,7 @@ from typing import Optional
 import torch
 
 from checkpoint import add_model_args, load_from_args
-from tokenizer import TokenDecoder
+from tokenizer import ReplyParser, TokenDecoder
 
 
 # -----------------------------------------------------------------------------
@@ -79,12 +82,12 @@ def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[i
     return out
 
 
-def fit_history(tok, messages: list, context: int, reserve: int):
+def fit_history(tok, messages: list, context: int, reserve: int, thinking: bool = False):
     """Drop the oldest turns (never the system message nor the newest message) until the chat
     prompt leaves `reserve` tokens of the context for the reply. Returns (messages, prompt ids)."""
     messages = list(messages)
     while True:
-        ids = tok.encode_chat(messages, add_generation_prompt=True)
+        ids = tok.encode_chat(messages, add_generation_prompt=True, open_thinking=thinking)
         first = 1 if messages and messages[0]["role"] == "system" else 0
         if len(ids) + reserve <= context or len(messages) - first <= 1:
             return messages, ids
@@ -136,6 +139,7 @@ def run_chat(model, tok, args, context: int):
     history = list(system)
     reserve = min(args.max_new_tokens, context // 2)  # room kept for the reply when trimming history
     interactive = sys.stdin.isatty()
+    thinking = args.think == "on"
     if interactive:
         print(f"[chat: context {context} tokens; /reset clears the history, /exit quits]", file=sys.stderr)
     while True:
@@ -154,28 +158,57 @@ def run_chat(model, tok, args, context: int):
             history = list(system)
             print("[history cleared]", file=sys.stderr)
             continue
-        history, ids = fit_history(tok, history + [{"role": "user", "content": line}], context, reserve)
+        history, ids = fit_history(tok, history + [{"role": "user", "content": line}], context, reserve, thinking)
         max_new = min(args.max_new_tokens, context - len(ids))
         if max_new <= 0:
             print(f"[message too long: {len(ids)} tokens, the context window is {context}]", file=sys.stderr)
             history.pop()
             continue
-        dec, reply, n, t0 = TokenDecoder(tok), [], 0, time.time()
+        dec, parser, show, n, t0 = TokenDecoder(tok), ReplyParser(thinking), ReplyDisplay(), 0, time.time()
         try:
             for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, **gen):
                 n += 1
                 if t == tok.eos_id:
                     break
-                piece = dec.feed(t)
-                reply.append(piece)
-                print(piece, end="", flush=True)
+                show(parser.feed(dec.feed(t)))
         except KeyboardInterrupt:  # stop this reply, keep chatting
             print(" [interrupted]", end="")
-        reply.append(dec.flush())
-        print(reply[-1], flush=True)
+        show(parser.feed(dec.flush()) + parser.finish())
+        print(show.reset if show.end else "", flush=True)  # closes the reasoning if it is still open
         dt = time.time() - t0
         print(f"[{n} tokens, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr, flush=True)
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history.append(show.message)
+
+
+class ReplyDisplay:
+    """Print a ReplyParser's events as they come: the reasoning dim after "[think] ", the answer on a
+    line of its own, each tool call as "[tool call] name(arguments)". `message` collects the reply
+    as the assistant message of the history; `end` closes what is being shown."""
+
+    def __init__(self):
+        self.dim, self.reset = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+        self.message = {"role": "assistant", "content": "", "reasoning_content": ""}
+        self.end = ""
+
+    def __call__(self, events):
+        for kind, value in events:
+            if kind == "reasoning":
+                text = ("" if self.message["reasoning_content"] else self.dim + "[think] ") + value
+                self.message["reasoning_content"] += value
+                self.end = self.reset + "\n"
+                print(text, end="", flush=True)
+                continue
+            print(self.end, end="")
+            self.end = ""
+            if kind == "content":
+                self.message["content"] += value
+                print(value, end="", flush=True)
+            else:
+                calls = self.message.setdefault("tool_calls", [])
+                f = value["function"]
+                print(("\n" if self.message["content"] or calls else "") + f"[tool call] {f['name']}({f['arguments']})",
+                      end="", flush=True)
+                calls.append(value)
 
 
 # -----------------------------------------------------------------------------
@@ -248,6 +281,8 @@ def build_parser():
                    help="text to continue; repeat the flag to decode several prompts as one batch")
     p.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (chat template)")
     p.add_argument("--system", default="", help="--chat: system message")
+    p.add_argument("--think", choices=("on", "off"), default="off",
+                   help="--chat: let the model reason in a think block before it answers (the template's switch)")
     # sampling
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate at most (per reply)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")

@@ -1,9 +1,11 @@
-"""The tokenizer and the chat format: special tokens, ChatML rendered in one place (`render_chat`,
-and the same thing as a Jinja template for transformers), and streaming detokenization that never
-shows half a UTF-8 character."""
+"""The tokenizer and the chat format: MiniMind-3's special tokens and chat template (ChatML with think
+blocks, tools, tool calls and tool responses), rendered in one place (`chat_segments`, `render_chat`)
+and kept as the Jinja template for transformers; the parser of what the model writes (reasoning,
+text, tool calls; whole or streamed); streaming detokenization that never shows half a character."""
 import codecs
 import hashlib
 import json
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -11,40 +13,312 @@ from tokenizers import Tokenizer as HFTokenizer
 
 
 BOS, EOS, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
-# ChatML, as MiniMind-3 and Qwen use it; `render_chat` below is the same thing in Python
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-ROLES = ("system", "user", "assistant")
+SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2 in every tokenizer of this project, old or new
+THINK, THINK_END = "<think>", "</think>"
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
+# MiniMind-3's added tokens, in id order (0..35), with its `special` flag: special tokens are dropped
+# by decode(skip_special_tokens=True); the think and tool tags are not, so replies keep them.
+ADDED_TOKENS = [(t, True) for t in (
+    PAD, BOS, EOS, "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>",
+    "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+    "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>", "<tts_pad>", "<tts_text_bos>", "<tts_text_eod>",
+    "<tts_text_bos_single>")] + [(t, False) for t in (
+    TOOL_CALL, TOOL_CALL_END, "<tool_response>", "</tool_response>", THINK, THINK_END,
+    *(f"<|buffer{i}|>" for i in range(1, 10)))]
+ROLES = ("system", "user", "assistant", "tool")
+
+# MiniMind-3's chat template, verbatim (its model/tokenizer_config.json). `chat_segments` below
+# renders the same text in Python; tests/test_chat_template.py holds the two to each other.
+CHAT_TEMPLATE = r"""{%- if tools %}
+    {{- '<|im_start|>system\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- messages[0].content + '\n\n' }}
+    {%- endif %}
+    {{- "# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n</tool_call><|im_end|>\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- set index = (messages|length - 1) - loop.index0 %}
+    {%- if ns.multi_step_tool and message.role == "user" and message.content is string and not(message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')) %}
+        {%- set ns.multi_step_tool = false %}
+        {%- set ns.last_query_index = index %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.content is string %}
+        {%- set content = message.content %}
+    {%- else %}
+        {%- set content = '' %}
+    {%- endif %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}
+    {%- elif message.role == "assistant" %}
+        {%- set reasoning_content = '' %}
+        {%- if message.reasoning_content is string %}
+            {%- set reasoning_content = message.reasoning_content %}
+        {%- else %}
+            {%- if '</think>' in content %}
+                {%- set reasoning_content = content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n') %}
+                {%- set content = content.split('</think>')[-1].lstrip('\n') %}
+            {%- endif %}
+        {%- endif %}
+        {%- if true %}
+            {{- '<|im_start|>' + message.role + '\n<think>\n' + reasoning_content.strip('\n') + '\n</think>\n\n' + content.lstrip('\n') }}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\n<tool_response>\n' }}
+        {{- content }}
+        {{- '\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\n' }}
+    {%- if open_thinking is defined and open_thinking is true %}
+        {{- '<think>\n' }}
+    {%- else %}
+        {{- '<think>\n\n</think>\n\n' }}
+    {%- endif %}
+{%- endif %}"""
+TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_FOOTER = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+                "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+                "<args-json-object>}\n</tool_call>")
+EMPTY_THINK = f"{THINK}\n\n{THINK_END}\n\n"  # what every reply without reasoning starts with
 
 
-def chat_segments(msgs):
-    """The ChatML text of a conversation cut into (text, trained) pieces:
-    trained = an assistant reply and the <|im_end|> that closes it. Cuts fall only right after a
-    role header's newline or after <|im_end|> (a special token), so encoding the pieces one by one
-    gives the tokens of the whole text, the tokens the model sees in `sample.py --chat`. The
-    newline after the final <|im_end|> is left out: no loss would ever be computed from it."""
+def _text(x) -> str:
+    return x if isinstance(x, str) else ""
+
+
+def _tool_call_text(call) -> str:
+    """One assistant tool call as the template writes it: a <tool_call> block of {"name", "arguments"}.
+    `call` is OpenAI's {"function": {"name", "arguments"}} or just {"name", "arguments"}; string
+    arguments (OpenAI sends JSON text) are written as they are, objects as JSON."""
+    call = call.get("function") or call
+    args = call.get("arguments", {})
+    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return f'{TOOL_CALL}\n{{"name": "{call.get("name", "")}", "arguments": {args}}}\n{TOOL_CALL_END}'
+
+
+def _assistant_text(m) -> str:
+    """What the assistant wrote in message `m`: its think block (empty when it has no reasoning),
+    its text, its tool calls. Reasoning comes from `reasoning_content`, else out of the content's
+    <think>...</think>."""
+    content, reasoning = _text(m.get("content")), m.get("reasoning_content")
+    if not isinstance(reasoning, str):
+        reasoning = ""
+        if THINK_END in content:
+            reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
+            content = content.split(THINK_END)[-1].lstrip("\n")
+    reasoning, shown = reasoning.strip("\n"), content.lstrip("\n")
+    text = f"{THINK}\n{reasoning}\n{THINK_END}\n\n{shown}"
+    for i, call in enumerate(m.get("tool_calls") or []):
+        text += ("\n" if i or content else "") + _tool_call_text(call)
+    return text
+
+
+def chat_segments(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
+                  enable_thinking: bool = False) -> list:
+    """The chat-template text of a conversation cut into (text, trained) pieces; their concatenation
+    is `render_chat`. trained = what an assistant writes: its think block, its text, its tool calls
+    and the <|im_end|> that closes them; never a role header, a tool response, the prompt.
+
+    messages: [{"role": "system" | "user" | "assistant" | "tool", "content", and for the assistant
+    "reasoning_content" and "tool_calls"}], OpenAI's shapes; tools: OpenAI function specs, listed
+    in the system turn. Thinking (`open_thinking`, MiniMind-3's name, or `enable_thinking`, Qwen3's)
+    only changes the generation prompt: open, it ends inside a think block ("<think>\\n"); closed,
+    with an empty one. Roles the template does not know are left out, as the template does.
+
+    Cuts fall right after "<|im_start|>assistant\\n" and right after <|im_end|> (a special token),
+    so encoding the pieces one by one gives the tokens of the whole text."""
     segs, prompt = [], ""
-    for m in msgs:
-        head = f"{BOS}{m['role']}\n"
-        if m["role"] == "assistant":
-            segs += [(prompt + head, False), (m["content"] + EOS, True)]
+    first_system = bool(messages) and messages[0].get("role") == "system"
+    if tools:
+        prompt = f"{BOS}system\n" + (_text(messages[0].get("content")) + "\n\n" if first_system else "")
+        prompt += TOOLS_HEADER + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        prompt += TOOLS_FOOTER + f"{EOS}\n"
+    elif first_system:
+        prompt = f"{BOS}system\n{_text(messages[0].get('content'))}{EOS}\n"
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), _text(m.get("content"))
+        if role == "user" or (role == "system" and i > 0):
+            prompt += f"{BOS}{role}\n{content}{EOS}\n"
+        elif role == "assistant":
+            segs += [(prompt + f"{BOS}assistant\n", False), (_assistant_text(m) + EOS, True)]
             prompt = "\n"
-        else:
-            prompt += head + m["content"] + EOS + "\n"
-    if msgs[-1]["role"] != "assistant":
+        elif role == "tool":  # tool results go back as a user turn, consecutive ones in the same turn
+            if i == 0 or messages[i - 1].get("role") != "tool":
+                prompt += f"{BOS}user"
+            prompt += f"\n<tool_response>\n{content}\n</tool_response>"
+            if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
+                prompt += f"{EOS}\n"
+    if add_generation_prompt:
+        prompt += f"{BOS}assistant\n" + (f"{THINK}\n" if open_thinking or enable_thinking else EMPTY_THINK)
+    if prompt:
         segs.append((prompt, False))
     return segs
 
 
-def render_chat(messages, add_generation_prompt: bool = False) -> str:
-    """ChatML text of a conversation [{"role", "content"}, ...] (same as CHAT_TEMPLATE)."""
-    text = "".join(f"{BOS}{m['role']}\n{m['content']}{EOS}\n" for m in messages)
-    return text + (f"{BOS}assistant\n" if add_generation_prompt else "")
+def render_chat(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
+                enable_thinking: bool = False) -> str:
+    """The chat-template text of a conversation: what transformers' apply_chat_template gives with
+    CHAT_TEMPLATE, byte for byte (arguments as in `chat_segments`)."""
+    return "".join(t for t, _ in chat_segments(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                               open_thinking=open_thinking, enable_thinking=enable_thinking))
+
+
+# -----------------------------------------------------------------------------
+# what the model writes -> reasoning, text, tool calls (OpenAI's message fields)
+
+def _tool_call(body: str) -> Optional[dict]:
+    """The JSON inside <tool_call>...</tool_call> as an OpenAI tool call, or None if it is not
+    {"name": str, "arguments": ...}. Arguments become JSON text, as OpenAI sends them."""
+    try:
+        call = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
+        return None
+    args = call.get("arguments", {})
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call["name"], "arguments": args if isinstance(args, str) else
+                         json.dumps(args, ensure_ascii=False)}}
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that could be the beginning of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReplyParser:
+    """Split an assistant reply, streamed in pieces of text, into events as vLLM's reasoning and tool
+    parsers do: ("reasoning", text), ("content", text), ("tool_call", OpenAI tool call).
+
+        p = ReplyParser(thinking=True)      # the prompt ended inside a think block (open_thinking)
+        for piece in pieces: events = p.feed(piece)
+        events = p.finish()
+
+    The reply is reasoning up to </think> when `thinking` or when it opens with <think>; the rest
+    is content, in which each <tool_call>{"name", "arguments"}</tool_call> becomes a tool call
+    (one whose JSON does not parse stays in the content as written). A tag split across pieces is
+    held until it is complete. Whitespace at either end of the reasoning and of the content is left
+    out (held back until more text follows), so the events of any split of a reply add up to
+    `parse_reply` of the whole."""
+
+    def __init__(self, thinking: bool = False):
+        self.mode = "reasoning" if thinking else "content"  # or "tool": inside a <tool_call> block
+        self.buf = ""  # text not yet handled: the beginning of a tag, an open tool call block
+        self.started = False  # past a possible <think> at the very beginning
+        self.held = ""  # whitespace at the end of what the channel has released so far
+        self.spoke = False  # whether the channel has released any text (leading whitespace is dropped)
+        self.events = []
+
+    def feed(self, text: str) -> list:
+        self.buf += text
+        self._advance()
+        return self._take()
+
+    def finish(self) -> list:
+        """The events of what is left at the end: an unfinished tag or tool call block is text."""
+        self._say(self.buf)
+        self.buf = ""
+        return self._take()
+
+    def _take(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def _say(self, text: str):
+        """Release text on the current channel (a broken tool call block is content)."""
+        text = self.held + text if self.spoke else text.lstrip()
+        body = text.rstrip()
+        self.held = text[len(body):]
+        if body:
+            self.events.append(("reasoning" if self.mode == "reasoning" else "content", body))
+            self.spoke = True
+
+    def _advance(self):
+        while True:
+            if not self.started:
+                head = self.buf.lstrip()
+                if not head or (THINK.startswith(head) and head != THINK):
+                    return  # it may still become <think>
+                self.started = True
+                if head.startswith(THINK):
+                    self.mode, self.buf = "reasoning", head[len(THINK):]
+            if self.mode == "tool":
+                end = self.buf.find(TOOL_CALL_END)
+                if end < 0:
+                    return
+                block, self.buf = self.buf[:end + len(TOOL_CALL_END)], self.buf[end + len(TOOL_CALL_END):]
+                call = _tool_call(block[len(TOOL_CALL):end])
+                if call:
+                    self.events.append(("tool_call", call))
+                self.mode = "content"
+                if not call:
+                    self._say(block)
+                continue
+            tag = THINK_END if self.mode == "reasoning" else TOOL_CALL
+            at = self.buf.find(tag)
+            if at < 0:
+                keep = len(self.buf) - _partial_tag(self.buf, tag)
+                self._say(self.buf[:keep])
+                self.buf = self.buf[keep:]
+                return
+            self._say(self.buf[:at])
+            if self.mode == "reasoning":  # on to the content, a channel of its own
+                self.mode, self.buf, self.held, self.spoke = "content", self.buf[at + len(tag):], "", False
+            else:
+                self.mode, self.buf = "tool", self.buf[at:]
+
+
+def parse_reply(text: str, thinking: bool = False):
+    """A finished assistant reply -> (reasoning_content, content, tool_calls), tool calls in OpenAI's
+    shape {"id", "type": "function", "function": {"name", "arguments": JSON text}}; "" and [] when
+    there are none. `thinking`: the prompt ended inside a think block. Rules in `ReplyParser`."""
+    p = ReplyParser(thinking)
+    events = p.feed(text) + p.finish()
+    return ("".join(v for k, v in events if k == "reasoning"), "".join(v for k, v in events if k == "content"),
+            [v for k, v in events if k == "tool_call"])
 
 
 class Tokenizer:
@@ -68,8 +342,9 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def encode_chat(self, messages, add_generation_prompt: bool = True) -> list:
-        return self.encode(render_chat(messages, add_generation_prompt))
+    def encode_chat(self, messages, add_generation_prompt: bool = True, **template) -> list:
+        """Token ids of `render_chat(messages, add_generation_prompt=..., **template)` (tools, thinking)."""
+        return self.encode(render_chat(messages, add_generation_prompt=add_generation_prompt, **template))
 
     def hash(self) -> str:
         return hashlib.sha256((self.dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
@@ -97,7 +372,7 @@ def token_bytes(tok, skip_special_tokens: bool = True) -> list:
     """The UTF-8 bytes of every token id (a token may hold part of a character). Special tokens
     are b"" when skipped. Tokenizers that are not byte-level fall back to decoding each token."""
     hf = tok.tok
-    special = {t.content for t in hf.get_added_tokens_decoder().values()}
+    special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
     byte_level = json.loads(hf.to_str()).get("decoder", {}).get("type") == "ByteLevel"
     alphabet = _byte_level_alphabet()
     table = []

@@ -47,7 +47,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_dir(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok") / "tok"
-    run(["prepare.py", "tokenizer", "--input", corpus, "--vocab-size", "400", "--out", out, "--quiet"])
+    # 36 added tokens (MiniMind-3's), 256 bytes, 141 merges
+    run(["prepare.py", "tokenizer", "--input", corpus, "--vocab-size", "433", "--out", out, "--quiet"])
     return out
 
 

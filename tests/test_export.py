@@ -207,7 +207,7 @@ def test_export_files_and_tokenizer(tmp_path, tok_dir):
                 {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "export?"}]
     for gen_prompt in (False, True):
         text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
-        assert text == render_chat(messages, gen_prompt)
+        assert text == render_chat(messages, add_generation_prompt=gen_prompt)
     ids = theirs.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert list(ids) == ours.encode_chat(messages)
 

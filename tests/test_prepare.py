@@ -16,7 +16,7 @@ import sys
 def test_tokenizer_special_tokens_and_roundtrip(tokenizer_dir):
     tok = Tokenizer(tokenizer_dir)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert tok.vocab_size == 400
+    assert tok.vocab_size == 433
     text = "小明喜欢数学。The cat reads the sea. 未见过的字：龘 and émoji 🙂"
     assert tok.decode(tok.encode(text)) == text  # byte-level: nothing is unknown
     ids = tok.encode_chat([{"role": "user", "content": "你好"}])
@@ -52,7 +52,7 @@ def test_pretrain_bins_hold_every_document_once(corpus, tokenizer_dir, pretrain_
         assert len(ends) == meta[f"{split}_docs"]
     assert sorted(got) == sorted(docs)
     assert 0.05 < meta["val_docs"] / len(docs) < 0.15
-    assert meta["vocab_size"] == 400 and meta["tokenizer_hash"] == tok.hash()
+    assert meta["vocab_size"] == 433 and meta["tokenizer_hash"] == tok.hash()
     assert (pretrain_dir / "tokenizer" / "tokenizer.json").exists()
 
 

@@ -310,7 +310,7 @@ def test_disconnect_frees_the_slot(server, stream):
     assert wait_idle(server)
     before = health(server)["tokens"]
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
-    body = {"messages": MSG, "max_tokens": CONTEXT - 20, "stream": stream, "ignore_eos": True}
+    body = {"messages": MSG, "max_tokens": CONTEXT - 60, "stream": stream, "ignore_eos": True}
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
     deadline = time.time() + 30
     while health(server)["active"] == 0 and time.time() < deadline:  # wait until it is decoding
@@ -321,7 +321,7 @@ def test_disconnect_frees_the_slot(server, stream):
     conn.sock.shutdown(2)
     conn.close()
     assert wait_idle(server)
-    assert health(server)["tokens"] - before < CONTEXT - 20  # it stopped early: the slot is free
+    assert health(server)["tokens"] - before < CONTEXT - 60  # it stopped early: the slot is free
 
 
 # -----------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 import prepare
 from checkpoint import load_checkpoint, load_for_inference, resolve_checkpoint
-from tokenizer import EOS, Tokenizer, render_chat
+from tokenizer import EMPTY_THINK, EOS, Tokenizer, render_chat
 from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
 from data import DPOData, SFTData, pack_rows
@@ -69,7 +69,8 @@ def test_sft_tokens_are_the_chat_template_and_the_mask_covers_exactly_the_replie
         runs = runs_of_ones(m)
         assert len(runs) == len(replies)  # every assistant turn is trained
         for (s, e), reply in zip(runs, replies):
-            assert tok.decode(ids[s:e]) == reply + EOS  # the reply and its <|im_end|>, nothing else
+            # the reply (its think block, empty here, and its text) and its <|im_end|>, nothing else
+            assert tok.decode(ids[s:e]) == EMPTY_THINK + reply + EOS
             assert tok.decode(ids[:s]).endswith("<|im_start|>assistant\n")  # the role header is not trained
             assert ids[e:e + len(newline)] in ([], newline)  # nor the newline after <|im_end|>
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
@@ -109,13 +110,13 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tmp_path, t
     long_reply = [{"role": "user", "content": "小明喜欢什么？"}, {"role": "assistant", "content": "一本书。" * 40}]
     long_prompt = [{"role": "user", "content": "小明喜欢什么？" * 40}, {"role": "assistant", "content": "一本书。"}]
     src = write_jsonl(tmp_path / "sft.jsonl", [{"conversations": c} for c in (qa("小明"), long_reply, long_prompt)])
-    common = ["--input", src, "--tokenizer", tokenizer_dir, "--max-len", "40", "--val-fraction", "0", "--quiet"]
+    common = ["--input", src, "--tokenizer", tokenizer_dir, "--max-len", "50", "--val-fraction", "0", "--quiet"]
     run(["prepare.py", "sft", *common, "--out", tmp_path / "t"])
     meta = json.loads((tmp_path / "t" / "meta.json").read_text())
-    # the long reply is cut to 40 tokens; the long prompt leaves no reply within 40 tokens: dropped
+    # the long reply is cut to 50 tokens; the long prompt leaves no reply within 50 tokens: dropped
     assert (meta["train_records"], meta["truncated"], meta["dropped_overlong"]) == (2, 1, 1)
     tokens, mask, offsets = read_split(tmp_path / "t")
-    assert np.diff(offsets).tolist()[1] == 40 and mask[offsets[1]:offsets[2]].any()
+    assert np.diff(offsets).tolist()[1] == 50 and mask[offsets[1]:offsets[2]].any()
     run(["prepare.py", "sft", *common, "--overlong", "drop", "--out", tmp_path / "d"])
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert (meta["train_records"], meta["truncated"], meta["dropped_overlong"]) == (1, 0, 2)
@@ -142,12 +143,12 @@ def test_dpo_stores_the_shared_prompt_once_and_both_completions(tmp_path, tokeni
     tok = Tokenizer(out / "tokenizer")
     tokens, mask, index = read_split(out, kind="dpo")
     for pair, (s, p, c, r) in zip(pairs, index.tolist()):
-        prompt = pair["chosen"][:-1]
-        assert tokens[s:s + p].tolist() == tok.encode(render_chat(prompt)) and not mask[s:s + p].any()
+        # the prompt: the shared turns and the header of the reply, never trained
+        prompt = render_chat(pair["chosen"][:-1]) + "<|im_start|>assistant\n"
+        assert tokens[s:s + p].tolist() == tok.encode(prompt) and not mask[s:s + p].any()
         for key, (a, b) in (("chosen", (s + p, s + p + c)), ("rejected", (s + p + c, s + p + c + r))):
             reply = pair[key][-1]["content"]
-            assert tok.decode(tokens[a:b].tolist()) == f"<|im_start|>assistant\n{reply}{EOS}"
-            assert tok.decode(tokens[a:b][mask[a:b] == 1].tolist()) == reply + EOS
+            assert tok.decode(tokens[a:b].tolist()) == EMPTY_THINK + reply + EOS and mask[a:b].all()
     assert index[-1, 0] + index[-1, 1:].sum() == len(tokens)
 
 
@@ -198,7 +199,7 @@ def test_sft_targets_are_the_replies_and_never_cross_conversations(sft_dir):
     assert torch.equal(targets[:, :-1][has[:, :-1]], idx[:, 1:][has[:, :-1]])  # the next token ...
     assert torch.equal(doc[:, :-1][has[:, :-1]], doc[:, 1:][has[:, :-1]])  # ... of the same conversation
     assert not has[:, -1].any()
-    answers = {f"{s}喜欢{o}。{EOS}" for s, o in ANSWERS.items()}
+    answers = {f"{EMPTY_THINK}{s}喜欢{o}。{EOS}" for s, o in ANSWERS.items()}
     for b in range(idx.shape[0]):
         for d in doc[b].unique().tolist():
             where = doc[b] == d
@@ -206,7 +207,7 @@ def test_sft_targets_are_the_replies_and_never_cross_conversations(sft_dir):
             t = targets[b, where]
             if idx[b, where][0] == tok.bos_id:  # a conversation: its targets are its replies
                 replies = tok.decode(t[t >= 0].tolist())
-                assert replies and set(re.findall(rf".+?{re.escape(EOS)}", replies)) <= answers, replies
+                assert replies and set(re.findall(rf".+?{re.escape(EOS)}", replies, re.S)) <= answers, replies
             else:  # the padding tail
                 assert (idx[b, where] == tok.pad_id).all() and (t == -1).all()
 
