@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rl
+from tokenizer import render_chat
 from conftest import ROOT
 
 
@@ -615,9 +616,8 @@ def test_reward_model_scores_deterministically(tiny_rm):
     a, b = rm(P, "The answer is 42.", {}), rm(P, "答案：41", {})
     assert rm(P, "The answer is 42.", {}) == a and rl.RewardModel(path, clip=None).score(P, "The answer is 42.") == a
     assert a != b
-    # the logit of the ChatML rendering (no chat template in the tokenizer: common.CHAT_TEMPLATE)
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
-                   for m in P + [{"role": "assistant", "content": "The answer is 42."}])
+    # the logit of the project's chat rendering (no chat template in the tokenizer: tokenizer.CHAT_TEMPLATE)
+    text = render_chat(P + [{"role": "assistant", "content": "The answer is 42."}])
     assert rm.render(P, "The answer is 42.") == text
     ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
