@@ -325,7 +325,8 @@ def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_b
 def add_model_args(p):
     """The flags that choose and place the model for inference, on an argparse parser of sample.py or
     serve.py (the scripts own their parsers; this only adds the shared flags)."""
-    p.add_argument("--ckpt", required=True, help="run directory (follows `latest`) or checkpoint directory")
+    p.add_argument("--ckpt", default=None,
+                   help="run directory (follows `latest`) or checkpoint directory (default: the newest run under out/)")
     p.add_argument("--context", type=int, default=0,
                    help="context window in tokens (0: factor x original with --rope-scaling, else the training "
                         "seq_len of the checkpoint, else 2048)")
@@ -338,10 +339,22 @@ def add_model_args(p):
     p.add_argument("--rope-scaling", default=None, metavar="SPEC", help=ROPE_SCALING_HELP)
 
 
+def newest_run(root="out") -> Optional[Path]:
+    """The run directory under `root` whose latest checkpoint was written last (None if there is none)."""
+    runs = [p.parent for p in Path(root).glob("*/latest")] if Path(root).is_dir() else []
+    return max(runs, key=lambda p: (p / "latest").stat().st_mtime, default=None)
+
+
 def load_from_args(args):
-    """load_for_inference() from add_model_args' flags; a missing or broken checkpoint exits with its message."""
+    """load_for_inference() from add_model_args' flags; a missing or broken checkpoint exits with its
+    message. Without --ckpt, the newest run under out/ is used, and said so."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if args.ckpt is None:
+        args.ckpt = newest_run()
+        if args.ckpt is None:
+            sys.exit("error: no --ckpt given and no run under out/ (train one: `python train.py --mode=pretrain`)")
+        print(f"[using {args.ckpt}, the newest run under out/; --ckpt to choose another]", file=sys.stderr)
     try:
         return load_for_inference(args.ckpt, args.device, args.dtype, args.kernels, args.context, args.rope_scaling)
     except (FileNotFoundError, ValueError) as e:
