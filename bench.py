@@ -14,26 +14,37 @@ Sections:
           the forward + backward of the training batch it updates
   decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
           weight once: bandwidth / weight bytes), then KV-cache vs naive decoding at batch 1 and 8
-  server  requests/s and tokens/s of serve.py under 8 concurrent clients
+  server  requests/s and tokens/s of serve.py (a subprocess) under 8 concurrent streaming clients
   kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
 """
 import argparse
 import contextlib
 import dataclasses
+import http.client
 import json
 import platform
+import select
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 import kernels
+from checkpoint import save_checkpoint
 from kernels import moe_experts, moe_route, rms_norm, rope
 from kernels.rms_norm import rms_norm_torch
 from kernels.rope import rope_torch
-from minimind import PRESETS, MiniMind
+from minimind import PRESETS, MiniMind, left_pad
 from optim import make_optimizer
 from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
+from tokenizer import SPECIAL_TOKENS
 
 
 def sync_fn(device):
@@ -400,6 +411,143 @@ def print_kernel_bench(rows, checks, ratios, device):
         print(f"check {k}: Triton vs twin, max relative error {v:.2e}")
 
 
+@torch.no_grad()
+def _naive_decode(model, idx, n: int):
+    """Greedy decoding without a cache: the whole sequence goes through the model for every token."""
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
+
+
+def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_sizes=(1, 8), prompt_len: int = 32,
+                 new_tokens: int = 32, threads: Optional[int] = None) -> None:
+    """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch)
+    against a naive loop that re-runs the whole sequence for each token.
+
+    Appends to out["decode"] one dict per (preset, batch): model, batch, prompt_len, new_tokens,
+    kv_tok_s and naive_tok_s (generated tokens per second, all rows counted, prefill included),
+    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2).
+    The naive loop gets every row cut to the shortest prompt (no padding), so the speedup is a lower
+    bound. `threads` sets torch's CPU threads for the run (small models on a busy CPU: 1 is fastest)."""
+    rows = out.setdefault("decode", [])
+    sync = sync_fn(device)
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync):
+    for name in presets:
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS[name]).to(device).eval()
+        for B in batch_sizes:
+            lens = [prompt_len - (prompt_len // 2) * b // max(B - 1, 1) for b in range(B)]
+            prompts = [torch.randint(3, model.config.vocab_size, (n,)).tolist() for n in lens]
+            idx, pad = left_pad(prompts, device=device)
+            model.generate(idx, 2, temperature=0, pad=pad)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            model.generate(idx, new_tokens, temperature=0, pad=pad)
+            sync()
+            kv = B * new_tokens / (time.perf_counter() - t0)
+            idx = torch.tensor([p[:min(lens)] for p in prompts], device=device)  # naive: equal lengths, no pads
+            _naive_decode(model, idx, 1)
+            sync()
+            t0 = time.perf_counter()
+            _naive_decode(model, idx, new_tokens)
+            sync()
+            naive = B * new_tokens / (time.perf_counter() - t0)
+            rows.append({"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2),
+                         "threads": torch.get_num_threads()})
+        del model
+
+
+def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: int = 3, max_tokens: int = 48,
+                 tokenizer_dir: str = "data/tok", threads: Optional[int] = None) -> None:
+    """Requests/s and generated tokens/s of serve.py under `clients` concurrent streaming clients, a
+    random-weight `tiny` model, with batching (--max-batch clients) and without (--max-batch 1).
+    The server runs as it does in use, in its own process (clients here do not share its GIL).
+    Sets out["server"] = {"clients", "max_tokens", "threads", "batched": {...}, "sequential": {...}},
+    each with requests, seconds, req_s, tok_s, ttft_ms (mean time to the first generated text).
+    `threads` sets the server's CPU threads."""
+    tok_dir = tokenizer_dir if Path(tokenizer_dir, "tokenizer.json").exists() else _bench_tokenizer()
+    torch.manual_seed(0)
+    ckpt = Path(tempfile.mkdtemp(prefix="minimind-bench-server"))
+    save_checkpoint(ckpt, 0, MiniMind(PRESETS["tiny"]), state={"kind": "bench"}, tokenizer_dir=tok_dir)
+    result = {"clients": clients, "max_tokens": max_tokens, "threads": threads or torch.get_num_threads()}
+
+    def client(port, i, times, counts):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        for j in range(requests_per_client):
+            body = {"messages": [{"role": "user", "content": f"你好，第{i}个客户端的第{j}个问题" + "。" * (i % 4)}],
+                    "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8, "seed": i,
+                    "stream_options": {"include_usage": True}}
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+            resp, first = conn.getresponse(), None
+            for line in resp:
+                if not line.startswith(b"data: {"):
+                    continue
+                obj = json.loads(line[6:])
+                if first is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - t0
+                if obj.get("usage"):
+                    counts.append(obj["usage"]["completion_tokens"])
+            times.append(first or 0.0)
+        conn.close()
+
+    for label, batch in (("batched", clients), ("sequential", 1)):
+        proc, port = _start_server(["--ckpt", ckpt, "--device", device, "--context", max_tokens + 64,
+                                    "--max-batch", batch, "--threads", threads or 0])
+        try:
+            times, counts = [], []
+            client(port, 0, [], [])  # warm-up
+            t0 = time.perf_counter()
+            ths = [threading.Thread(target=client, args=(port, i, times, counts)) for i in range(clients)]
+            for t in ths:
+                t.start()
+            for t in ths:
+                t.join()
+            dt = time.perf_counter() - t0
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        n = clients * requests_per_client
+        result[label] = {"requests": n, "seconds": round(dt, 2), "req_s": round(n / dt, 2),
+                         "tok_s": round(sum(counts) / dt, 1), "ttft_ms": round(1000 * sum(times) / len(times), 1)}
+    out["server"] = result
+
+
+def _start_server(args: list):
+    """serve.py ARGS on a free loopback port -> (process, port), once it says it is serving."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--port", "0", "--quiet",
+                             *map(str, args)], stdout=subprocess.PIPE, text=True)
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    line = proc.stdout.readline() if ready else ""
+    if "serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"serve.py did not start: {line!r}")
+    return proc, int(line.rsplit(":", 1)[1].split("/")[0])
+
+
+def _bench_tokenizer() -> str:
+    """A directory with a byte-level BPE tokenizer trained in a moment on a small built-in text (no data/tok)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    hf.train_from_iterator(["你好，世界。今天天气很好。", "Hello world, a small benchmark text."] * 50, trainer=trainer)
+    d = tempfile.mkdtemp(prefix="minimind-bench-tok")
+    hf.save(f"{d}/tokenizer.json")
+    return d
+
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -431,13 +579,11 @@ def main():
         bench_optim(device, out, models, args.seq_len, args.steps)
     if "decode" in sections:
         bench_decode_limit(device, out, models)
-        from sample import bench_decode
         bench_decode(device, out, presets=[m for m in ("tiny", "minimind-3") if m in models] or models[:1])
         for r in out["decode"]:
             print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s vs naive "
                   f"{r['naive_tok_s']:8.1f} tok/s ({r['speedup']:.1f}x)")
     if "server" in sections:
-        from serve import bench_server
         bench_server(device, out)
         s = out["server"]
         for k in ("batched", "sequential"):

@@ -18,7 +18,7 @@ Architecture choices (all presets):
 - no host syncs in forward: the dense model compiles with `fullgraph=True`
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
@@ -148,7 +148,10 @@ class KVCache(nn.Module):
     """Preallocated keys and values of every layer, written in place as decoding advances.
 
     `pad` (B,) counts left-padding tokens of each row (batched prompts of different lengths):
-    those slots are never attended to and positions of a row start after its padding."""
+    those slots are never attended to and positions of a row start after its padding.
+
+    Continuous batching changes the rows between decode steps: `admit` adds a row prefilled alone,
+    `keep` drops rows. Both reallocate (only then, never per token) with `room` free positions."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
         super().__init__()
@@ -159,6 +162,10 @@ class KVCache(nn.Module):
         self.max_len = max_len
         self.len = 0  # filled positions, a Python int: decoding is host-driven anyway
 
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
     def update(self, layer: int, k, v):
         # k, v: (B, Hk, T, D) for the T new positions; returns all keys/values so far
         T = k.shape[2]
@@ -168,6 +175,45 @@ class KVCache(nn.Module):
         self.v[layer, :, :, self.len:self.len + T] = v
         end = self.len + T
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _pads(self):
+        return self.pad if self.pad is not None else torch.zeros(self.batch_size, dtype=torch.long,
+                                                                  device=self.k.device)
+
+    def _replace(self, batch_size: int, length: int, room: int, pad, fill):
+        """Swap in new (L, batch_size, Hk, length + room, D) buffers that `fill(new, name)` copies
+        into ("k", then "v"); nothing changes when an allocation or a copy fails."""
+        L, _, Hk, _, D = self.k.shape
+        new = {}
+        for name in ("k", "v"):
+            new[name] = torch.zeros(L, batch_size, Hk, length + room, D, device=self.k.device, dtype=self.k.dtype)
+            fill(new[name], name)
+        self.k, self.v, self.pad, self.len, self.max_len = new["k"], new["v"], pad, length, length + room
+
+    def admit(self, row: "KVCache", room: int):
+        """Append `row`, a one-row cache prefilled alone (no padding), as the last row. The shared
+        length becomes max(len, row.len): a shorter prompt is left-padded, a longer one shifts the
+        batch right. Positions are pad-relative, so every row's keys keep their positions."""
+        B, L, P = self.batch_size, self.len, row.len
+        n = max(L, P)
+        pad = torch.cat([self._pads() + (n - L), torch.tensor([n - P], device=self.k.device)])
+
+        def fill(new, name):  # new: (L, B + 1, Hk, n + room, D)
+            new[:, :B, :, n - L:n] = getattr(self, name)[:, :, :, :L]
+            new[:, B, :, n - P:n] = getattr(row, name)[:, 0, :, :P]
+        self._replace(B + 1, n, room, pad, fill)
+
+    def keep(self, rows: list, room: int):
+        """Keep only `rows` (indices, in their order), dropping the leading columns that are padding
+        for every row kept, so the shared length stays the longest kept row's own length."""
+        ix = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+        pad = self._pads()[ix]
+        trim = int(pad.min()) if rows else self.len
+        n = self.len - trim
+
+        def fill(new, name):  # new: (L, len(rows), Hk, n + room, D)
+            new[:, :, :, :n] = getattr(self, name)[:, ix, :, trim:self.len]
+        self._replace(len(rows), n, room, pad - trim, fill)
 
 
 # -----------------------------------------------------------------------------
@@ -377,38 +423,36 @@ class MiniMind(nn.Module):
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype, pad)
 
     @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
-                        top_p: Optional[float] = None, repetition_penalty: float = 1.0, eos_id: Optional[int] = None,
-                        pad=None, generator: Optional[torch.Generator] = None):
+    def generate_stream(self, idx, max_new_tokens: int, params=None, eos_id: Optional[int] = None, pad=None,
+                        **sampling):
         """Yield the next token of every row, (B,) int64, for up to `max_new_tokens` steps.
 
-        idx: (B, T) prompts, left-padded when their lengths differ, `pad` (B,) giving each row's
-        number of padding tokens. temperature 0 = greedy. Rows that produced `eos_id` keep
-        yielding `eos_id`; the stream ends when every row has (or after max_new_tokens)."""
+        idx: (B, T) prompts, left-padded when their lengths differ (`left_pad`), `pad` (B,) giving
+        each row's number of padding tokens. params: a SamplingParams per row, or one for every row
+        (then row i of a seeded batch draws from seed + i), or None: SamplingParams(**sampling),
+        e.g. temperature=0 for greedy. Rows that produced `eos_id` keep yielding `eos_id`; the
+        stream ends when every row has (or after max_new_tokens)."""
         B, T = idx.shape
+        if params is None:
+            params = SamplingParams(**sampling)
+        if isinstance(params, SamplingParams):
+            params = params.for_rows(B)
+        sampler = Sampler(self.config.vocab_size, idx.device)
+        sampler.add(params, idx, pad)
         cache = self.new_cache(B, T + max_new_tokens, pad)
-        seen = None
-        if repetition_penalty != 1.0:  # (B, V) tokens already in each row, vectorised penalty
-            seen = torch.zeros(B, self.config.vocab_size, dtype=torch.bool, device=idx.device)
-            valid = torch.ones_like(idx, dtype=torch.bool)
-            if pad is not None:
-                valid = torch.arange(T, device=idx.device)[None, :] >= cache.pad[:, None]
-            seen.scatter_(1, idx, valid)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
         logits, _ = self(idx, cache=cache)
         for _ in range(max_new_tokens):
-            logits = logits[:, -1].float()  # (B, V)
-            if seen is not None:
-                penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-                logits = torch.where(seen, penalised, logits)
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            nxt = sampler.sample(logits[:, -1])  # (B,), -1 where a row's logits are not finite
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done = done | (nxt == eos_id)
-            if seen is not None:
-                seen.scatter_(1, nxt[:, None], True)
+            failed, finished = torch.stack([(nxt < 0).any(), done.all()]).tolist()  # one sync a step
+            if failed:
+                raise RuntimeError(f"rows {(nxt < 0).nonzero().flatten().tolist()}: logits are not finite")
+            sampler.update(nxt)
             yield nxt
-            if eos_id is not None and bool(done.all()):
+            if finished:
                 return
             logits, _ = self(nxt[:, None], cache=cache)
 
@@ -421,18 +465,146 @@ class MiniMind(nn.Module):
         return torch.cat(out, dim=1)
 
 
-def sample_next(logits, temperature: float, top_k: Optional[int], top_p: Optional[float], generator=None):
-    """One token per row from logits (B, V): greedy at temperature 0, else top-k / top-p sampling."""
-    if temperature <= 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if top_p is not None and top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+def left_pad(prompts: list, pad_id: int = 0, device=None):
+    """Prompts (lists of ids, any lengths) -> (idx (B, T) left-padded with pad_id, pad (B,))."""
+    T = max(len(p) for p in prompts)
+    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, pad
+
+
+# -----------------------------------------------------------------------------
+# sampling: one sampler for generate, sample.py, the serving engine and RL rollouts
+
+@dataclass
+class SamplingParams:
+    """How one row picks its tokens. Each setting has one "off" value."""
+    temperature: float = 1.0  # 0: greedy (argmax)
+    top_k: int = 0  # sample among the k most likely tokens; 0: off
+    top_p: float = 1.0  # nucleus: the smallest set of most likely tokens holding this much mass; 1: off
+    repetition_penalty: float = 1.0  # CTRL: logits of tokens in prompt or output / p if > 0, * p if < 0; 1: off
+    frequency_penalty: float = 0.0  # OpenAI: logit -= p * (times the token was generated); 0: off
+    presence_penalty: float = 0.0  # OpenAI: logit -= p if the token was generated at all; 0: off
+    seed: Optional[int] = None  # the row's own torch.Generator; None: torch's global one
+
+    # (name, low, high, low excluded, integer): NaN fails every comparison, so it is out of every range
+    LIMITS = (("temperature", 0, 1e4, False, False), ("top_k", 0, math.inf, False, True),
+              ("top_p", 0, 1, True, False), ("repetition_penalty", 1e-2, 1e4, False, False),
+              ("frequency_penalty", -2, 2, False, False), ("presence_penalty", -2, 2, False, False))
+
+    def __post_init__(self):
+        for name, lo, hi, open_lo, integer in self.LIMITS:
+            v = getattr(self, name)
+            kind = int if integer else (int, float)
+            if not (isinstance(v, kind) and not isinstance(v, bool) and (lo < v if open_lo else lo <= v) and v <= hi):
+                raise ValueError(f"{name} must be {'an integer' if integer else 'a finite number'} in "
+                                 f"{'(' if open_lo else '['}{lo:g}, {hi:g}], got {v!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and -2 ** 63 <= self.seed < 2 ** 63):
+            raise ValueError(f"seed must be a 64-bit integer, in [-2**63, 2**63), got {self.seed!r}")
+
+    def for_rows(self, n: int) -> list:
+        """These settings for n rows; seeded rows get seed, seed + 1, ... (independent samples)."""
+        if self.seed is None:
+            return [self] * n
+        return [replace(self, seed=(self.seed + i + 2 ** 63) % 2 ** 64 - 2 ** 63) for i in range(n)]
+
+
+class Sampler:
+    """The sampling state of a batch, one row per sequence: per-row settings as (B,) tensors, the
+    tokens each row has seen (prompt and output, for the repetition penalty) and generated (counts,
+    for the frequency and presence penalties), one torch.Generator per seeded row.
+
+    A row draws from its own generator once per step, so its tokens do not depend on the other rows:
+    greedy decoding is the same alone or batched, and a seed reproduces a sample anywhere. What every
+    row does is known on the host (all greedy, no penalty, no filter), so no step syncs to find out.
+    B = rows, V = vocabulary."""
+
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size, self.device = vocab_size, device
+        self.params, self.generators = [], []
+        self.seen = torch.zeros(0, vocab_size, dtype=torch.bool, device=device)  # (B, V) in prompt or output
+        self.counts = torch.zeros(0, vocab_size, device=device)  # (B, V) times generated
+        self.settings = torch.zeros(0, 6, device=device)  # (B, 6) the numbers of each row's SamplingParams
+        self._flags()
+
+    def _flags(self):
+        ps = self.params
+        self.all_greedy = all(p.temperature == 0 for p in ps)
+        self.any_filter = any(p.top_k or p.top_p < 1 for p in ps)
+        self.any_repetition = any(p.repetition_penalty != 1 for p in ps)
+        self.any_frequency = any(p.frequency_penalty or p.presence_penalty for p in ps)
+        self.any_generator = any(g is not None for g in self.generators)
+
+    def add(self, params: list, prompts, pad=None):
+        """Append rows: params, one SamplingParams per row; prompts (n, T) ids, left-padded by pad (n,)."""
+        n, T = prompts.shape
+        generators = []
+        for p in params:
+            g = None
+            if p.seed is not None:
+                g = torch.Generator(device=self.device)
+                g.manual_seed(p.seed)
+            generators.append(g)
+        valid = torch.ones(n, T, device=self.device)
+        if pad is not None:  # padding is not part of the prompt
+            valid = (torch.arange(T, device=self.device)[None, :] >= pad.to(self.device)[:, None]).float()
+        seen = torch.zeros(n, self.vocab_size, device=self.device).scatter_add_(1, prompts.to(self.device), valid) > 0
+        settings = torch.tensor([[p.temperature, min(p.top_k, self.vocab_size) or self.vocab_size, p.top_p,
+                                  p.repetition_penalty, p.frequency_penalty, p.presence_penalty] for p in params],
+                                dtype=torch.float32, device=self.device)  # (n, 6)
+        self.seen = torch.cat([self.seen, seen])  # nothing changed until every piece is built
+        self.counts = torch.cat([self.counts, torch.zeros(n, self.vocab_size, device=self.device)])
+        self.settings = torch.cat([self.settings, settings])
+        self.params, self.generators = self.params + list(params), self.generators + generators
+        self._flags()
+
+    def keep(self, rows: list):
+        """Keep only `rows` (indices, in their order)."""
+        ix = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.seen, self.counts, self.settings = self.seen[ix], self.counts[ix], self.settings[ix]
+        self.params = [self.params[i] for i in rows]
+        self.generators = [self.generators[i] for i in rows]
+        self._flags()
+
+    def update(self, tokens):
+        """Record the tokens (B,) just sampled."""
+        if not (self.any_repetition or self.any_frequency):  # no row reads seen or counts
+            return
+        t = tokens.clamp(min=0)[:, None]  # (B, 1); -1 marks a failed row, about to leave
+        self.seen.scatter_(1, t, True)
+        self.counts.scatter_add_(1, t, torch.ones_like(self.counts[:, :1]))
+
+    def sample(self, logits):
+        """One token per row from logits (B, V): (B,) int64, -1 where a row's logits are not finite
+        (nothing can be sampled from NaN; the caller decides what that row's failure means)."""
+        x = logits.float()
+        temperature, top_k, top_p, rep, freq, pres = self.settings.unbind(1)  # (B,) each
+        if self.any_repetition:
+            rep = rep[:, None]
+            x = torch.where(self.seen, torch.where(x > 0, x / rep, x * rep), x)
+        if self.any_frequency:
+            x = x - freq[:, None] * self.counts - pres[:, None] * (self.counts > 0)
+        ok = torch.isfinite(x).all(dim=-1)  # (B,)
+        tokens = x.argmax(dim=-1)  # (B,) greedy
+        if not self.all_greedy:
+            x = x / temperature.clamp(min=1e-5)[:, None]
+            order = None
+            if self.any_filter:
+                x, order = x.sort(dim=-1, descending=True)  # (B, V), most likely first
+                V = x.shape[-1]
+                x = x.masked_fill(torch.arange(V, device=x.device)[None, :] >= top_k[:, None], float("-inf"))
+            p = x.softmax(dim=-1)
+            if self.any_filter:  # the smallest head of the sorted tokens reaching top_p
+                p = p.masked_fill(p.cumsum(dim=-1) - p > top_p[:, None], 0.0)
+            # inverse transform sampling, one uniform draw per row from the row's own generator
+            cdf = p.cumsum(dim=-1)  # (B, V)
+            if self.any_generator:
+                u = torch.stack([torch.rand((), generator=g, device=x.device) for g in self.generators])
+            else:
+                u = torch.rand(len(self.generators), device=x.device)
+            pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+            if order is not None:
+                pick = order.gather(1, pick)
+            tokens = torch.where(temperature > 0, pick.squeeze(1), tokens)
+            ok = ok & (torch.isfinite(cdf[:, -1]) | (temperature == 0))
+        return torch.where(ok, tokens, torch.full_like(tokens, -1))

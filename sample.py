@@ -1,4 +1,4 @@
-"""Sample from a minimind checkpoint: continue a prompt, chat in the terminal, or benchmark decoding.
+"""Sample from a minimind checkpoint: continue a prompt or chat in the terminal.
 
     python sample.py --ckpt out/pretrain --prompt "人工智能是" --max-new-tokens 100
     python sample.py --ckpt out/pretrain --prompt "春天" --prompt "The weather today" --temperature 0
@@ -12,6 +12,10 @@ chat template: the history is kept across turns and its oldest turns are dropped
 fits the context window; /reset clears it, /exit (or Ctrl-D) quits, Ctrl-C stops a reply.
 With --think on the reply starts inside a think block: its reasoning is shown dim, after "[think]",
 apart from the answer; tool calls are shown as "[tool call] name(arguments)".
+
+Sampling is minimind's one sampler (SamplingParams: temperature, top-k, top-p, repetition,
+frequency and presence penalties, seed), the same as serve.py's: a --seed and settings give the
+same tokens as a server request with that seed and those settings.
 
 Streamed text never shows half a character: the byte-level tokenizer can split one UTF-8
 character over several tokens, so bytes are held back until they form complete characters.
@@ -27,31 +31,21 @@ from typing import Optional
 import torch
 
 from checkpoint import add_model_args, load_from_args
+from minimind import SamplingParams, left_pad
 from tokenizer import ReplyParser, TokenDecoder
 
 
 # -----------------------------------------------------------------------------
-# generation
-
-def _sampling(temperature: float, top_k: Optional[int], top_p: Optional[float], repetition_penalty: float,
-              generator=None) -> dict:
-    return dict(temperature=temperature, top_k=top_k or None,
-                top_p=top_p if top_p is not None and top_p < 1.0 else None,
-                repetition_penalty=repetition_penalty, generator=generator)
-
+# generation: thin wrappers over MiniMind.generate_stream (sampling settings as in SamplingParams)
 
 @torch.no_grad()
-def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] = None, temperature: float = 1.0,
-                  top_k: Optional[int] = None, top_p: Optional[float] = None, repetition_penalty: float = 1.0,
-                  generator=None):
-    """Yield the generated token ids of one prompt, stopping after `eos_id` (which is yielded)."""
+def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] = None, params=None, **sampling):
+    """Yield the generated token ids of one prompt, stopping after `eos_id` (which is yielded).
+    params: a SamplingParams, or None for SamplingParams(**sampling), e.g. temperature=0."""
     if max_new_tokens <= 0:
         return
-    device = model.embed.weight.device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)
-    pad = torch.zeros(1, dtype=torch.long)  # the batch path, so a prompt decodes the same alone or batched
-    for nxt in model.generate_stream(idx, max_new_tokens, eos_id=eos_id, pad=pad,
-                                     **_sampling(temperature, top_k, top_p, repetition_penalty, generator)):
+    idx, pad = left_pad([ids], device=model.embed.weight.device)  # the batch path: the same alone or batched
+    for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad, **sampling):
         t = int(nxt[0])
         yield t
         if t == eos_id:
@@ -60,19 +54,15 @@ def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] =
 
 @torch.no_grad()
 def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
-                   temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-                   repetition_penalty: float = 1.0, generator=None) -> list:
+                   params=None, **sampling) -> list:
     """Decode several prompts (lists of ids, any lengths) as one left-padded batch.
-    Returns the generated ids of each prompt, cut before its first `eos_id`."""
+    Returns the generated ids of each prompt, cut before its first `eos_id`. With a seed, prompt i
+    draws from seed + i (as it would alone with that seed)."""
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
-    device = model.embed.weight.device
-    T = max(len(p) for p in prompts)
-    pad = torch.tensor([T - len(p) for p in prompts], dtype=torch.long)  # (B,)
-    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)  # (B, T)
-    steps = [nxt.tolist() for nxt in model.generate_stream(
-        idx, max_new_tokens, eos_id=eos_id, pad=pad, **_sampling(temperature, top_k, top_p, repetition_penalty,
-                                                                   generator))]
+    idx, pad = left_pad(prompts, pad_id, device=model.embed.weight.device)  # (B, T), (B,)
+    steps = [nxt.tolist() for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad,
+                                                           **sampling)]
     out = []
     for b in range(len(prompts)):
         row = [s[b] for s in steps]
@@ -100,9 +90,15 @@ def fit_history(tok, messages: list, context: int, reserve: int, thinking: bool 
 # -----------------------------------------------------------------------------
 # command line modes
 
+def sampling_params(args) -> SamplingParams:
+    """The sampling flags; ValueError naming the first one out of range."""
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                          presence_penalty=args.presence_penalty, seed=args.seed)
+
+
 def run_prompts(model, tok, args, context: int):
-    gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               repetition_penalty=args.repetition_penalty)
+    params = sampling_params(args)
     prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
     longest = max(len(p) for p in prompts)
     if longest >= context:
@@ -113,7 +109,7 @@ def run_prompts(model, tok, args, context: int):
               file=sys.stderr)
     if len(prompts) > 1:  # a batch: results printed when all are done
         t0 = time.time()
-        outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, **gen)
+        outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, params=params)
         dt = time.time() - t0
         for i, (p, o) in enumerate(zip(args.prompt, outs)):
             print(f"--- [{i}] " + p + tok.decode(o, skip_special_tokens=True))
@@ -123,7 +119,7 @@ def run_prompts(model, tok, args, context: int):
     dec = TokenDecoder(tok)
     print(args.prompt[0], end="", flush=True)
     n, t0 = 0, time.time()
-    for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, **gen):
+    for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, params=params):
         n += 1
         print(dec.feed(t), end="", flush=True)
     print(dec.flush())
@@ -133,8 +129,7 @@ def run_prompts(model, tok, args, context: int):
 
 def run_chat(model, tok, args, context: int):
     """Read a line, stream the reply, repeat. Commands: /reset, /exit."""
-    gen = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-               repetition_penalty=args.repetition_penalty)
+    params = sampling_params(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     reserve = min(args.max_new_tokens, context // 2)  # room kept for the reply when trimming history
@@ -166,7 +161,7 @@ def run_chat(model, tok, args, context: int):
             continue
         dec, parser, show, n, t0 = TokenDecoder(tok), ReplyParser(thinking), ReplyDisplay(), 0, time.time()
         try:
-            for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, **gen):
+            for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, params=params):
                 n += 1
                 if t == tok.eos_id:
                     break
@@ -212,66 +207,6 @@ class ReplyDisplay:
 
 
 # -----------------------------------------------------------------------------
-# benchmark (called by bench.py)
-
-@torch.no_grad()
-def _naive_decode(model, idx, n: int):
-    """Greedy decoding without a cache: the whole sequence goes through the model for every token."""
-    for _ in range(n):
-        logits, _ = model(idx)
-        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx
-
-
-def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_sizes=(1, 8), prompt_len: int = 32,
-                 new_tokens: int = 32, threads: Optional[int] = None) -> None:
-    """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch)
-    against a naive loop that re-runs the whole sequence for each token.
-
-    Appends to out["decode"] one dict per (preset, batch): model, batch, prompt_len, new_tokens,
-    kv_tok_s and naive_tok_s (generated tokens per second, all rows counted, prefill included),
-    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2).
-    The naive loop gets every row cut to the shortest prompt (no padding), so the speedup is a lower
-    bound. `threads` sets torch's CPU threads for the run (small models on a busy CPU: 1 is fastest)."""
-    rows = out.setdefault("decode", [])
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    saved = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync)
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync):
-    from minimind import MiniMind, PRESETS
-    for name in presets:
-        torch.manual_seed(0)
-        model = MiniMind(PRESETS[name]).to(device).eval()
-        for B in batch_sizes:
-            lens = [prompt_len - (prompt_len // 2) * b // max(B - 1, 1) for b in range(B)]
-            prompts = [torch.randint(3, model.config.vocab_size, (n,)).tolist() for n in lens]
-            generate_batch(model, prompts, 2, temperature=0)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            generate_batch(model, prompts, new_tokens, temperature=0)
-            sync()
-            kv = B * new_tokens / (time.perf_counter() - t0)
-            idx = torch.tensor([p[:min(lens)] for p in prompts], device=device)  # naive: equal lengths, no pads
-            _naive_decode(model, idx, 1)
-            sync()
-            t0 = time.perf_counter()
-            _naive_decode(model, idx, new_tokens)
-            sync()
-            naive = B * new_tokens / (time.perf_counter() - t0)
-            rows.append({"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2),
-                         "threads": torch.get_num_threads()})
-        del model
-
-
-# -----------------------------------------------------------------------------
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -290,7 +225,13 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling threshold (1 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="divide positive logits of tokens already present by this (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: a fresh one each run)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this times a token's count in the output from its logit, -2..2 (OpenAI; 0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of every token already in the output, -2..2 (OpenAI; 0 = off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed gives the same sample here and from serve.py "
+                        "(prompt i of a batch uses seed + i); default: a fresh one each run")
     return p
 
 
@@ -300,8 +241,10 @@ def main(argv=None):
         sys.exit("error: give either --prompt TEXT (repeatable) or --chat")
     if args.max_new_tokens <= 0:
         sys.exit("error: --max-new-tokens must be positive")
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
+    try:
+        sampling_params(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     model, tok, _, context = load_from_args(args)
     if args.chat:
         run_chat(model, tok, args, context)

@@ -12,11 +12,9 @@
 Design:
 - HTTP is the standard library's ThreadingHTTPServer (a thread per connection, HTTP/1.1 keep-alive,
   chunked transfer for event streams): no dependency, and the work is in the model, not the parsing.
-- One engine thread owns the model and decodes every active request together (continuous batching):
-  a request is prefilled alone, its keys/values are copied into the shared left-padded KV cache,
-  and it joins the next decode step; a finished or abandoned request leaves the batch at once.
-  Sampling parameters and random generators are per request, so a request's tokens do not depend on
-  what else is in the batch (greedy is the same alone or batched; a seed reproduces a sample).
+- One engine thread (engine.Engine) owns the model and decodes every active request together
+  (continuous batching); sampling is minimind's one sampler, per request, so a request's tokens do
+  not depend on what else is in the batch (a seed reproduces a sample, here and in sample.py).
 - Request threads only validate, tokenize, and turn tokens into text (whole UTF-8 characters only;
   stop strings are held back until they can no longer match).
 - Errors are OpenAI's JSON, {"error": {"message", "type", "param", "code"}}, with a 4xx status.
@@ -30,253 +28,20 @@ import socket
 import sys
 import threading
 import time
+import traceback
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from checkpoint import add_model_args, load_from_args
+from engine import Engine, GenRequest
+from minimind import SamplingParams
 from tokenizer import TokenDecoder, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 MAX_STOP = 16  # stop strings per request
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "chat.html"
-
-
-# -----------------------------------------------------------------------------
-# the engine: one thread, one model, one batch
-
-@dataclass
-class GenRequest:
-    """One generation. The engine posts to `events`: ("token", id), then ("end", reason, n_generated)
-    with reason "stop" (eos) or "length", or ("error", message)."""
-    prompt: list
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    repetition_penalty: float = 1.0  # divides positive logits of tokens seen in prompt or output
-    frequency_penalty: float = 0.0  # OpenAI: minus penalty * count of the token in the output
-    presence_penalty: float = 0.0  # OpenAI: minus penalty if the token is in the output
-    seed: Optional[int] = None
-    ignore_eos: bool = False
-    events: queue.Queue = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-class _Row:
-    def __init__(self, req: GenRequest, device):
-        self.req = req
-        self.generated = 0
-        self.generator = None
-        if req.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(req.seed)
-
-    @property
-    def remaining(self) -> int:
-        return self.req.max_tokens - self.generated
-
-
-def sample_rows(logits, temperature, top_k, top_p, generators, all_greedy: bool = False):
-    """One token per row of logits (B, V) with per-row settings: temperature (B,) (0 = greedy),
-    top_k (B,) int (0 = off), top_p (B,); generators: a torch.Generator or None per row.
-    all_greedy (known on the host, so no device sync to find out): skip sampling."""
-    greedy = logits.argmax(dim=-1)  # (B,)
-    if all_greedy:
-        return greedy
-    B, V = logits.shape
-    x = logits / temperature.clamp(min=1e-5)[:, None]
-    x, order = x.sort(dim=-1, descending=True)  # (B, V), most likely first
-    k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
-    x = x.masked_fill(torch.arange(V, device=x.device)[None, :] >= k[:, None], float("-inf"))
-    p = x.softmax(dim=-1)
-    p = p.masked_fill(p.cumsum(dim=-1) - p > top_p[:, None], 0.0)  # the smallest head reaching top_p
-    picks = torch.cat([torch.multinomial(p[i], 1, generator=g) for i, g in enumerate(generators)])  # (B,)
-    sampled = order.gather(1, picks[:, None]).squeeze(1)
-    return torch.where(temperature <= 0, greedy, sampled)
-
-
-class Engine:
-    """Continuous batching over a left-padded KV cache (minimind.KVCache with per-row `pad`).
-
-    All rows share the cache's time axis; a row of prompt length P joining a batch at length L
-    (P <= L) gets pad L - P, and its keys/values (computed alone, positions 0..P-1) are copied to
-    slots L-P .. L-1, where the model's pad-relative positions give them the same positions. A
-    longer prompt shifts the batch right instead. When rows leave, columns left of every row's
-    padding are dropped, so the shared length stays within the longest row's own length."""
-
-    def __init__(self, model, eos_id: int, max_batch: int = 8, max_queue: int = 64):
-        self.model, self.eos_id = model, eos_id
-        self.max_batch, self.max_queue = max_batch, max_queue
-        self.device = model.embed.weight.device
-        self.vocab = model.config.vocab_size
-        self.queue: queue.Queue = queue.Queue()
-        self.rows: list = []
-        self.cache = None  # KVCache of the active rows
-        self.pad = torch.zeros(0, dtype=torch.long)  # (B,) padding slots of each row
-        self.logits = None  # (B, V) fp32 next-token logits of each row
-        self.params = {}  # per-row tensors, see _row_params
-        self.stats = {"requests": 0, "tokens": 0, "steps": 0}
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-
-    # --- public, called from request threads
-    def start(self):
-        self.thread.start()
-        return self
-
-    def stop(self):
-        self._stop.set()
-        self.queue.put(None)
-        self.thread.join(timeout=10)
-
-    def submit(self, req: GenRequest) -> bool:
-        """Queue a request; False when too many are waiting."""
-        if self.queue.qsize() >= self.max_queue:
-            return False
-        self.queue.put(req)
-        return True
-
-    def load(self) -> dict:
-        return {"active": len(self.rows), "queued": self.queue.qsize()}
-
-    # --- engine thread
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                self._admit()
-                if self.rows:
-                    self._step()
-            except Exception as e:  # never let one bad batch kill the server
-                msg = f"{type(e).__name__}: {e}"
-                print(f"engine error: {msg}", file=sys.stderr)
-                for r in self.rows:
-                    r.req.events.put(("error", msg))
-                self._reset()
-
-    def _reset(self):
-        self.rows, self.cache, self.logits, self.params = [], None, None, {}
-        self.pad = torch.zeros(0, dtype=torch.long)
-
-    def _admit(self):
-        while len(self.rows) < self.max_batch:
-            try:  # block only when idle
-                req = self.queue.get(timeout=0.5) if not self.rows else self.queue.get_nowait()
-            except queue.Empty:
-                return
-            if req is None or self._stop.is_set():
-                return
-            if req.cancelled.is_set():
-                continue
-            try:  # the batch is only modified once the new row's tensors are all built
-                self._join(req)
-            except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
-                print(f"engine error: {type(e).__name__}: {e}", file=sys.stderr)
-                req.events.put(("error", f"{type(e).__name__}: {e}"))
-
-    @torch.no_grad()
-    def _join(self, req: GenRequest):
-        model, dev = self.model, self.device
-        P = len(req.prompt)
-        alone = model.new_cache(1, P)
-        logits, _ = model(torch.tensor([req.prompt], device=dev), cache=alone)  # (1, 1, V)
-        L = self.cache.len if self.cache is not None else 0
-        newL = max(L, P)
-        shift = newL - L  # the batch moves right when the new prompt is longer
-        B = len(self.rows)
-        row = _Row(req, dev)
-        pad = torch.cat([self.pad + shift, torch.tensor([newL - P])])
-        need = max([newL + r.remaining for r in self.rows] + [newL + row.remaining])
-        cache = model.new_cache(B + 1, need, pad)
-        if B:
-            cache.k[:, :B, :, shift:shift + L] = self.cache.k[:, :, :, :L]
-            cache.v[:, :B, :, shift:shift + L] = self.cache.v[:, :, :, :L]
-        cache.k[:, B, :, newL - P:newL] = alone.k[:, 0]
-        cache.v[:, B, :, newL - P:newL] = alone.v[:, 0]
-        cache.len = newL
-        self.cache, self.pad = cache, pad
-        self.rows.append(row)
-        new = self._row_params(req)
-        self.params = {k: torch.cat([self.params[k], v]) if self.params else v for k, v in new.items()}
-        lg = logits[:, -1].float()
-        self.logits = lg if self.logits is None else torch.cat([self.logits, lg])
-        self.stats["requests"] += 1
-
-    def _row_params(self, req: GenRequest) -> dict:
-        dev = self.device
-        seen = torch.zeros(1, self.vocab, dtype=torch.bool, device=dev)
-        seen[0, torch.tensor(req.prompt, dtype=torch.long, device=dev)] = True
-        return {
-            "temperature": torch.tensor([req.temperature], device=dev),
-            "top_k": torch.tensor([req.top_k], device=dev),
-            "top_p": torch.tensor([req.top_p], device=dev),
-            "rep": torch.tensor([req.repetition_penalty], device=dev),
-            "freq": torch.tensor([req.frequency_penalty], device=dev),
-            "pres": torch.tensor([req.presence_penalty], device=dev),
-            "seen": seen,  # (1, V) tokens in prompt or output
-            "counts": torch.zeros(1, self.vocab, device=dev),  # (1, V) output token counts
-        }
-
-    def _keep(self, keep: list):
-        """Keep only rows `keep` (indices), trimming columns that are padding for every row left."""
-        if len(keep) == len(self.rows):
-            return
-        if not keep:
-            self._reset()
-            return
-        old, L = self.cache, self.cache.len
-        self.rows = [self.rows[i] for i in keep]
-        pad = self.pad[keep]
-        trim = int(pad.min())
-        ix = torch.tensor(keep, device=self.device)
-        need = max(L - trim + r.remaining for r in self.rows)
-        cache = self.model.new_cache(len(keep), need, pad - trim)
-        cache.k[:, :, :, :L - trim] = old.k[:, ix, :, trim:L]
-        cache.v[:, :, :, :L - trim] = old.v[:, ix, :, trim:L]
-        cache.len = L - trim
-        self.cache, self.pad = cache, pad - trim
-        self.params = {k: v[ix] for k, v in self.params.items()}
-        self.logits = self.logits[ix]
-
-    @torch.no_grad()
-    def _step(self):
-        """Sample a token for every row, hand them out, retire finished rows, feed the rest."""
-        keep = [i for i, r in enumerate(self.rows) if not r.req.cancelled.is_set()]
-        self._keep(keep)
-        if not self.rows:
-            return
-        p, reqs = self.params, [r.req for r in self.rows]
-        logits = self.logits
-        if any(q.repetition_penalty != 1.0 for q in reqs):  # settings are checked on the host: no syncs
-            rep = p["rep"][:, None]
-            logits = torch.where(p["seen"], torch.where(logits > 0, logits / rep, logits * rep), logits)
-        if any(q.frequency_penalty or q.presence_penalty for q in reqs):
-            logits = logits - p["freq"][:, None] * p["counts"] - p["pres"][:, None] * (p["counts"] > 0).float()
-        nxt = sample_rows(logits, p["temperature"], p["top_k"], p["top_p"], [r.generator for r in self.rows],
-                          all_greedy=all(q.temperature <= 0 for q in reqs))  # (B,)
-        p["seen"].scatter_(1, nxt[:, None], True)
-        p["counts"].scatter_add_(1, nxt[:, None], torch.ones_like(p["counts"][:, :1]))
-        self.stats["tokens"] += len(self.rows)
-        self.stats["steps"] += 1
-        keep = []
-        for i, (r, t) in enumerate(zip(self.rows, nxt.tolist())):
-            r.generated += 1
-            if t == self.eos_id and not r.req.ignore_eos:
-                r.req.events.put(("end", "stop", r.generated))
-                continue
-            r.req.events.put(("token", t))
-            if r.remaining <= 0:
-                r.req.events.put(("end", "length", r.generated))
-                continue
-            keep.append(i)
-        self._keep(keep)
-        if self.rows:
-            logits, _ = self.model(nxt[keep][:, None], cache=self.cache)  # (B, 1, V)
-            self.logits = logits[:, -1].float()
 
 
 # -----------------------------------------------------------------------------
@@ -414,15 +179,16 @@ def build_request(body: dict, prompt: list, context: int, default_max_tokens: in
                        f"{P + max_tokens} tokens ({P} in the prompt, {max_tokens} for the completion).",
                        name, "context_length_exceeded")
     top_k = _get(body, "top_k", "int", 0, lo=-1)
-    return GenRequest(
-        prompt=prompt, max_tokens=max_tokens,
+    params = SamplingParams(
         temperature=float(_get(body, "temperature", "number", 1.0, lo=0, hi=2)),
         top_p=float(_get(body, "top_p", "number", 1.0, lo=0, hi=1, lo_open=True)),
         top_k=max(top_k, 0),
         repetition_penalty=float(_get(body, "repetition_penalty", "number", 1.0, lo=0, hi=10, lo_open=True)),
         frequency_penalty=float(_get(body, "frequency_penalty", "number", 0.0, lo=-2, hi=2)),
         presence_penalty=float(_get(body, "presence_penalty", "number", 0.0, lo=-2, hi=2)),
-        seed=_get(body, "seed", "int", None), ignore_eos=_get(body, "ignore_eos", "bool", False))
+        seed=_get(body, "seed", "int", None))
+    return GenRequest(prompt=prompt, max_tokens=max_tokens, params=params,
+                      ignore_eos=_get(body, "ignore_eos", "bool", False))
 
 
 class StopText:
@@ -576,7 +342,6 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
         except Exception as e:  # a bug, not a bad request: say so instead of dropping the connection
-            import traceback
             traceback.print_exc()
             try:
                 self._error(APIError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error",
@@ -753,97 +518,6 @@ def make_server(model, tok, host: str = "127.0.0.1", port: int = 8000, name: str
     server.daemon_threads = True
     server.app = app
     return server
-
-
-# -----------------------------------------------------------------------------
-# benchmark (called by bench.py)
-
-def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: int = 3, max_tokens: int = 48,
-                 tokenizer_dir: str = "data/tok", threads: Optional[int] = None) -> None:
-    """Requests/s and generated tokens/s of the server under `clients` concurrent streaming clients,
-    a random-weight `tiny` model, with batching (max_batch = clients) and without (max_batch = 1).
-    Sets out["server"] = {"clients", "max_tokens", "batched": {...}, "sequential": {...}}, each with
-    requests, seconds, req_s, tok_s, ttft_ms (mean time to the first generated text). `threads` sets
-    torch's CPU threads for the run."""
-    saved = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        _bench_server(device, out, clients, requests_per_client, max_tokens, tokenizer_dir)
-    finally:
-        torch.set_num_threads(saved)
-
-
-def _bench_server(device, out, clients, requests_per_client, max_tokens, tokenizer_dir):
-    import http.client
-    from pathlib import Path
-    from tokenizer import Tokenizer
-    from minimind import MiniMind, PRESETS
-    if Path(tokenizer_dir, "tokenizer.json").exists():
-        tok = Tokenizer(tokenizer_dir)
-    else:
-        tok = _bench_tokenizer()
-    torch.manual_seed(0)
-    model = MiniMind(PRESETS["tiny"]).to(device).eval()
-    result = {"clients": clients, "max_tokens": max_tokens, "threads": torch.get_num_threads()}
-
-    def client(port, i, times, counts):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        for j in range(requests_per_client):
-            body = {"messages": [{"role": "user", "content": f"你好，第{i}个客户端的第{j}个问题" + "。" * (i % 4)}],
-                    "max_tokens": max_tokens, "stream": True, "ignore_eos": True, "temperature": 0.8, "seed": i,
-                    "stream_options": {"include_usage": True}}
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-            resp, first = conn.getresponse(), None
-            for line in resp:
-                if not line.startswith(b"data: {"):
-                    continue
-                obj = json.loads(line[6:])
-                if first is None and obj["choices"] and obj["choices"][0]["delta"].get("content"):
-                    first = time.perf_counter() - t0
-                if obj.get("usage"):
-                    counts.append(obj["usage"]["completion_tokens"])
-            times.append(first or 0.0)
-        conn.close()
-
-    for label, batch in (("batched", clients), ("sequential", 1)):
-        server = make_server(model, tok, port=0, context=max_tokens + 64, max_batch=batch, quiet=True)
-        port = server.server_address[1]
-        th = threading.Thread(target=server.serve_forever, daemon=True)
-        th.start()
-        times, counts = [], []
-        client(port, 0, [], [])  # warm-up
-        t0 = time.perf_counter()
-        ths = [threading.Thread(target=client, args=(port, i, times, counts)) for i in range(clients)]
-        for t in ths:
-            t.start()
-        for t in ths:
-            t.join()
-        dt = time.perf_counter() - t0
-        server.shutdown()
-        server.server_close()
-        server.app.engine.stop()
-        n = clients * requests_per_client
-        result[label] = {"requests": n, "seconds": round(dt, 2), "req_s": round(n / dt, 2),
-                         "tok_s": round(sum(counts) / dt, 1), "ttft_ms": round(1000 * sum(times) / len(times), 1)}
-    out["server"] = result
-
-
-def _bench_tokenizer():
-    """A byte-level BPE tokenizer trained in a moment on a small built-in text (no data/tok)."""
-    import tempfile
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizer import SPECIAL_TOKENS, Tokenizer
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    hf.train_from_iterator(["你好，世界。今天天气很好。", "Hello world, a small benchmark text."] * 50, trainer=trainer)
-    d = tempfile.mkdtemp(prefix="minimind-bench-tok")
-    hf.save(f"{d}/tokenizer.json")
-    return Tokenizer(d)
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from minimind import PRESETS, MiniMind, ModelConfig, sample_next
+from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams, left_pad
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
 
@@ -152,14 +152,58 @@ def test_yarn_keeps_short_context_close_and_extends_rope():
     assert attn == pytest.approx(0.1 * torch.log(torch.tensor(4.0)).item() + 1)
 
 
+def draws(logits, n=50, **settings):
+    """The set of tokens sampled from logits (1, V) in n draws."""
+    s = Sampler(logits.shape[-1], "cpu")
+    s.add([SamplingParams(seed=0, **settings)], torch.zeros(1, 1, dtype=torch.long))
+    return {s.sample(logits).item() for _ in range(n)}
+
+
 def test_sampling_controls():
-    g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
-    assert sample_next(logits, 0, None, None).item() == 1  # greedy
-    draws = {sample_next(logits, 1.0, 2, None, g).item() for _ in range(50)}
-    assert draws <= {1, 2} and len(draws) == 2  # top-k keeps the two best
-    draws = {sample_next(logits, 1.0, None, 0.3, g).item() for _ in range(50)}
-    assert draws == {1}  # top-p 0.3: only the most likely token
+    assert draws(logits, 3, temperature=0) == {1}  # greedy
+    assert draws(logits, top_k=2) == {1, 2}  # top-k keeps the two best
+    assert draws(logits, top_p=0.3) == {1}  # top-p 0.3: only the most likely token
+    assert draws(logits, temperature=1e-300) == {1}  # a tiny temperature is greedy, not NaN
+    assert draws(logits, top_k=10 ** 30) == draws(logits)  # k beyond the vocabulary: off
+
+
+def test_penalties_follow_openai_and_ctrl():
+    # frequency: -p * count, presence: -p once, repetition: / p for positive, * p for negative logits
+    s = Sampler(4, "cpu")
+    s.add([SamplingParams(temperature=0, frequency_penalty=1.0), SamplingParams(temperature=0, presence_penalty=2.0),
+           SamplingParams(temperature=0, repetition_penalty=2.0)], torch.tensor([[3], [3], [3]]))
+    logits = torch.tensor([[3.0, 2.5, 0.0, -1.0]] * 3)
+    assert s.sample(logits).tolist() == [0, 0, 0]
+    s.update(torch.tensor([0, 0, 0]))
+    # row 0: 3 - 1 = 2 < 2.5; row 1: 3 - 2 = 1 < 2.5; row 2: 3 / 2 = 1.5 < 2.5
+    assert s.sample(logits).tolist() == [1, 1, 1]
+    s.update(torch.tensor([0, 1, 0]))
+    # row 0: token 0 seen twice, 3 - 2 = 1; row 1: presence is not counted twice, 2.5 - 2 vs 3 - 2
+    assert s.sample(logits).tolist() == [1, 0, 1]
+    s.keep([2])  # rows leave: the remaining row keeps its state
+    assert s.sample(torch.tensor([[3.0, 2.0, 0.0, -1.0]])).tolist() == [1]
+
+
+def test_sampler_rows_are_independent_and_nan_rows_are_flagged():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    alone = Sampler(50, "cpu")
+    alone.add([SamplingParams(seed=7, top_p=0.9)], torch.zeros(1, 1, dtype=torch.long))
+    together = Sampler(50, "cpu")
+    together.add([SamplingParams(seed=1), SamplingParams(seed=7, top_p=0.9), SamplingParams(temperature=0)],
+                 torch.zeros(3, 1, dtype=torch.long))
+    for _ in range(20):  # row 1 of the batch draws exactly what it draws alone
+        assert together.sample(logits)[1] == alone.sample(logits[1:2])[0]
+    bad = logits.clone()
+    bad[0, 3] = float("nan")
+    out = together.sample(bad)
+    assert out[0] == -1 and out[1] >= 0 and out[2] == logits[2].argmax()
+    for bad_value in (float("nan"), float("inf"), -1.0, 1e-300, 2 ** 64):
+        with pytest.raises(ValueError, match="repetition_penalty"):
+            SamplingParams(repetition_penalty=bad_value)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2 ** 64)
 
 
 def test_generate_repetition_penalty_and_eos():
@@ -170,8 +214,8 @@ def test_generate_repetition_penalty_and_eos():
     for b in range(2):  # a huge penalty forbids any token already in the row, prompt included
         row = penal[b].tolist()
         assert len(set(row[5:])) == 20 and not set(row[5:]) & set(row[:5])
-    sampled = m.generate(idx[:1], 20, generator=torch.Generator().manual_seed(0))[0, 5:].tolist()
+    sampled = m.generate(idx[:1], 20, seed=0)[0, 5:].tolist()
     first_new = next(i for i, t in enumerate(sampled) if t not in sampled[:i] and i >= 1)
     eos = sampled[first_new]  # stop at a token that first appears at step first_new
-    out = list(m.generate_stream(idx[:1], 20, eos_id=eos, generator=torch.Generator().manual_seed(0)))
+    out = list(m.generate_stream(idx[:1], 20, eos_id=eos, seed=0))
     assert len(out) == first_new + 1 and int(out[-1][0]) == eos

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
+from bench import bench_decode
 from conftest import ROOT
 from tokenizer import Tokenizer, TokenDecoder, _byte_level_alphabet
-from sample import bench_decode, fit_history, generate_batch, stream_tokens
+from sample import fit_history, generate_batch, stream_tokens
 from tokenizer import token_bytes
 
 
@@ -108,10 +109,14 @@ def test_batched_greedy_equals_single(loaded):
 def test_sampling_is_seeded_and_batched_rows_stop_at_eos(loaded):
     model, tok = loaded
     p = [tok.bos_id] + tok.encode("小明")
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    a = generate_batch(model, [p], 16, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3, generator=g())
-    b = generate_batch(model, [p], 16, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3, generator=g())
+    kw = dict(temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.3, frequency_penalty=0.5)
+    a = generate_batch(model, [p], 16, seed=3, **kw)
+    b = generate_batch(model, [p], 16, seed=3, **kw)
     assert a == b and len(a[0]) == 16
+    # in a batch, prompt i draws from seed + i: the same tokens as alone with that seed
+    q = [tok.bos_id] + tok.encode("The cat reads")
+    batch = generate_batch(model, [q, p], 16, seed=2, **kw)
+    assert batch[1] == a[0] and batch[0] == generate_batch(model, [q], 16, seed=2, **kw)[0]
     # a row whose greedy continuation hits eos is cut there; the other row runs on
     first = generate_batch(model, [p], 5, temperature=0)[0]
     out = generate_batch(model, [p, p + [7]], 5, eos_id=first[2], temperature=0)
@@ -204,6 +209,14 @@ def test_bad_command_lines(random_ckpt, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         sample.main(["--ckpt", str(ckpt), *argv])
     assert e.value.code != 0 and message in str(e.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "0"), ("--repetition-penalty", "inf"),
+                                         ("--frequency-penalty", "5"), ("--seed", str(2 ** 64)), ("--top-k", "-1")])
+def test_bad_sampling_flag_is_one_line(random_ckpt, flag, value):
+    r = sample_py("--ckpt", random_ckpt, "--prompt", "x", flag, value)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.startswith("error: " + flag[2:].replace("-", "_")) and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_bench_decode_reports_rates():

@@ -3,6 +3,7 @@ the batching engine in-process.
 
     python -m pytest tests/test_serve.py -q
 """
+import copy
 import http.client
 import json
 import os
@@ -11,14 +12,19 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import openai
 import pytest
+import torch
 
+from bench import bench_server
 from conftest import ROOT
+from engine import Engine, GenRequest
+from minimind import SamplingParams
 from sample import stream_tokens
+from serve import StopText
 from tokenizer import TokenDecoder
-from serve import Engine, GenRequest, StopText
 
 KEY = "sk-test-key"
 DEFAULT_MAX_TOKENS = 20
@@ -29,26 +35,32 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def server(random_ckpt):
+def server(random_ckpt, tmp_path_factory):
     """The real server on a free loopback port; stops at teardown (or by itself after 10 minutes)."""
-    proc = subprocess.Popen(
-        [sys.executable, "serve.py", "--ckpt", str(random_ckpt), "--port", "0", "--api-key", KEY, "--quiet",
-         "--max-tokens", str(DEFAULT_MAX_TOKENS), "--max-batch", "8", "--context", str(CONTEXT),
-         "--shutdown-after", "600"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    yield from start_server(random_ckpt, tmp_path_factory.mktemp("server") / "stderr.txt")
+
+
+def start_server(ckpt, stderr_path, *flags):
+    """serve.py on a free loopback port: yields (port, pid); stderr goes to a file (a pipe nobody
+    reads could fill up and stall the server)."""
+    with open(stderr_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", "0", "--api-key", KEY, "--quiet",
+             "--max-tokens", str(DEFAULT_MAX_TOKENS), "--max-batch", "8", "--context", str(CONTEXT),
+             "--shutdown-after", "600", *flags],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         line = proc.stdout.readline() if ready else ""
-        assert "serving" in line, f"server did not start: {line!r} {proc.stderr.read() if proc.poll() else ''}"
-        port = int(line.rsplit(":", 1)[1].split("/")[0])
-        yield port
+        assert "serving" in line, f"server did not start: {line!r} {Path(stderr_path).read_text()[-2000:]}"
+        yield int(line.rsplit(":", 1)[1].split("/")[0])
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+    assert "Traceback" not in Path(stderr_path).read_text(), Path(stderr_path).read_text()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +201,26 @@ def test_penalties_change_the_output(client):
     assert r.usage.completion_tokens == 20
 
 
+def test_sample_py_and_the_server_draw_the_same_tokens(server, random_ckpt):
+    """One sampler: sample.py and a server request with the same seed and settings (penalties
+    included, temperature > 0) continue a prompt with the same tokens."""
+    prompt, settings = "科学家研究", dict(temperature=1.3, top_k=60, top_p=0.95, repetition_penalty=1.2,
+                                        frequency_penalty=0.7, presence_penalty=0.4)
+    texts = []
+    for seed in (1234, 99):
+        flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+        r = subprocess.run([sys.executable, "sample.py", "--ckpt", str(random_ckpt), "--prompt", prompt, "--seed",
+                            str(seed), "--max-new-tokens", "24", *flags], cwd=ROOT, capture_output=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)  # bytes: \r stays \r
+        assert r.returncode == 0, r.stderr
+        code, obj = raw(server, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 24, "seed": seed,
+                                                            **settings})
+        assert code == 200, obj
+        assert r.stdout.decode() == prompt + obj["choices"][0]["text"] + "\n"
+        texts.append(obj["choices"][0]["text"])
+    assert texts[0] != texts[1] and len(texts[0]) > 5  # they are samples: another seed draws others
+
+
 # -----------------------------------------------------------------------------
 # bad requests: 4xx with OpenAI's error JSON, never a 500, the server keeps running
 
@@ -327,6 +359,9 @@ def test_disconnect_frees_the_slot(server, stream):
 # -----------------------------------------------------------------------------
 # pieces, in-process
 
+GREEDY = SamplingParams(temperature=0)
+
+
 def collect(req):
     toks = []
     while True:
@@ -355,7 +390,7 @@ def test_engine_joins_mid_flight(loaded):
     short, mid, long_ = ([tok.bos_id] + tok.encode(t) for t in texts)
     assert len(long_) > len(mid) + 5 > len(short) + 5
     engine = Engine(model, tok.eos_id, max_batch=4)
-    reqs = lambda: [GenRequest(prompt=p, max_tokens=n, temperature=0, ignore_eos=True)  # noqa: E731
+    reqs = lambda: [GenRequest(prompt=p, max_tokens=n, params=GREEDY, ignore_eos=True)  # noqa: E731
                     for p, n in ((mid, 30), (long_, 12), (short, 12))]
     expect = []
     for r in reqs():  # each alone
@@ -370,31 +405,31 @@ def test_engine_joins_mid_flight(loaded):
     engine.submit(b)
     engine.submit(c)
     engine._admit()
-    assert engine.cache.len == len(long_) and engine.pad.tolist() == [len(long_) - len(mid) - 5, 0,
-                                                                       len(long_) - len(short)]
+    assert engine.cache.len == len(long_) and engine.cache.pad.tolist() == [len(long_) - len(mid) - 5, 0,
+                                                                             len(long_) - len(short)]
     drive(engine, steps=12)
-    assert len(engine.rows) == 1 and engine.pad.tolist() == [0]  # b, c left; their columns were trimmed
+    assert len(engine.rows) == 1 and engine.cache.pad.tolist() == [0]  # b, c left; their columns were trimmed
     drive(engine)
     assert [collect(r) for r in (a, b, c)] == expect
     assert expect[0][1] == ("end", "length", 30)
-    assert engine.cache is None and engine.rows == []
+    assert engine.cache.batch_size == 0 and engine.rows == []
 
 
 def test_engine_stops_at_eos_and_respects_cancel(loaded):
     model, tok = loaded
     engine = Engine(model, tok.eos_id, max_batch=2)
     p = [tok.bos_id] + tok.encode("小明")
-    r = GenRequest(prompt=p, max_tokens=6, temperature=0, ignore_eos=True)
+    r = GenRequest(prompt=p, max_tokens=6, params=GREEDY, ignore_eos=True)
     engine.submit(r)
     drive(engine)
     toks, _ = collect(r)
     engine.eos_id = toks[3]  # pretend this token is eos: a request ends at its first occurrence, "stop"
     k = toks.index(toks[3])
-    r = GenRequest(prompt=p, max_tokens=6, temperature=0)
+    r = GenRequest(prompt=p, max_tokens=6, params=GREEDY)
     engine.submit(r)
     drive(engine)
     assert collect(r) == (toks[:k], ("end", "stop", k + 1))
-    r, other = GenRequest(prompt=p, max_tokens=6, temperature=0), GenRequest(prompt=p, max_tokens=6, temperature=0)
+    r, other = GenRequest(prompt=p, max_tokens=6, params=GREEDY), GenRequest(prompt=p, max_tokens=6, params=GREEDY)
     engine.submit(r)
     engine.submit(other)
     drive(engine, steps=2)
@@ -414,7 +449,7 @@ def test_engine_failure_of_one_request_spares_the_others(loaded):
     model, tok = loaded
     engine = Engine(model, tok.eos_id, max_batch=4)
     p = [tok.bos_id] + tok.encode("小明")
-    good = GenRequest(prompt=p, max_tokens=8, temperature=0, ignore_eos=True)
+    good = GenRequest(prompt=p, max_tokens=8, params=GREEDY, ignore_eos=True)
     bad = GenRequest(prompt=[10 ** 6], max_tokens=8)  # an id beyond the embedding: its prefill raises
     engine.submit(good)
     drive(engine, steps=2)
@@ -423,6 +458,35 @@ def test_engine_failure_of_one_request_spares_the_others(loaded):
     assert bad.events.get_nowait()[0] == "error"
     toks, end = collect(good)
     assert len(toks) == 8 and end == ("end", "length", 8)
+
+
+def test_engine_row_with_non_finite_logits_leaves_alone(loaded):
+    """A row whose logits turn NaN gets an error and leaves; the rows beside it decode exactly as alone."""
+    model, tok = loaded
+    poisoned = copy.deepcopy(model)
+    poisoned.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie the head
+    bad = tok.encode("春")[0]
+    with torch.no_grad():
+        poisoned.embed.weight[bad] = float("nan")  # any prompt holding this token gets NaN logits
+    engine = Engine(poisoned, tok.eos_id, max_batch=4)
+    good = [[tok.bos_id] + tok.encode(t) for t in ("小明", "The cat reads")]
+    assert all(bad not in p for p in good)
+    make = lambda: [GenRequest(prompt=good[0], max_tokens=10, params=GREEDY, ignore_eos=True),  # noqa: E731
+                    GenRequest(prompt=good[1], max_tokens=10, params=SamplingParams(seed=5), ignore_eos=True)]
+    alone = []
+    for r in make():
+        engine.submit(r)
+        drive(engine)
+        alone.append(collect(r))
+    reqs = make()
+    engine.submit(reqs[0])
+    drive(engine, steps=3)
+    poison = GenRequest(prompt=[tok.bos_id, bad, bad], max_tokens=10, params=GREEDY)
+    engine.submit(poison)
+    engine.submit(reqs[1])
+    drive(engine)
+    assert poison.events.get_nowait()[0] == "error" and poison.events.empty()
+    assert [collect(r) for r in reqs] == alone
 
 
 def test_stop_text_holds_back_partial_matches():
@@ -438,7 +502,6 @@ def test_stop_text_holds_back_partial_matches():
 
 
 def test_bench_server_reports_rates(tokenizer_dir):
-    from serve import bench_server
     out = {}
     bench_server("cpu", out, clients=2, requests_per_client=1, max_tokens=4, tokenizer_dir=str(tokenizer_dir),
                  threads=1)
