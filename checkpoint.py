@@ -339,6 +339,18 @@ def add_model_args(p):
     p.add_argument("--rope-scaling", default=None, metavar="SPEC", help=ROPE_SCALING_HELP)
 
 
+CHAT_KINDS = ("sft", "dpo", "grpo", "ppo", "distill")  # training stages whose models answer in the chat template
+
+
+def trained_kind(path) -> str:
+    """What trained a checkpoint (state.json kind: pretrain, sft, dpo, import, ...); "" if unknown."""
+    try:
+        ckpt = resolve_checkpoint(path)
+        return json.loads((ckpt / "state.json").read_text()).get("kind", "")
+    except (OSError, ValueError):
+        return ""
+
+
 def newest_run(root="out") -> Optional[Path]:
     """The run directory under `root` whose latest checkpoint was written last (None if there is none)."""
     runs = [p.parent for p in Path(root).glob("*/latest")] if Path(root).is_dir() else []

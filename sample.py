@@ -1,11 +1,15 @@
 """Sample from a minimind checkpoint: continue a prompt or chat in the terminal.
 
+    python sample.py --prompt "人工智能是"              # the newest run under out/
     python sample.py --ckpt out/pretrain --prompt "人工智能是" --max-new-tokens 100
     python sample.py --ckpt out/pretrain --prompt "春天" --prompt "The weather today" --temperature 0
     python sample.py --ckpt out/sft --chat --system "你是一个乐于助人的助手。"
     python sample.py --ckpt out/sft --chat --think on
 
-One --prompt streams its continuation (a pretrained model sees bos + prompt tokens). Several
+One --prompt streams its continuation (a pretrained model sees bos + prompt tokens); on a chat
+checkpoint (trained by sft, dpo or a later stage, as its state.json says) the prompt is a user
+message in the chat template and the reply is printed, as MiniMind's eval script does (--raw:
+plain continuation anyway). Several
 --prompt flags are decoded together as one left-padded batch: with --temperature 0 every result
 is the same as that prompt decoded alone. --chat is a multi-turn conversation in the tokenizer's
 chat template: the history is kept across turns and its oldest turns are dropped when it no longer
@@ -30,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import add_model_args, load_from_args
+from checkpoint import CHAT_KINDS, add_model_args, load_from_args, trained_kind
 from minimind import SamplingParams, left_pad
 from tokenizer import ReplyParser, TokenDecoder
 
@@ -99,7 +103,13 @@ def sampling_params(args) -> SamplingParams:
 
 def run_prompts(model, tok, args, context: int):
     params = sampling_params(args)
-    prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
+    if args.chat_model and not args.raw:  # a user message each, answered in the chat template
+        prompts = [tok.encode_chat([{"role": "user", "content": p}], add_generation_prompt=True,
+                                   open_thinking=args.think == "on") for p in args.prompt]
+        print("[chat checkpoint: each --prompt is a user message in the chat template; --raw continues it as text]",
+              file=sys.stderr)
+    else:
+        prompts = [[tok.bos_id] + tok.encode(p) for p in args.prompt]
     longest = max(len(p) for p in prompts)
     if longest >= context:
         sys.exit(f"error: a prompt of {longest} tokens does not fit the context window of {context} (--context)")
@@ -112,12 +122,14 @@ def run_prompts(model, tok, args, context: int):
         outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, params=params)
         dt = time.time() - t0
         for i, (p, o) in enumerate(zip(args.prompt, outs)):
-            print(f"--- [{i}] " + p + tok.decode(o, skip_special_tokens=True))
+            shown = p + " -> " if args.chat_model and not args.raw else p
+            print(f"--- [{i}] " + shown + tok.decode(o, skip_special_tokens=True))
         n = sum(len(o) for o in outs)
         print(f"[{len(outs)} prompts, {n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
         return
     dec = TokenDecoder(tok)
-    print(args.prompt[0], end="", flush=True)
+    if not args.chat_model or args.raw:
+        print(args.prompt[0], end="", flush=True)
     n, t0 = 0, time.time()
     for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, params=params):
         n += 1
@@ -215,6 +227,8 @@ def build_parser():
     p.add_argument("--prompt", action="append", default=[],
                    help="text to continue; repeat the flag to decode several prompts as one batch")
     p.add_argument("--chat", action="store_true", help="multi-turn chat in the terminal (chat template)")
+    p.add_argument("--raw", action="store_true",
+                   help="--prompt on a chat checkpoint: continue the text as it is, without the chat template")
     p.add_argument("--system", default="", help="--chat: system message")
     p.add_argument("--think", choices=("on", "off"), default="off",
                    help="--chat: let the model reason in a think block before it answers (the template's switch)")
@@ -246,6 +260,7 @@ def main(argv=None):
     except ValueError as e:
         sys.exit(f"error: {e}")
     model, tok, _, context = load_from_args(args)
+    args.chat_model = trained_kind(args.ckpt) in CHAT_KINDS
     if args.chat:
         run_chat(model, tok, args, context)
     else:

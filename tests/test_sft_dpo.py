@@ -8,6 +8,7 @@ DPO under torchrun (2 processes, gloo) follows one process.
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from argparse import Namespace
@@ -331,3 +332,23 @@ def test_dpo_with_two_processes_matches_one(sft_ckpt, dpo_dir, tmp_path):
               "--save-interval", "3", "--lr", "1e-3", "--batch-tokens", str(2 * 4 * 128)]
     run_single_and_ddp(tmp_path, common, ("loss", "reward_acc", "reward_margin", "val_loss", "val_reward_acc",
                                           "val_reward_margin"), rel=1e-3)
+
+
+def test_sample_prompt_on_a_chat_checkpoint_uses_the_template(sft_ckpt, tmp_path):
+    """`sample.py --prompt` answers a chat checkpoint's user message in the chat template (--raw:
+    plain continuation); without --ckpt it takes the newest run under out/ and says so."""
+    subject = list(ANSWERS)[0]
+    flags = ["--prompt", f"{subject}喜欢什么？", "--temperature", "0", "--max-new-tokens", "30"]
+    r = run(["sample.py", "--ckpt", sft_ckpt, *flags], env=ONE_THREAD)
+    assert f"{subject}喜欢{ANSWERS[subject]}。" in r.stdout and "chat template" in r.stderr
+    raw = run(["sample.py", "--ckpt", sft_ckpt, *flags, "--raw"], env=ONE_THREAD)
+    assert raw.stdout.startswith(f"{subject}喜欢什么？") and "chat template" not in raw.stderr
+    (tmp_path / "out").mkdir()
+    shutil.copytree(sft_ckpt, tmp_path / "out" / "sft")
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags], cwd=tmp_path, capture_output=True,
+                       text=True, env=ONE_THREAD)
+    assert r.returncode == 0 and "out/sft, the newest run under out/" in r.stderr, r.stderr
+    assert f"{subject}喜欢{ANSWERS[subject]}。" in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), *flags], cwd=tmp_path / "out", capture_output=True,
+                       text=True, env=ONE_THREAD)
+    assert r.returncode != 0 and "no run under out/" in r.stderr and "Traceback" not in r.stderr
