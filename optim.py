@@ -1,14 +1,24 @@
-"""Optimizers and the learning-rate schedule: AdamW, Muon for hidden matrices, warmup + cosine."""
+"""Optimizers and the learning-rate schedule: AdamW, Muon for hidden matrices; warmup, then cosine
+or warmup-stable-decay."""
 import math
 
 import torch
 
 
-def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
+SCHEDULES = ("cosine", "wsd")
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+                  decay_frac: float = 0.2) -> float:
+    """Linear warmup to 1 over `warmup` steps, then to min_ratio at `total`:
+    cosine  decays all the way;
+    wsd     (warmup-stable-decay) stays at 1 and decays linearly over the last decay_frac of the run,
+            so a run can be planned by time and still end decayed (train.py --max-time)."""
     if step < warmup:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "wsd":
+        return 1.0 - (1 - min_ratio) * max(0.0, progress - (1 - decay_frac)) / decay_frac
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

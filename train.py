@@ -25,6 +25,7 @@ uninterrupted one, also when it resumes with another number of processes (the to
 are kept; gradient accumulation makes up the difference).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load
 from data import DPOData, PretrainData, SFTData
 from losses import lm_loss, make_dpo_loss
 from minimind import PRESETS, MiniMind, ModelConfig
-from optim import Optimizers, lr_multiplier, make_optimizer
+from optim import SCHEDULES, Optimizers, lr_multiplier, make_optimizer
 from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import Tokenizer
 
@@ -117,12 +118,19 @@ def build_parser():
                    help="optimizer steps (default 300, or from --epochs)")
     g.add_argument("--epochs", type=positive(float), default=None,
                    help="passes over the training data instead of --max-iters (fractions allowed)")
+    g.add_argument("--max-time", type=positive(float), default=None, metavar="MINUTES",
+                   help="train for this long instead of a number of steps: the schedule runs on elapsed time "
+                        "(wsd by default), so the run decays, evaluates and saves on time")
     g.add_argument("--optimizer", choices=("adamw", "muon"), default=None,
                    help="muon: Muon on attention/FFN matrices, AdamW on the rest (default: " +
                         ", ".join(f"{m} {o}" for m, o in DEFAULT_OPTIMIZER.items()) + ")")
     g.add_argument("--lr", type=positive(float), default=None,
                    help="peak learning rate (default, tuned on the tiny preset: " +
                         ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+    g.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="lr after warmup: cosine decay, or wsd = constant then a linear decay over the last "
+                        "--decay-frac (default: cosine; wsd with --max-time)")
+    g.add_argument("--decay-frac", type=positive(float), default=0.2, help="wsd: fraction of the run spent decaying")
     g.add_argument("--min-lr-ratio", type=positive(float, zero=True), default=0.1,
                    help="final lr as a fraction of --lr")
     g.add_argument("--warmup-iters", type=positive(int, zero=True), default=None,
@@ -179,8 +187,8 @@ def resolve_args(args, argv):
     args.data = args.data or f"data/{args.mode}"
     if args.resume and args.force:
         fail("--resume continues the run in --out, --force starts it over: choose one")
-    if args.epochs is not None and args.max_iters is not None:
-        fail("give --epochs or --max-iters, not both")
+    if sum(x is not None for x in (args.epochs, args.max_iters, args.max_time)) > 1:
+        fail("give one of --epochs, --max-iters, --max-time")
     if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
         args.init_from = f"out/{STARTS_FROM[args.mode]}"
         if not Path(args.init_from).exists():
@@ -211,8 +219,9 @@ def resolve_args(args, argv):
         for k in inherit:
             if k in saved and k not in given and hasattr(args, k):
                 setattr(args, k, saved[k])
-        if "max_iters" in given:  # a length given now replaces an --epochs the run was started with
-            args.epochs = None
+        if given & {"max_iters", "epochs", "max_time"}:  # a length given now replaces the run's own
+            for k in {"max_iters", "epochs", "max_time"} - given:
+                setattr(args, k, None)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.mode]
     if args.optimizer is None:
@@ -222,6 +231,35 @@ def resolve_args(args, argv):
 
 # -----------------------------------------------------------------------------
 # setup
+
+class Clock:
+    """Training time against a --max-time budget. fraction() is the share of the budget used once
+    the final evaluation and save (timed as the last ones took) are set aside; under DDP rank 0's
+    value is broadcast, so every rank follows the same schedule and stops at the same step."""
+
+    def __init__(self, minutes, start: float, spent_before: float, ddp: bool):
+        self.budget = minutes * 60 if minutes else None
+        self.start, self.before, self.ddp = start, spent_before, ddp
+        self.last = {"eval": 0.0, "save": 0.0}
+
+    def spent(self) -> float:
+        return self.before + time.time() - self.start
+
+    def left(self) -> float:
+        return max(0.0, self.budget - self.spent()) if self.budget else 0.0
+
+    def fraction(self) -> float:
+        f = torch.tensor([self.spent() / max(1e-9, self.budget - sum(self.last.values()))], dtype=torch.float64)
+        if self.ddp:
+            dist.broadcast(f, 0)
+        return f.item()
+
+    @contextlib.contextmanager
+    def measure(self, what: str):
+        t0 = time.time()
+        yield
+        self.last[what] = time.time() - t0
+
 
 def setup_distributed(device_flag: str):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -> (ddp, rank, world, local_rank, device)."""
@@ -270,7 +308,8 @@ def build_default_data(args, source):
 
 
 def build_model(args, source, device, out: Path):
-    """-> (model, start_step, lora_spec): fresh from a preset, or from a checkpoint, LoRA applied."""
+    """-> (model, its checkpoint's state ({} when fresh), start_step, lora_spec): fresh from a preset, or from
+    a checkpoint, LoRA applied."""
     start_step, state = 0, {}
     if source is not None:
         # resuming a LoRA run: base + adapters kept apart; otherwise adapters (if any) merged in
@@ -299,7 +338,7 @@ def build_model(args, source, device, out: Path):
                      "base_rel": os.path.relpath(source.resolve(), out.resolve())}
     else:
         model.requires_grad_(True)
-    return model, start_step, lora_spec
+    return model, state, start_step, lora_spec
 
 
 def check_tokenizer(data, source):
@@ -338,8 +377,12 @@ def setup_data(args, model, world: int):
         fail(f"{args.data}: vocabulary {data.meta['vocab_size']} > model's {model.config.vocab_size}")
     if args.epochs is not None:
         args.max_iters = max(1, math.ceil(args.epochs * data.epoch_tokens() / batch_tokens))
+    elif args.max_time is not None:
+        args.max_iters = None  # as many as fit
     elif args.max_iters is None:
         args.max_iters = 300
+    if args.schedule is None:
+        args.schedule = "wsd" if args.max_time else "cosine"
     return data, accum, batch_tokens
 
 
@@ -347,7 +390,8 @@ def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_to
     n, n_act = model.num_params(), model.num_params(active=True)
     print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
           f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
-          f"{args.batch_size} x {args.seq_len} | {args.max_iters} steps | kernels {kernels.get_backend()}")
+          f"{args.batch_size} x {args.seq_len} | " + (f"{args.max_time:g} minutes" if args.max_time else
+          f"{args.max_iters} steps") + f" ({args.schedule}) | kernels {kernels.get_backend()}")
     if isinstance(optimizer, Optimizers):
         n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
         print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
@@ -364,6 +408,7 @@ def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_to
 # main
 
 def main(argv=None):
+    t_main = time.time()  # --max-time counts from here: start-up is part of the budget
     argv = sys.argv[1:] if argv is None else argv
     args, source = resolve_args(build_parser().parse_args(argv), argv)
     if args.kernels:
@@ -385,12 +430,12 @@ def main(argv=None):
     if ddp:
         dist.barrier()
 
-    model, start_step, lora_spec = build_model(args, source, device, out)
+    model, source_state, start_step, lora_spec = build_model(args, source, device, out)
     data, accum, batch_tokens = setup_data(args, model, world)
     check_tokenizer(data, source)
     args.batch_tokens_per_step = batch_tokens  # recorded, so a resume with another world size keeps it
     loss_fn = MODES[args.mode][1](model, args)
-    warmup = args.warmup_iters if args.warmup_iters is not None else max(1, args.max_iters // 20)
+    warmup = args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     if args.resume:
         optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
@@ -427,9 +472,10 @@ def main(argv=None):
         model.train()
         return {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
 
-    def checkpoint(step):
+    def checkpoint(step, train_seconds):
         if master:
-            state = {"kind": args.mode, "args": vars(args), "data": {"dir": str(data.dir), "meta": data.meta}}
+            state = {"kind": args.mode, "args": vars(args), "data": {"dir": str(data.dir), "meta": data.meta},
+                     "train_seconds": round(train_seconds, 3)}
             if lora_spec:
                 state["lora"] = lora_spec
             try:
@@ -460,17 +506,27 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         return metrics
 
+    clock = Clock(args.max_time, t_main, source_state.get("train_seconds", 0.0) if args.resume else 0.0, ddp)
     t_start = t_last = time.time()
     tokens_since = 0
     model.train()
-    for step in range(start_step + 1, args.max_iters + 1):
-        lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio)
+    step = start_step
+    while True:
+        step += 1
+        if args.max_time:  # the schedule runs on the fraction of the time budget spent
+            lr = args.lr * (step / warmup if step <= warmup else
+                            lr_multiplier(int(clock.fraction() * 1e6), 0, 10 ** 6, args.min_lr_ratio, args.schedule,
+                                          args.decay_frac))
+        else:
+            lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio, args.schedule,
+                                         args.decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
         metrics = train_step(step)
         tokens_since += batch_tokens
+        last = clock.fraction() >= 1 if args.max_time else step >= args.max_iters
 
-        if step % args.log_interval == 0 or step == args.max_iters or step == start_step + 1:
+        if step % args.log_interval == 0 or last or step == start_step + 1:
             keys = sorted(metrics)
             vals = torch.stack([metrics[k].float() for k in keys])  # one host sync per logged step
             if ddp:
@@ -480,23 +536,27 @@ def main(argv=None):
             now = time.time()
             tps = tokens_since / (now - t_last)
             mfu = tps * flops_per_step / batch_tokens / peak
-            eta = (args.max_iters - step) * batch_tokens / tps
+            eta = clock.left() if args.max_time else (args.max_iters - step) * batch_tokens / tps
             t_last, tokens_since = now, 0
             log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - t_start, 2))
             if master:
                 shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
-                print(f"step {step:5d}/{args.max_iters} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                print(f"step {step:5d}/{args.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
                       f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
-        if step % args.eval_interval == 0 or step == args.max_iters:
-            rec = evaluate()
+        if step % args.eval_interval == 0 or last:
+            with clock.measure("eval"):
+                rec = evaluate()
             if master and not datasheet:  # a peak measured while the machine was busy reads low: keep the best
                 peak = max(peak, measure_matmul_flops(device, dtype, seconds=0.2) * world)
             log.write(step=step, **rec)
             if master:
                 print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
                 plot_log(out)
-        if step % args.save_interval == 0 or step == args.max_iters:
-            checkpoint(step)
+        if step % args.save_interval == 0 or last:
+            with clock.measure("save"):
+                checkpoint(step, clock.spent())
+        if last:
+            break
     if master:
         print(f"done in {fmt_time(time.time() - t_start)}; checkpoint in {out}")
     if ddp:

@@ -163,7 +163,7 @@ def test_epochs_and_resume_with_fewer_processes(pretrain_dir, tmp_path):
     meta = json.loads((pretrain_dir / "meta.json").read_text())
     r = train("--data", pretrain_dir, "--out", tmp_path / "ep", *FAST, "--epochs", "0.01", "--eval-interval", "1000")
     steps = -(-int(0.01 * meta["train_tokens"]) // (2 * 32))
-    assert f"| {steps} steps |" in r.stdout
+    assert f"| {steps} steps (cosine) |" in r.stdout
     common = ["--data", pretrain_dir, *FAST, "--batch-tokens", "128", "--eval-interval", "1000", "--save-interval", "3"]
     train("--out", tmp_path / "one", *common, "--max-iters", "6")
     two = tmp_path / "two"
@@ -205,3 +205,19 @@ def test_sft_output_dir_as_file_and_unwritable(pretrain_dir, tmp_path):
     line = one_line_error(train("--data", pretrain_dir, "--out", target, *FAST, "--max-iters", "1", check=False))
     assert str(target) in line
     shutil.rmtree(tmp_path / "none", ignore_errors=True)
+
+
+def test_max_time_plans_the_schedule_and_ends_on_time(pretrain_dir, tmp_path):
+    """--max-time: the lr follows warmup-stable-decay on elapsed time and reaches its floor as the
+    run ends; the last step evaluates and saves. Generous bound: the machine is shared."""
+    out = tmp_path / "timed"
+    r = train("--data", pretrain_dir, "--out", out, *FAST, "--max-time", "0.3", "--eval-interval", "1000",
+              "--warmup-iters", "2")
+    rows = [r for r in read_log(out) if "lr" in r]
+    lrs = [r["lr"] for r in rows]
+    assert len(rows) > 5 and "(wsd)" in r.stdout
+    assert max(lrs) == pytest.approx(6e-3) and lrs[-1] < 0.25 * 6e-3  # decayed (to 0.1 x at the very end)
+    assert rows[-1]["time"] < 0.3 * 60 + 15
+    state = json.loads((resolve_checkpoint(out) / "state.json").read_text())
+    assert state["step"] == rows[-1]["step"] and 0 < state["train_seconds"] <= 0.3 * 60 + 15
+    assert [r for r in read_log(out) if "val_loss" in r][-1]["step"] == state["step"]
