@@ -287,15 +287,20 @@ def test_64_simultaneous_streams_complete(port):
 
 
 def test_trickling_connections_do_not_delay_others_and_are_closed(port):
-    """200 clients sending their headers a byte at a time: a normal request is answered as fast as
-    ever, and they are cut off after --read-timeout."""
+    """200 clients sending their headers a byte at a time, 10 more their body: a normal request is
+    answered as fast as ever, and they are cut off after --read-timeout (the body ones with a 408)."""
     head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
+    bodies = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
+    for s in bodies:
+        s.send(head + f"Authorization: Bearer {KEY}\r\nContent-Length: 1000\r\n\r\n".encode())
     t0 = time.monotonic()
     try:
         for step in range(3):
             for s in socks:
                 s.send(head[step:step + 1])
+            for s in bodies:
+                s.send(b"{")
             t = time.monotonic()
             status, _, _ = post(port, CHAT, {**BASE[CHAT], "max_tokens": 2})
             assert status == 200 and time.monotonic() - t < 1.0
@@ -311,8 +316,11 @@ def test_trickling_connections_do_not_delay_others_and_are_closed(port):
             except socket.timeout:
                 pass
         assert closed == len(socks)
+        for s in bodies:
+            reply = s.recv(4096)
+            assert reply.startswith(b"HTTP/1.1 408") and b'"code":"request_timeout"' in reply, reply[:300]
     finally:
-        for s in socks:
+        for s in socks + bodies:
             s.close()
 
 
