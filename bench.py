@@ -527,7 +527,7 @@ def bench_server(device: str, out: dict, clients: int = 8, requests_per_client: 
 def _start_server(args: list):
     """serve.py ARGS on a free loopback port -> (process, port), once it says it is serving."""
     proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("serve.py")), "--port", "0", "--quiet",
-                             *map(str, args)], stdout=subprocess.PIPE, text=True)
+                             "--no-ui", *map(str, args)], stdout=subprocess.PIPE, text=True)
     ready, _, _ = select.select([proc.stdout], [], [], 120)
     line = proc.stdout.readline() if ready else ""
     if "serving" not in line:

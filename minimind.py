@@ -15,6 +15,9 @@ Architecture choices (all presets):
   shared experts (DeepSeek), load-balance aux loss
 - tied input embedding and output head, vocabulary 6400
 - a preallocated KV cache for decoding (written in place, never grown by torch.cat)
+- one sampler for every row of a batch (SamplingParams, Sampler): temperature, top-k, top-p,
+  repetition/frequency/presence penalties, a seeded generator per row; used by generate, sample.py,
+  engine.py (serve.py) alike
 - no host syncs in forward: the dense model compiles with `fullgraph=True`
 """
 import math

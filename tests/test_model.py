@@ -5,7 +5,7 @@
 import pytest
 import torch
 
-from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams, left_pad
+from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
 

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from bench import bench_decode
 from conftest import ROOT
@@ -211,8 +210,8 @@ def test_bad_command_lines(random_ckpt, tmp_path, capsys, argv, message):
     assert e.value.code != 0 and message in str(e.value.code) + capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "0"), ("--repetition-penalty", "inf"),
-                                         ("--frequency-penalty", "5"), ("--seed", str(2 ** 64)), ("--top-k", "-1")])
+@pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--top-p", "0"), ("--frequency-penalty", "5"),
+                                         ("--seed", str(2 ** 64))])
 def test_bad_sampling_flag_is_one_line(random_ckpt, flag, value):
     r = sample_py("--ckpt", random_ckpt, "--prompt", "x", flag, value)
     assert r.returncode != 0 and r.stdout == ""

@@ -3,6 +3,7 @@ the batching engine in-process.
 
     python -m pytest tests/test_serve.py -q
 """
+import contextlib
 import copy
 import http.client
 import json
@@ -17,12 +18,14 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from bench import bench_server
 from conftest import ROOT
 from engine import Engine, GenRequest
 from minimind import SamplingParams
 from sample import stream_tokens
+import serve
 from serve import StopText
 from tokenizer import TokenDecoder
 
@@ -37,12 +40,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def server(random_ckpt, tmp_path_factory):
     """The real server on a free loopback port; stops at teardown (or by itself after 10 minutes)."""
-    yield from start_server(random_ckpt, tmp_path_factory.mktemp("server") / "stderr.txt")
+    with start_server(random_ckpt, tmp_path_factory.mktemp("server") / "stderr.txt") as (port, _):
+        yield port
 
 
+@contextlib.contextmanager
 def start_server(ckpt, stderr_path, *flags):
-    """serve.py on a free loopback port: yields (port, pid); stderr goes to a file (a pipe nobody
-    reads could fill up and stall the server)."""
+    """serve.py on a free loopback port -> (port, process); stderr goes to a file (a pipe nobody reads
+    could fill up and stall the server), which must hold no traceback when the server stops."""
     with open(stderr_path, "w") as err:
         proc = subprocess.Popen(
             [sys.executable, "serve.py", "--ckpt", str(ckpt), "--port", "0", "--api-key", KEY, "--quiet",
@@ -53,7 +58,7 @@ def start_server(ckpt, stderr_path, *flags):
         ready, _, _ = select.select([proc.stdout], [], [], 60)
         line = proc.stdout.readline() if ready else ""
         assert "serving" in line, f"server did not start: {line!r} {Path(stderr_path).read_text()[-2000:]}"
-        yield int(line.rsplit(":", 1)[1].split("/")[0])
+        yield int(line.rsplit(":", 1)[1].split("/")[0]), proc
     finally:
         proc.terminate()
         try:
@@ -487,6 +492,20 @@ def test_engine_row_with_non_finite_logits_leaves_alone(loaded):
     drive(engine)
     assert poison.events.get_nowait()[0] == "error" and poison.events.empty()
     assert [collect(r) for r in reqs] == alone
+
+
+def test_chat_page_at_root(loaded, tmp_path, monkeypatch):
+    model, tok = loaded
+    engine = Engine(model, tok.eos_id)  # not started: the page needs no model
+    monkeypatch.setattr(serve, "UI_PAGE", tmp_path / "chat.html")
+    client = TestClient(serve.make_app(engine, tok, api_key=KEY))
+    r = client.get("/")  # no page installed: OpenAI's 404
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    (tmp_path / "chat.html").write_text("<html>chat</html>")
+    r = client.get("/")  # no key needed for the page itself
+    assert r.status_code == 200 and r.text == "<html>chat</html>" and r.headers["content-type"].startswith("text/html")
+    assert client.get("/v1/models").status_code == 401
+    assert TestClient(serve.make_app(engine, tok, ui=False)).get("/").status_code == 404  # --no-ui
 
 
 def test_stop_text_holds_back_partial_matches():
