@@ -122,7 +122,7 @@ def newest_run(root: Path = Path("out")) -> Path:
 
 def model_specs(args) -> list:
     """[(kind, path)] of the models to evaluate, in the order given."""
-    specs = [("ckpt", p) for p in args.ckpt] + [("hf", p) for p in args.hf]
+    specs = list(args.models)
     for run in args.runs:
         run = Path(run)
         if (run / "config.json").exists():
@@ -137,7 +137,7 @@ def model_specs(args) -> list:
 def load(kind, path, args) -> LM:
     try:
         return load_ckpt(path, args) if kind == "ckpt" else load_hf(path, args)
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError, a bad --dtype, a tokenizer too big
         raise EvalError(str(e)) from None
 
 
@@ -351,7 +351,8 @@ def eval_mc(lm: LM, items: list, dev: dict, args) -> dict:
     subjects = {}
     for r in rows:
         subjects.setdefault(r["subject"], []).append(r)
-    return {**aggregate(rows), "shots": args.shots, "truncated": truncated, "subjects": {s: aggregate(rs) for s, rs in subjects.items()},
+    return {**aggregate(rows), "shots": args.shots, "truncated": truncated,
+            "subjects": {s: aggregate(rs) for s, rs in subjects.items()},
             "items": rows}
 
 
@@ -420,7 +421,8 @@ def answer_prompts(lm: LM, prompts: list, args) -> list:
             history, done = [], []
             for user in turns:
                 history.append({"role": "user", "content": user})
-                ids = lm.prefix + lm.tok.encode(user) if raw else lm.tok.encode_chat(history, add_generation_prompt=True)
+                ids = (lm.prefix + lm.tok.encode(user) if raw
+                       else lm.tok.encode_chat(history, add_generation_prompt=True))
                 t0 = time.perf_counter()
                 new = generate(lm, ids, args.max_new_tokens, args.temperature, args.top_p, args.seed + n)
                 dt = time.perf_counter() - t0
@@ -545,11 +547,23 @@ class progress:
 # -----------------------------------------------------------------------------
 # command line
 
+class AddModel(argparse.Action):
+    """--ckpt / --hf: (kind, path) appended to args.models, so models keep the order they were given in."""
+
+    def __init__(self, option_strings, dest, const=None, **kw):
+        super().__init__(option_strings, dest, nargs=None, const=const, **kw)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (self.const, value)])
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models (repeatable; default: the newest run under out/)")
-    g.add_argument("--ckpt", action="append", default=[], help="minimind run (follows `latest`) or checkpoint directory")
-    g.add_argument("--hf", action="append", default=[], help="transformers model directory (an export, MiniMind's model)")
+    g.add_argument("--ckpt", action=AddModel, dest="models", const="ckpt", default=[], metavar="DIR",
+                   help="minimind run (follows `latest`) or checkpoint directory")
+    g.add_argument("--hf", action=AddModel, dest="models", const="hf", default=[], metavar="DIR",
+                   help="transformers model directory (an export, MiniMind's released model)")
     g.add_argument("--runs", nargs="+", action="extend", default=[], metavar="PATH",
                    help="every checkpoint of these runs (and these checkpoint directories); metrics against steps")
     g.add_argument("--context", type=int, default=0,
@@ -570,7 +584,8 @@ def build_parser():
                    help="few-shot examples: the first --shots items of the same subject")
     g.add_argument("--shots", type=int, default=0, choices=range(6), help="few-shot examples per question (0-5)")
     g.add_argument("--mc-description", default="",
-                   help="text before the shots and question ({subject} replaced, \\n a newline): lm-eval's task description")
+                   help="text before the shots and question ({subject} replaced, \\n a newline): lm-eval's task "
+                        "description")
     g.add_argument("--mc-answer", default="答案：", help="what ends each question, before the answer")
     g = p.add_argument_group("prompts")
     g.add_argument("--prompts", nargs="?", const="builtin", default=None, metavar="FILE",
@@ -581,7 +596,8 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most")
     g.add_argument("--temperature", type=float, default=0.85, help="0 = greedy (MiniMind's eval_llm: 0.85)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (prompt k uses seed + k, the same for every model)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="sampling seed (prompt k uses seed + k, the same for every model)")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="FILE", help="every result, per-item log-likelihoods included")
     g.add_argument("--plot", default=None, metavar="FILE",
@@ -609,8 +625,14 @@ def read_inputs(args):
         raise EvalError("--runs plots --text and --mc metrics; answer --prompts for chosen checkpoints (--ckpt)")
     if args.mc_dev and not args.mc:
         raise EvalError("--mc-dev gives few-shot examples for --mc questions: --mc FILE... is missing")
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    for flag in ("context", "stride", "threads"):
+        if getattr(args, flag) < 0:
+            raise EvalError(f"--{flag} must be >= 0")
+    if args.batch_tokens < 1 or args.max_new_tokens < 1:
+        raise EvalError("--batch-tokens and --max-new-tokens must be positive")
+    for out in (args.json, args.plot, args.report if args.prompts else None):
+        if out and not Path(out).resolve().parent.is_dir():
+            raise EvalError(f"{out}: its directory does not exist")
     texts = {str(p): read_texts(p) for p in args.text}
     mc = read_mc_sets(args) if args.mc else None
     prompts = (PROMPTS if args.prompts == "builtin" else read_prompts(args.prompts)) if args.prompts else None
@@ -619,6 +641,8 @@ def read_inputs(args):
 
 def run(args, texts: dict, mc: Optional[tuple], prompts: Optional[list]) -> list:
     """Load each model in turn (one in memory at a time) and evaluate it on the same inputs."""
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     specs = model_specs(args)
     results, names = [], set()
     for kind, path in (tqdm(specs, desc="models", file=sys.stderr) if len(specs) > 2 and tqdm and not args.quiet
@@ -645,8 +669,9 @@ def main(argv=None):
         write_report(args.report, results, prompts, args)
         print(f"report: {args.report}")
     if args.runs:
-        first = Path(args.runs[0])
-        path = plot_runs(results, args.plot or (first.parent if (first / "config.json").exists() else first) / "eval.png")
+        first = Path(args.runs[0])  # a run directory, or a checkpoint directory inside one
+        run_dir = first.parent if (first / "config.json").exists() else first
+        path = plot_runs(results, args.plot or run_dir / "eval.png")
         if path:
             print(f"plot: {path}")
     if args.json:
