@@ -198,7 +198,7 @@ def eval_text(lm: LM, files: dict, stride: int, batch_tokens: int, quiet: bool) 
         for ids, text in zip(lm.tok.encode_batch(docs), docs):
             jobs += scoring.window_jobs(lm.prefix + ids, lm.context, stride)
             counts += (0, len(ids) - (0 if lm.prefix else 1), len(text.encode("utf-8")))
-        with progress(len(jobs), f"{lm.name} {Path(name).name}", quiet) as bar:
+        with Progress(len(jobs), f"{lm.name} {Path(name).name}", quiet) as bar:
             scored = scoring.score_jobs(lm.model, jobs, batch_tokens, progress=bar)
         counts[0] = -sum(float(s.logprobs.double().sum()) for s in scored)
         out["files"][name] = text_metrics(*counts)
@@ -237,7 +237,7 @@ def mc_item(obj: dict, where: str, subject: str) -> dict:
     else:
         options = []
         for letter in LETTERS:
-            if letter not in keys or keys[letter] is None:
+            if keys.get(letter) in (None, ""):  # no such column, or empty in this row
                 break
             options.append(str(keys[letter]))
     if len(options) < 2:
@@ -338,7 +338,7 @@ def eval_mc(lm: LM, items: list, dev: dict, args) -> dict:
     if truncated:
         print(f"warning: {lm.name}: {truncated} of {len(pairs)} questions with a choice are longer than the "
               f"context of {lm.context} tokens and lose their beginning (--context)", file=sys.stderr)
-    with progress(len(pairs), f"{lm.name} multiple choice", args.quiet) as bar:
+    with Progress(len(pairs), f"{lm.name} multiple choice", args.quiet) as bar:
         lls = scoring.loglikelihoods(lm.model, pairs, lm.context, args.batch_tokens, progress=bar)
     rows = []
     for k, item in enumerate(items):
@@ -416,7 +416,7 @@ def answer_prompts(lm: LM, prompts: list, args) -> list:
     no history) for pretrain checkpoints or --prompt-format raw."""
     raw = args.prompt_format == "raw" or (args.prompt_format == "auto" and lm.stage == "pretrain")
     results = []
-    with progress(sum(len(t) for _, _, t in prompts), f"{lm.name} prompts", args.quiet) as bar:
+    with Progress(sum(len(t) for _, _, t in prompts), f"{lm.name} prompts", args.quiet) as bar:
         for n, (category, lang, turns) in enumerate(prompts):
             history, done = [], []
             for user in turns:
@@ -526,7 +526,7 @@ def plot_runs(results: list, path) -> Optional[Path]:
     return Path(path)
 
 
-class progress:
+class Progress:
     """A tqdm bar as a callable `bar(n)` (no-op when quiet or without tqdm)."""
 
     def __init__(self, total: int, desc: str, quiet: bool):
