@@ -18,7 +18,8 @@ SFT and DPO rows pack whole conversations (DPO: prompt + chosen and prompt + rej
 with positions restarting and attention confined to each; the loss covers the assistant replies.
 
 Per step it prints loss, lr, tokens/s, MFU and ETA, and appends to OUT/log.jsonl (training steps
-with "step" and "loss", evaluations with "step" and "val_loss"); OUT/loss.png plots them.
+with "step" and "loss", evaluations with "step" and "val_loss", and for pretraining "val_bpb", bits per
+byte of the held-out text); OUT/loss.png plots them.
 Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see checkpoint.py). Every batch is a pure function
 of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
 uninterrupted one, also when it resumes with another number of processes (the tokens per step
@@ -47,6 +48,7 @@ from losses import lm_loss, make_dpo_loss
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, lr_multiplier, make_optimizer
 from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops, pick_device, pick_dtype
+from scoring import count_bytes, token_byte_lengths
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -453,6 +455,12 @@ def main(argv=None):
     if master:
         describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype)
 
+    # pretrain: UTF-8 bytes per token of the val split, for val_bpb (a tokenizer-independent val_loss)
+    val_bytes_per_token = None
+    if args.mode == "pretrain" and (tok_dir / "tokenizer.json").exists():
+        val_tokens = data.splits["val"]
+        val_bytes_per_token = count_bytes(val_tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(val_tokens)
+
     @torch.no_grad()
     def evaluate():
         """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
@@ -470,7 +478,10 @@ def main(argv=None):
         if ddp:
             dist.all_reduce(vals)
         model.train()
-        return {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
+        rec = {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
+        if val_bytes_per_token:  # bits per byte: nats per token / ln 2 / bytes per token
+            rec["val_bpb"] = rec["val_loss"] / (math.log(2) * val_bytes_per_token)
+        return rec
 
     def checkpoint(step, train_seconds):
         if master:
