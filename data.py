@@ -233,6 +233,10 @@ class PretrainData:
         """Tokens in one pass over the training split."""
         return len(self.splits["train"])
 
+    def val_batches(self, batch_size: int, wanted: int) -> int:
+        """Validation batches per evaluation: random windows, as many as asked."""
+        return wanted
+
     def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
         data = self.splits[split]
         g = batch_generator(self.seed + (split == "val"), step, index)
@@ -315,6 +319,11 @@ class PackedData:
     def epoch_tokens(self) -> int:
         """Row slots in one pass over the training rows (padding included: a row is a row)."""
         return len(self.splits["train"][3]) * self.seq_len
+
+    def val_batches(self, batch_size: int, wanted: int) -> int:
+        """Validation batches per evaluation: at most one pass over the validation rows (more would
+        score the same rows again)."""
+        return min(wanted, -(-len(self.splits["val"][3]) // batch_size))
 
     def n_records(self, index) -> int:
         raise NotImplementedError

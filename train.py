@@ -111,7 +111,9 @@ def build_parser():
     g.add_argument("--seq-len", type=positive(int), default=None,
                    help="tokens per row (default: pretrain 256, sft the checkpoint's, dpo the longest pair of "
                         "the data up to the model's limit)")
-    g.add_argument("--batch-size", type=positive(int), default=16, help="rows per micro-batch per process")
+    g.add_argument("--batch-size", type=positive(int), default=None,
+                   help="rows per micro-batch per process (default: 16, the checkpoint's for sft; dpo: as many "
+                        "rows as hold 4096 tokens)")
     g.add_argument("--batch-tokens", type=positive(int), default=None,
                    help="tokens per optimizer step over all processes; gradient accumulation makes up the "
                         "difference (default: one micro-batch per process)")
@@ -208,8 +210,9 @@ def resolve_args(args, argv):
     if source is not None:
         saved = json.loads((source / "state.json").read_text()).get("args", {})
         inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]
-        if args.mode == "dpo" and saved.get("mode") != "dpo":
-            inherit.remove("seq_len")  # DPO rows hold pairs: sized from the data, not the SFT rows
+        if args.mode == "dpo" and saved.get("mode") != "dpo":  # DPO rows hold pairs: sized from the data
+            inherit.remove("seq_len")
+            inherit.remove("batch_size")
         if args.resume:  # the same run: everything not overridden
             saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed used AdamW
             if "optimizer" in given and args.optimizer != saved["optimizer"]:
@@ -365,6 +368,8 @@ def setup_data(args, model, world: int):
             except FileNotFoundError:
                 fail(f"{args.data}: no DPO data here (make it with `python prepare.py dpo`)")
             args.seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
+    if args.batch_size is None:
+        args.batch_size = max(1, 4096 // args.seq_len) if args.mode == "dpo" else 16
     tokens_per_micro = args.batch_size * args.seq_len
     batch_tokens = args.batch_tokens or tokens_per_micro * world
     if batch_tokens % (tokens_per_micro * world):
@@ -435,6 +440,7 @@ def main(argv=None):
     model, source_state, start_step, lora_spec = build_model(args, source, device, out)
     data, accum, batch_tokens = setup_data(args, model, world)
     check_tokenizer(data, source)
+    eval_batches = data.val_batches(args.batch_size, args.eval_iters)
     args.batch_tokens_per_step = batch_tokens  # recorded, so a resume with another world size keeps it
     loss_fn = MODES[args.mode][1](model, args)
     warmup = args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20)
@@ -466,7 +472,7 @@ def main(argv=None):
         """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
         A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
         model.eval()
-        mine = [i for i in range(args.eval_iters) if i % world == rank]
+        mine = [i for i in range(eval_batches) if i % world == rank]
         totals = {}
         for i in mine or [rank]:
             with autocast(device, dtype):
