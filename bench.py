@@ -549,25 +549,39 @@ def _bench_tokenizer() -> str:
     return d
 
 
-def main():
+SECTIONS = ("peak", "train", "optim", "decode", "server", "kernels")
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--only", default="peak,train,optim,decode,server,kernels", help="comma-separated sections")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections")
     p.add_argument("--models", default="tiny,minimind2-small,minimind-3", help="models for train/decode")
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length")
-    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (>= 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation for the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="bench.json", help="results file (JSON)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    sections = set(args.only.split(","))
+    models = args.models.split(",")
+    problems = [f"--only: unknown section(s) {', '.join(sorted(sections - set(SECTIONS)))} (choose from "
+                f"{','.join(SECTIONS)})" if sections - set(SECTIONS) else "",
+                f"--models: unknown preset(s) {', '.join(m for m in models if m not in PRESETS)} (choose from "
+                f"{','.join(PRESETS)})" if any(m not in PRESETS for m in models) else "",
+                "--steps must be >= 1" if args.steps < 1 else "", "--seq-len must be >= 2" if args.seq_len < 2 else "",
+                "--threads must be >= 1" if args.threads is not None and args.threads < 1 else ""]
+    try:
+        device = pick_device(args.device)
+    except ValueError as e:
+        problems.append(str(e))
+    if any(problems):
+        p.error("; ".join(x for x in problems if x))
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.kernels:
         kernels.set_backend(args.kernels)
-    device = pick_device(args.device)
-    sections = set(args.only.split(","))
-    models = args.models.split(",")
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d"), "kernels": kernels.get_backend()}

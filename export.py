@@ -234,6 +234,8 @@ def copy_tokenizer(src: Path, dst: Path, vocab_size: int):
 
 
 def refuse_nonempty(out: Path, force: bool, what: str = "replace it"):
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file, not a directory: --out names the directory to write")
     if out.exists() and any(out.iterdir()) and not force:
         raise ExportError(f"{out} exists and is not empty (pass --force to {what})")
 

@@ -12,8 +12,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def pick_device(name: str = "auto") -> str:
-    """'auto' = CUDA, else Apple's MPS, else the CPU."""
+    """'auto' = CUDA, else Apple's MPS, else the CPU. A device this machine lacks is a ValueError."""
     if name != "auto":
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+            raise ValueError(f"--device {name}: no such CUDA device here ({torch.cuda.device_count()} visible)")
+        if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ValueError(f"--device {name}: Apple's MPS is not available here")
+        if dev.type not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
         return name
     if torch.cuda.is_available():
         return "cuda"

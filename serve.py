@@ -609,12 +609,19 @@ def listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0..65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return int(text)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     # network
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
+    p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default="minimind", help="model id reported by /v1/models and in responses")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",

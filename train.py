@@ -420,12 +420,12 @@ def main(argv=None):
     args, source = resolve_args(build_parser().parse_args(argv), argv)
     if args.kernels:
         kernels.set_backend(args.kernels)
-    ddp, rank, world, local_rank, device = setup_distributed(args.device)
-    master = rank == 0
     try:
+        ddp, rank, world, local_rank, device = setup_distributed(args.device)
         dtype = pick_dtype(args.dtype, device)
     except ValueError as e:
         fail(str(e))
+    master = rank == 0
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
