@@ -322,6 +322,14 @@ def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_b
     return model, tok, device, min(int(context), cfg.max_seq_len)
 
 
+def add_device_args(p):
+    """--device, --dtype, --threads: where inference runs (sample.py, serve.py, eval.py)."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps ...")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
+
+
 def add_model_args(p):
     """The flags that choose and place the model for inference, on an argparse parser of sample.py or
     serve.py (the scripts own their parsers; this only adds the shared flags)."""
@@ -330,10 +338,7 @@ def add_model_args(p):
     p.add_argument("--context", type=int, default=0,
                    help="context window in tokens (0: factor x original with --rope-scaling, else the training "
                         "seq_len of the checkpoint, else 2048)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
+    add_device_args(p)
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
     p.add_argument("--rope-scaling", default=None, metavar="SPEC", help=ROPE_SCALING_HELP)

@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 import scoring
-from checkpoint import CheckpointError, DEFAULT_CONTEXT, checkpoint_dirs, load_for_inference, resolve_checkpoint
+from checkpoint import (CheckpointError, DEFAULT_CONTEXT, add_device_args, checkpoint_dirs, load_for_inference,
+                        resolve_checkpoint)
 from data import DataError, iter_jsonl
 from minimind import MiniMind
 from runtime import pick_device, pick_dtype
@@ -569,9 +570,7 @@ def build_parser():
     g.add_argument("--context", type=int, default=0,
                    help="context window in tokens (0: a checkpoint's training seq_len, a transformers model's "
                         "max_position_embeddings up to 2048); give it to compare models on equal terms")
-    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    g.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    add_device_args(g)
     g.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
     g = p.add_argument_group("text: loss and bits per byte")
     g.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
