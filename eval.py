@@ -150,16 +150,15 @@ def generate(lm: LM, ids: list, max_new: int, temperature: float, top_p: float, 
     max_new = min(max_new, lm.context - len(ids))
     if max_new <= 0:
         return []
-    top_p = top_p if 0 < top_p < 1 else None
     eos = lm.tok.eos_id
     if isinstance(lm.model, MiniMind):
-        g = torch.Generator(device).manual_seed(seed)
-        out = [int(t[0]) for t in lm.model.generate_stream(idx, max_new, temperature=temperature, top_p=top_p,
-                                                           eos_id=eos, generator=g)]
+        out = [int(t[0]) for t in lm.model.generate_stream(idx, max_new, temperature=temperature,
+                                                           top_p=top_p if 0 < top_p < 1 else 1.0, eos_id=eos,
+                                                           seed=seed)]
     else:
         torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p or 1.0) if temperature > 0 else \
-            dict(do_sample=False)
+        sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p if 0 < top_p < 1 else 1.0)
+                    if temperature > 0 else dict(do_sample=False))
         out = lm.model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new, eos_token_id=eos,
                                 pad_token_id=lm.tok.pad_id, **sampling)[0, len(ids):].tolist()
     return out[:out.index(eos)] if eos in out else out
