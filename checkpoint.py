@@ -356,9 +356,12 @@ def trained_kind(path) -> str:
         return ""
 
 
-def newest_run(root="out") -> Optional[Path]:
-    """The run directory under `root` whose latest checkpoint was written last (None if there is none)."""
-    runs = [p.parent for p in Path(root).glob("*/latest")] if Path(root).is_dir() else []
+def newest_run(runs=None) -> Optional[Path]:
+    """Of these run directories (default: every run under out/), the one whose latest checkpoint was
+    written last; None if none has a checkpoint."""
+    if runs is None:
+        runs = [p.parent for p in Path("out").glob("*/latest")] if Path("out").is_dir() else []
+    runs = [Path(p) for p in runs if (Path(p) / "latest").exists()]
     return max(runs, key=lambda p: (p / "latest").stat().st_mtime, default=None)
 
 

@@ -41,7 +41,7 @@ import torch.distributed as dist
 
 import kernels
 import lora
-from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, plot_log,
+from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, newest_run, plot_log,
                         resolve_checkpoint, save_checkpoint)
 from data import DPOData, PretrainData, SFTData
 from losses import lm_loss, make_dpo_loss
@@ -174,6 +174,19 @@ def build_parser():
     return p
 
 
+def stage_runs(mode: str) -> list:
+    """The run directories a stage wrote with its default --out: out/MODE, out/MODE-2, out/MODE-3, ..."""
+    runs = [p for p in Path("out").glob(f"{mode}*") if p.name == mode or
+            (p.name[len(mode):len(mode) + 1] == "-" and p.name[len(mode) + 1:].isdigit())]
+    return sorted((p for p in runs if (p / "latest").exists() or checkpoint_dirs(p) or (p / "log.jsonl").exists()),
+                  key=lambda p: run_number(p, mode))
+
+
+def run_number(run: Path, mode: str) -> int:
+    """out/MODE is run 1, out/MODE-N is run N."""
+    return int(run.name[len(mode) + 1:]) if run.name != mode else 1
+
+
 def given_flags(argv) -> set:
     """Names of the flags set on the command line (whatever their value)."""
     parser = build_parser()
@@ -187,17 +200,25 @@ def resolve_args(args, argv):
     """Fill defaults: paths from the mode; then what the run being resumed or the checkpoint being
     fine-tuned used. Flags given on the command line win; flags not given inherit."""
     given = given_flags(argv)
-    args.out = args.out or f"out/{args.mode}"
     args.data = args.data or f"data/{args.mode}"
     if args.resume and args.force:
         fail("--resume continues the run in --out, --force starts it over: choose one")
     if sum(x is not None for x in (args.epochs, args.max_iters, args.max_time)) > 1:
         fail("give one of --epochs, --max-iters, --max-time")
+    if args.out is None:  # out/MODE; a new run beside an existing one goes to out/MODE-2, -3, ... (nothing replaced)
+        runs = stage_runs(args.mode)
+        if args.resume or args.force or not runs:
+            args.out = str(newest_run(runs) or runs[0] if runs else f"out/{args.mode}")
+        else:
+            args.out = f"out/{args.mode}-{1 + max(run_number(p, args.mode) for p in runs)}"
+            print(f"{newest_run(runs)} holds a run: this one goes to {args.out} (--resume continues that one, "
+                  "--out chooses the directory)")
     if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
-        args.init_from = f"out/{STARTS_FROM[args.mode]}"
-        if not Path(args.init_from).exists():
-            fail(f"--mode={args.mode} starts from a trained checkpoint, and {args.init_from} holds none: make it "
-                 f"with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
+        start = newest_run(stage_runs(STARTS_FROM[args.mode]))
+        if start is None:
+            fail(f"--mode={args.mode} starts from a trained checkpoint, and out/{STARTS_FROM[args.mode]} holds none: "
+                 f"make it with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
+        args.init_from = str(start)
     source = None
     try:
         if args.resume:
