@@ -211,8 +211,9 @@ def resolve_args(args, argv):
             args.out = str(newest_run(runs) or runs[0] if runs else f"out/{args.mode}")
         else:
             args.out = f"out/{args.mode}-{1 + max(run_number(p, args.mode) for p in runs)}"
-            print(f"{newest_run(runs)} holds a run: this one goes to {args.out} (--resume continues that one, "
-                  "--out chooses the directory)")
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{newest_run(runs) or runs[-1]} holds a run: this one goes to {args.out} (--resume continues "
+                      "that one, --out chooses the directory)")
     if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
         start = newest_run(stage_runs(STARTS_FROM[args.mode]))
         if start is None:

@@ -221,3 +221,17 @@ def test_max_time_plans_the_schedule_and_ends_on_time(pretrain_dir, tmp_path):
     state = json.loads((resolve_checkpoint(out) / "state.json").read_text())
     assert state["step"] == rows[-1]["step"] and 0 < state["train_seconds"] <= 0.3 * 60 + 15
     assert [r for r in read_log(out) if "val_loss" in r][-1]["step"] == state["step"]
+
+
+def test_default_out_keeps_every_run(pretrain_dir, tmp_path):
+    """With no --out, a second run of a stage goes to out/MODE-2 (said at start); --resume without
+    --out continues the stage's newest run."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pretrain").symlink_to(pretrain_dir)
+    train("--mode=pretrain", *FAST, "--max-iters", "1", cwd=tmp_path)
+    r = train("--mode=pretrain", *FAST, "--max-iters", "1", cwd=tmp_path)
+    assert "out/pretrain holds a run: this one goes to out/pretrain-2" in r.stdout
+    assert resolve_checkpoint(tmp_path / "out" / "pretrain").name == "ckpt_000001"
+    assert resolve_checkpoint(tmp_path / "out" / "pretrain-2").name == "ckpt_000001"
+    train("--mode=pretrain", "--resume", "--max-iters", "2", cwd=tmp_path)
+    assert resolve_checkpoint(tmp_path / "out" / "pretrain-2").name == "ckpt_000002"
