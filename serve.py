@@ -695,7 +695,7 @@ class Routes:
             elif ev[0] == "end":
                 for d in out.feed(dec.flush()) + out.finish():
                     yield ("delta", d)
-                yield ("end", out.finish_reason(ev[1]), ev[2], ids + [self.tok.eos_id] * (ev[1] == "stop"))
+                yield ("end", out.finish_reason(ev[1]), ev[2], ids + [self.engine.eos_id] * (ev[1] == "stop"))
                 return
             else:
                 yield ev
