@@ -5,6 +5,7 @@
     req = GenRequest(prompt=ids, max_tokens=64, params=SamplingParams(temperature=0.7, seed=1))
     engine.submit(req)
     req.events.get()  # ("token", id) ... then ("end", "stop" | "length", n_generated) or ("error", message)
+    engine.call(fn).result()  # fn() on the engine thread, between two decode steps (e.g. scoring)
 
 A request is prefilled alone, its keys/values join the shared left-padded KV cache
 (`KVCache.admit`), and it takes part in the next decode step; a finished, cancelled or failed

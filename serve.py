@@ -543,6 +543,9 @@ class Routes:
     async def completions(self, request: Request):
         self._authorize(request)
         r = await self._parse(request, CompletionRequest)
+        if r.max_tokens == 0 and not r.echo:
+            raise APIError(400, "Invalid 'max_tokens': 0 needs 'echo' (the prompt is then the whole answer).",
+                           "max_tokens", "invalid_value")
         if isinstance(r.prompt, str):
             self._fits(len(r.prompt.encode()), 1, "prompt")
             prompt = [self.tok.bos_id] + await run_in_threadpool(self.tok.encode, r.prompt)
@@ -553,10 +556,8 @@ class Routes:
                 raise APIError(400, f"'prompt' token ids must be in [0, {self.tok.vocab_size})", "prompt",
                                "invalid_value")
             prompt = r.prompt
-            prompt_text = b"".join(self.table[t] for t in prompt).decode("utf-8", "replace") if r.echo else ""
-        if r.max_tokens == 0 and not r.echo:
-            raise APIError(400, "Invalid 'max_tokens': 0 needs 'echo' (the prompt is then the whole answer).",
-                           "max_tokens", "invalid_value")
+            shown = r.echo or r.logprobs is not None  # the text, or its length for the offsets
+            prompt_text = b"".join(self.table[t] for t in prompt).decode("utf-8", "replace") if shown else ""
         max_tokens = self._budget(r, len(prompt), "prompt", "max_tokens", self.default_max_tokens_raw)
         meta, out, echoed = self._meta("cmpl-"), TextOut(r.stop), prompt_text if r.echo else ""
         got, finish, n, ids = {}, "length", 0, []

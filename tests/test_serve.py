@@ -68,9 +68,14 @@ def start_server(ckpt, stderr_path, *flags):
     assert "Traceback" not in Path(stderr_path).read_text(), Path(stderr_path).read_text()[-3000:]
 
 
+def openai_client(port):
+    """The official client for the server on `port`: no retries, so that an error shows as it is."""
+    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{server}/v1", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def raw(port, method, path, body=None, headers=None):

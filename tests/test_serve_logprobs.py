@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 
-import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -25,7 +24,7 @@ from conftest import ROOT
 from engine import Engine, GenRequest
 from minimind import SamplingParams
 from sample import stream_tokens
-from test_serve import KEY, health, start_server
+from test_serve import KEY, health, openai_client, start_server
 from tokenizer import token_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +39,7 @@ def server(random_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{server}/v1", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def forward(model, ids):
@@ -107,6 +106,9 @@ def test_max_tokens_zero_scores_the_prompt(client, loaded):
     assert c.logprobs.text_offset[0] == 0 and len(c.logprobs.tokens) == len(ids)
     r = client.completions.create(model="minimind", prompt=[ids], max_tokens=0, echo=True)  # no logprobs
     assert r.choices[0].text == tok.decode(ids) and r.choices[0].logprobs is None
+    r = client.completions.create(model="minimind", prompt=ids, max_tokens=2, logprobs=1,  # no echo
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].logprobs.text_offset[0] == len(tok.decode(ids)) and len(r.choices[0].logprobs.tokens) == 2
 
 
 def test_streamed_echo_and_logprobs(client):

@@ -19,7 +19,7 @@ import pytest
 from checkpoint import load_for_inference
 from conftest import ANSWERS, ONE_THREAD, prepare_data, qa, run
 from serve import ChatOut
-from test_serve import KEY, greedy, start_server
+from test_serve import greedy, openai_client, start_server
 from tokenizer import parse_reply
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,14 +65,10 @@ def tool_ckpt(tokenizer_dir, base_ckpt, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tool_server(tool_ckpt, tmp_path_factory):
+def client(tool_ckpt, tmp_path_factory):
+    """The openai client of a server of tool_ckpt."""
     with start_server(tool_ckpt, tmp_path_factory.mktemp("tool_server") / "stderr.txt") as (port, _):
-        yield port
-
-
-@pytest.fixture(scope="module")
-def client(tool_server):
-    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{tool_server}/v1", max_retries=0, timeout=60)
+        yield openai_client(port)
 
 
 @pytest.fixture(scope="module")
