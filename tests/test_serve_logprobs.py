@@ -152,8 +152,10 @@ def test_engine_call_runs_between_decode_steps(loaded):
     model, tok = loaded
     engine = Engine(model, tok.eos_id, max_batch=2)
     prompt = [tok.bos_id] + tok.encode("老师写了一封信。")
-    make = lambda: GenRequest(prompt=prompt, max_tokens=200, params=SamplingParams(temperature=0),  # noqa: E731
-                              ignore_eos=True)
+
+    def make():
+        return GenRequest(prompt=prompt, max_tokens=200, params=SamplingParams(temperature=0), ignore_eos=True)
+
     alone = make()
     engine.start()
     try:
@@ -249,17 +251,17 @@ def test_lm_eval_local_completions_matches_scoring(server, random_ckpt, loaded, 
     task.mkdir()
     (task / "items.jsonl").write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
     (task / "task.yaml").write_text(TASK.format(items=task / "items.jsonl", delimiter=""))
-    tokenizer = sorted(glob.glob(str(random_ckpt / "ckpt_*" / "tokenizer")))[-1]
+    tokenizer = max(glob.glob(str(random_ckpt / "ckpt_*" / "tokenizer")))
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     args = ["-m", "lm_eval", "--model", "local-completions", "--tasks", "minimind_tiny_mc", "--include_path",
             str(task), "--log_samples", "--output_path", str(tmp_path / "out"), "--model_args",
-            f"model=minimind,base_url=http://127.0.0.1:{server}/v1/completions,tokenizer_backend=huggingface,"
-            f"tokenizer={tokenizer},max_retries=1"]
+            (f"model=minimind,base_url=http://127.0.0.1:{server}/v1/completions,tokenizer_backend=huggingface,"
+             f"tokenizer={tokenizer},max_retries=1")]
     r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    samples = [json.loads(line) for f in glob.glob(str(tmp_path / "out" / "**" / "samples_*.jsonl"), recursive=True)
-               for line in open(f)]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_*.jsonl")
+               for line in f.read_text().splitlines()]
     assert sorted(s["doc_id"] for s in samples) == list(range(len(items)))
     flags = []
     for s in samples:

@@ -212,11 +212,11 @@ def test_tools_are_shown_as_sent(client, local):
 # -----------------------------------------------------------------------------
 # the reply shaper, in-process
 
-REPLIES = [(f"<think>\n{THOUGHT}\n</think>\n\n前言。<tool_call>\n" '{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
-            '<tool_call>\n{"name": "b", "arguments": "{}"}\n</tool_call>结尾，完。', False),
+REPLIES = [(f"<think>\n{THOUGHT}\n</think>\n\n前言。<tool_call>\n" + '{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n'
+            + '<tool_call>\n{"name": "b", "arguments": "{}"}\n</tool_call>结尾，完。', False),
            (f"{THOUGHT}\n</think>\n\n答案：是，对。", True),
            ("plain text, <tool_call>not json</tool_call> and more", False),
-           ("<tool_call>\n" '{"name": "a", "arguments": {}}\n</tool_call>', False)]
+           ('<tool_call>\n{"name": "a", "arguments": {}}\n</tool_call>', False)]
 
 
 @pytest.mark.parametrize("text, thinking", REPLIES)
@@ -231,7 +231,8 @@ def test_chat_out_adds_up_to_parse_reply_in_any_split(text, thinking):
         tool = [t for d in deltas for t in d.get("tool_calls", [])]
         assert [t["index"] for t in tool] == list(range(len(calls)))
         assert [(t["function"]["name"], t["function"]["arguments"]) for t in tool] == names
-        assert out.finish_reason("stop") == ("tool_calls" if calls else "stop") and out.finish_reason("length") == "length"
+        assert out.finish_reason("stop") == ("tool_calls" if calls else "stop")
+        assert out.finish_reason("length") == "length"
 
 
 def test_chat_out_stops_on_the_content_only():
