@@ -5,6 +5,7 @@
     req = GenRequest(prompt=ids, max_tokens=64, params=SamplingParams(temperature=0.7, seed=1))
     engine.submit(req)
     req.events.get()  # ("token", id) ... then ("end", "stop" | "length", n_generated) or ("error", message)
+    engine.call(fn).result()  # fn() on the engine thread, between two decode steps (e.g. scoring)
 
 A request is prefilled alone, its keys/values join the shared left-padded KV cache
 (`KVCache.admit`), and it takes part in the next decode step; a finished, cancelled or failed
@@ -18,6 +19,7 @@ failure of the batched forward pass itself (e.g. out of memory) ends every activ
 import queue
 import sys
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -65,6 +67,7 @@ class Engine:
         self.device = model.embed.weight.device
         self.vocab = model.config.vocab_size
         self.queue: queue.Queue = queue.Queue()
+        self.calls: queue.Queue = queue.Queue()  # (fn, Future): work on the model between two steps
         self.stats = {"requests": 0, "tokens": 0, "steps": 0}
         self._reset()
         self._stop = threading.Event()
@@ -87,12 +90,23 @@ class Engine:
         self.queue.put(req)
         return True
 
+    def call(self, fn) -> Future:
+        """Run fn() on the engine thread between two decode steps and hand its result (or
+        exception) over in a Future: work on the model (e.g. scoring.token_logprobs) that must
+        never overlap a decode step of the engine, which owns the model. Decoding waits meanwhile."""
+        fut = Future()
+        self.calls.put((fn, fut))
+        if not self.rows:
+            self.queue.put(None)  # wakes an idle engine waiting for requests
+        return fut
+
     def load(self) -> dict:
         return {"active": len(self.rows), "queued": self.queue.qsize()}
 
     # --- engine thread
     def _loop(self):
         while not self._stop.is_set():
+            self._run_calls()
             try:
                 self._admit()
                 if self.rows:
@@ -103,6 +117,17 @@ class Engine:
                 for r in self.rows:
                     self._post(r.req, "error", msg)
                 self._reset()
+        while not self.calls.empty():  # stopped: calls not run are cancelled
+            self.calls.get_nowait()[1].cancel()
+
+    def _run_calls(self):
+        while not self.calls.empty():
+            fn, fut = self.calls.get_nowait()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # the caller's failure, not the engine's
+                    fut.set_exception(e)
 
     def _reset(self):
         self.rows = []

@@ -201,18 +201,24 @@ def token_text(piece: bytes) -> str:
 
 
 def openai_logprobs(table: Sequence[bytes], ids: Sequence[int], logprobs: Sequence[Optional[float]],
-                    top: Sequence[Optional[list]], text_offset: int = 0) -> dict:
+                    top: Sequence[Optional[list]], text_offset: int = 0, names: Optional[dict] = None) -> dict:
     """The `logprobs` object of a /v1/completions choice for tokens `ids` (the reported ones: the
     prompt's with echo, then the completion's) and their `token_logprobs` output, aligned:
     {"tokens", "token_logprobs", "top_logprobs", "text_offset"}. `table` is token id -> bytes
     (tokenizer.token_bytes); text offsets count characters of the decoded text from `text_offset`
     (OpenAI: the prompt's length when the prompt is not echoed), a token inside a character
-    sharing its offset with the next."""
+    sharing its offset with the next. `names` (id -> str) shows tokens that stand for no text,
+    special tokens such as eos, by name (OpenAI's "<|endoftext|>"); they add nothing to the offsets."""
+    names = names or {}
+
+    def shown(i):
+        return names[i] if i in names else token_text(table[i])
+
     tokens, offsets, tops, n_chars = [], [], [], text_offset
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     for t, alts in zip(ids, top):
-        tokens.append(token_text(table[t]))
+        tokens.append(shown(t))
         offsets.append(n_chars)
         n_chars += len(utf8.decode(table[t]))
-        tops.append(None if alts is None else {token_text(table[i]): lp for i, lp in alts})
+        tops.append(None if alts is None else {shown(i): lp for i, lp in alts})
     return {"tokens": tokens, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}

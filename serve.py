@@ -10,6 +10,46 @@
     GET  /health                liveness, active and queued requests, totals
     GET  /                      the chat page, ui/chat.html (off with --no-ui)
 
+Chat (MiniMind-3's chat template, tokenizer.render_chat; what MiniMind's own server accepts too):
+- messages: roles system, developer (= system), user, assistant, tool. An assistant message may
+  carry `tool_calls` ([{id, type: "function", function: {name, arguments: JSON text or object}}],
+  content then null or "") and `reasoning_content` (its thinking, rendered in its think block); a
+  tool message (`content`, `tool_call_id`) answers the assistant's calls: it must follow an
+  assistant message with tool_calls or another tool message. The template shows neither ids nor names.
+- tools: OpenAI function tools [{type: "function", function: {name, description, parameters}}],
+  listed as sent in the system turn. tool_choice: "none" leaves them out of the prompt; "auto"
+  (the default), "required" and a named function {type: "function", function: {name}} put them in
+  (the named one must be among them). Nothing forces a call: the model is asked, not constrained,
+  as in vLLM without guided decoding. parallel_tool_calls is accepted and ignored.
+- thinking: `open_thinking` (MiniMind's server), or chat_template_kwargs.open_thinking (MiniMind's
+  template switch) or chat_template_kwargs.enable_thinking (Qwen3's); any one true opens a think
+  block at the end of the prompt, else the prompt ends with an empty one. Other template kwargs
+  are ignored.
+- The reply is parsed as vLLM's reasoning and tool parsers do (tokenizer.ReplyParser): the think
+  block becomes message.reasoning_content (streamed as delta.reasoning_content), each
+  <tool_call>{"name", "arguments"}</tool_call> an entry of message.tool_calls (streamed whole, one
+  delta per call: {index, id, type, function: {name, arguments}}; a block whose JSON does not parse
+  stays in the content), the rest message.content (null when the reply only calls tools).
+  Tool calls are parsed whatever the request (as MiniMind's server does). finish_reason is
+  "tool_calls" when the reply called a tool and ended with eos. Stop strings cut the content only:
+  the thinking and the calls are not searched.
+- logprobs are refused on chat (see /v1/completions).
+
+Completions:
+- prompt: a string (bos + its tokens) or a list of token ids (as given), or either in a one-item list.
+- echo: the answer's text begins with the prompt (decoded tokens for an id prompt).
+- logprobs: 0..20, OpenAI's legacy object {tokens, token_logprobs, top_logprobs, text_offset} for
+  the completion's tokens (eos included when the completion ended there, named as it is), after
+  the prompt's with echo (the first has no logprob: None). Raw model probabilities (no
+  temperature, top-k/p or penalties) from one forward pass over prompt + completion
+  (scoring.token_logprobs), run by the engine thread between two decode steps (Engine.call), never
+  beside one: decoding pauses for it. top_logprobs: the n most likely tokens at each position.
+  Streamed with logprobs, the answer comes as one chunk once scored.
+- max_tokens 0 with echo: nothing is generated, the prompt alone is answered (and scored with
+  logprobs). lm-evaluation-harness's local-completions sends max_tokens 1, echo and logprobs 1 as
+  token ids and reads token_logprobs[context:-1]: the eos row keeps that right when the one token
+  generated is eos.
+
 Design:
 - HTTP is FastAPI on uvicorn (asyncio), as in vLLM, SGLang and MiniMind's own API server: uvicorn
   does connections, keep-alive, chunked bodies, the listen backlog, a cap on open connections; a
@@ -28,6 +68,7 @@ Design:
 """
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import socket
@@ -35,6 +76,7 @@ import sys
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -53,11 +95,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from checkpoint import add_model_args, load_from_args
 from engine import Engine, GenRequest
 from minimind import SamplingParams
-from tokenizer import TokenDecoder, token_bytes
+from scoring import openai_logprobs, token_logprobs
+from tokenizer import ReplyParser, TokenDecoder, render_chat, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 DRAIN_BYTES, DRAIN_SECONDS = 64 << 20, 2.0  # what of an oversized body is read and dropped before the 413
 MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request, characters per stop string
+MAX_TOOLS, MAX_NAME = 128, 64  # tools (and tool calls) per message, characters of a function name (OpenAI's)
+MAX_LOGPROBS = 20  # /v1/completions logprobs: most alternatives per token (OpenAI's legacy limit was 5)
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "chat.html"
 
 
@@ -125,24 +170,85 @@ class StreamOptions(Schema):
     include_usage: bool = False
 
 
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+
+
+def _text_parts(c):
+    """A message's content: a string, or OpenAI's list of text parts joined by newlines."""
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                   and isinstance(p.get("text"), str) for p in c):
+        return "\n".join(p["text"] for p in c)
+    raise ValueError('must be a string or a list of text parts, {"type": "text", "text": "..."}')
+
+
+class CalledFunction(Schema):
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    arguments: Any = "{}"  # OpenAI sends JSON text; MiniMind's data an object
+
+    @field_validator("arguments")
+    @classmethod
+    def _text_or_object(cls, a):
+        if not isinstance(a, (str, dict)):
+            raise ValueError("must be a string (JSON text) or an object")
+        return a
+
+
+class ToolCall(Schema):
+    """A call the assistant made, as a client sends it back in the conversation."""
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
 
 
 class Message(Schema):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Any = Field(None, validate_default=True)  # a string or a list of text parts
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Any = Field(None, validate_default=True)  # a string or a list of text parts; assistant: null too
+    reasoning_content: Optional[str] = None  # assistant: its thinking, rendered in the think block
+    tool_calls: Optional[list[ToolCall]] = Field(None, max_length=MAX_TOOLS)  # assistant only
+    tool_call_id: Optional[str] = None  # tool: the call answered (the template does not show it)
 
     @field_validator("content")
     @classmethod
     def _text(cls, c, info):
         if c is None and info.data.get("role") == "assistant":
             return ""
-        if isinstance(c, str):
-            return c
-        if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in c):
-            return "\n".join(p["text"] for p in c)
-        raise ValueError('must be a string or a list of text parts, {"type": "text", "text": "..."}')
+        return _text_parts(c)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, calls, info):
+        if calls and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages have tool calls")
+        return calls
+
+
+class FunctionSpec(Schema):
+    name: str = Field(min_length=1, max_length=MAX_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict] = None  # a JSON schema, shown to the model as it is
+    strict: Optional[bool] = None
+
+
+class Tool(Schema):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ChatTemplateKwargs(Schema):
+    """vLLM's and SGLang's way to pass template switches; others are ignored."""
+    open_thinking: bool = False  # MiniMind-3's name
+    enable_thinking: bool = False  # Qwen3's name
 
 
 class CompletionBase(Schema):
@@ -172,13 +278,6 @@ class CompletionBase(Schema):
             raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters each")
         return [s for s in stop or [] if s]
 
-    @field_validator("logprobs", "echo", check_fields=False)
-    @classmethod
-    def _unsupported(cls, v):
-        if v:
-            raise ValueError("not supported by this server")
-        return v
-
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
                               repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
@@ -189,11 +288,47 @@ class ChatCompletionRequest(CompletionBase):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: bool = False
+    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Any = "auto"  # "none", "auto", "required" or a NamedToolChoice
+    parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
+    open_thinking: bool = False  # MiniMind's own server's switch
+    chat_template_kwargs: Optional[ChatTemplateKwargs] = None
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v):
+        if v:
+            raise ValueError("not supported by this server for chat (see /v1/completions)")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, c):
+        if c in ("none", "auto", "required"):
+            return c
+        try:
+            return NamedToolChoice.model_validate(c)
+        except ValidationError:
+            raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
+                             ) from None
+
+    @field_validator("tools", mode="wrap")
+    @classmethod
+    def _tools_as_sent(cls, tools, check):
+        """Checked against the schema, kept as sent: the template shows each tool's JSON with the
+        client's keys in the client's order (and fields this schema does not name)."""
+        check(tools)
+        return tools
+
+    def thinking(self) -> bool:
+        kw = self.chat_template_kwargs
+        return self.open_thinking or bool(kw and (kw.open_thinking or kw.enable_thinking))
 
 
 class CompletionRequest(CompletionBase):
     prompt: Any  # a string or a list of token ids (one prompt, possibly wrapped in a list)
-    logprobs: Optional[int] = Field(None, ge=0, le=5)
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0: with echo, only the prompt (scored with logprobs)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # the top-n alternatives per token
     echo: bool = False
     best_of: int = Field(1, ge=1, le=1)
 
@@ -240,6 +375,68 @@ class StopText:
         return out
 
 
+class TextOut:
+    """/v1/completions: the generated text, cut at the first stop string, as {"text"} deltas."""
+
+    def __init__(self, stops: list):
+        self.cut = StopText(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut.stopped
+
+    def feed(self, text: str) -> list:
+        text = self.cut.feed(text)
+        return [{"text": text}] if text else []
+
+    def finish(self) -> list:
+        text = self.cut.flush()
+        return [{"text": text}] if text else []
+
+    def finish_reason(self, reason: str) -> str:
+        return reason
+
+
+class ChatOut:
+    """/v1/chat/completions: the reply as OpenAI's deltas, as vLLM's reasoning and tool parsers
+    give them: {"reasoning_content"} (the think block), {"content"} (cut at the first stop string:
+    stop strings apply to the content only) and {"tool_calls": [{index, id, type, function}]}, one
+    per <tool_call> block, whole. `thinking`: the prompt ended inside a think block."""
+
+    def __init__(self, stops: list, thinking: bool):
+        self.parser, self.cut, self.calls = ReplyParser(thinking), StopText(stops), 0
+
+    @property
+    def stopped(self) -> bool:
+        return self.cut.stopped
+
+    def feed(self, text: str) -> list:
+        return self._deltas(self.parser.feed(text))
+
+    def finish(self) -> list:
+        return self._deltas(self.parser.finish() + [("content", "")])
+
+    def finish_reason(self, reason: str) -> str:
+        """The engine's reason -> OpenAI's: a reply that called a tool and ended there is "tool_calls"."""
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+    def _deltas(self, events: list) -> list:
+        out = []
+        for kind, value in events:
+            if self.cut.stopped:
+                break
+            if kind == "reasoning":
+                out.append({"reasoning_content": value})
+                continue
+            text = self.cut.feed(value) if kind == "content" and value else self.cut.flush()  # a call ends the text
+            if text:
+                out.append({"content": text})
+            if kind == "tool_call":
+                out.append({"tool_calls": [{"index": self.calls, **value}]})
+                self.calls += 1
+        return out
+
+
 # -----------------------------------------------------------------------------
 # HTTP: routes, body cap, errors
 
@@ -261,8 +458,11 @@ class Routes:
         self.default_max_tokens = default_max_tokens
         self.default_max_tokens_raw = 16  # OpenAI's default for /v1/completions
         self.table = token_bytes(tok)  # token id -> bytes, shared by every TokenDecoder
+        shown = token_bytes(tok, skip_special_tokens=False)
         # no token stands for more bytes than this: a text of n bytes is at least n / this tokens
-        self.max_token_bytes = max(1, max(map(len, token_bytes(tok, skip_special_tokens=False))))
+        self.max_token_bytes = max(1, max(map(len, shown)))
+        # logprobs show special tokens (bos, eos) by name, as OpenAI shows <|endoftext|>
+        self.names = {i: b.decode("utf-8", "replace") for i, b in enumerate(shown) if b and not self.table[i]}
         self.created = int(time.time())
 
     # --- plain routes
@@ -292,25 +492,107 @@ class Routes:
     async def chat(self, request: Request):
         self._authorize(request)
         r = await self._parse(request, ChatCompletionRequest)
-        messages = [{"role": ROLE_ALIASES[m.role], "content": m.content} for m in r.messages]
-        self._fits(sum(len(m["content"].encode()) for m in messages), len(messages), "messages")
-        prompt = await run_in_threadpool(self.tok.encode_chat, messages, True)
+        messages, tools = self._conversation(r)
+        thinking = r.thinking()
+        text = render_chat(messages, tools=tools, add_generation_prompt=True, open_thinking=thinking)
+        self._fits(len(text.encode()), 1, "messages")
+        prompt = await run_in_threadpool(self.tok.encode, text)
         name = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
-        return await self._generate(request, r, prompt, "messages", name, True)
+        max_tokens = self._budget(r, len(prompt), "messages", name, self.default_max_tokens)
+        req, events, watcher = self._start(request, r, prompt, max_tokens)
+        meta, out = self._meta("chatcmpl-"), ChatOut(r.stop, thinking)
+        if r.stream:
+            return StreamingResponse(self._stream(req, events, watcher, out, meta, r), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        with self._finally(req, watcher):
+            got, finish, n, _ = await self._collect(req, events, out)
+        if got is None:
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        calls = [{k: c[k] for k in ("id", "type", "function")} for c in got.get("tool_calls", [])]
+        message = {"role": "assistant", "content": got.get("content") or (None if calls else "")}
+        if got.get("reasoning_content"):
+            message["reasoning_content"] = got["reasoning_content"]
+        if calls:
+            message["tool_calls"] = calls
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(len(prompt), n)}
+
+    @staticmethod
+    def _conversation(r: ChatCompletionRequest):
+        """(messages, tools) as tokenizer.render_chat takes them; tools None when tool_choice is "none"."""
+        names = [t["function"]["name"] for t in r.tools or []]
+        if r.tool_choice != "auto" and r.tool_choice != "none" and not names:
+            raise APIError(400, "Invalid 'tool_choice': a tool choice other than 'none' or 'auto' needs 'tools'.",
+                           "tool_choice", "invalid_value")
+        if isinstance(r.tool_choice, NamedToolChoice) and r.tool_choice.function.name not in names:
+            raise APIError(400, "Invalid 'tool_choice': the function named is not in 'tools'.", "tool_choice",
+                           "invalid_value")
+        messages = []
+        for i, m in enumerate(r.messages):
+            if m.role == "tool" and not (i and (r.messages[i - 1].tool_calls or r.messages[i - 1].role == "tool")):
+                raise APIError(400, f"Invalid 'messages[{i}]': a message with role 'tool' must answer a preceding "
+                               "assistant message with 'tool_calls'.", f"messages[{i}].role", "invalid_value")
+            msg = {"role": ROLE_ALIASES[m.role], "content": m.content}
+            if m.role == "assistant" and m.reasoning_content is not None:
+                msg["reasoning_content"] = m.reasoning_content
+            if m.tool_calls:
+                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+            messages.append(msg)
+        return messages, (r.tools if names and r.tool_choice != "none" else None)
 
     async def completions(self, request: Request):
         self._authorize(request)
         r = await self._parse(request, CompletionRequest)
+        if r.max_tokens == 0 and not r.echo:
+            raise APIError(400, "Invalid 'max_tokens': 0 needs 'echo' (the prompt is then the whole answer).",
+                           "max_tokens", "invalid_value")
         if isinstance(r.prompt, str):
             self._fits(len(r.prompt.encode()), 1, "prompt")
             prompt = [self.tok.bos_id] + await run_in_threadpool(self.tok.encode, r.prompt)
+            prompt_text = r.prompt
         else:
             self._fits(0, len(r.prompt), "prompt")
             if not all(0 <= t < self.tok.vocab_size for t in r.prompt):
                 raise APIError(400, f"'prompt' token ids must be in [0, {self.tok.vocab_size})", "prompt",
                                "invalid_value")
             prompt = r.prompt
-        return await self._generate(request, r, prompt, "prompt", "max_tokens", False)
+            shown = r.echo or r.logprobs is not None  # the text, or its length for the offsets
+            prompt_text = b"".join(self.table[t] for t in prompt).decode("utf-8", "replace") if shown else ""
+        max_tokens = self._budget(r, len(prompt), "prompt", "max_tokens", self.default_max_tokens_raw)
+        meta, out, echoed = self._meta("cmpl-"), TextOut(r.stop), prompt_text if r.echo else ""
+        got, finish, n, ids = {}, "length", 0, []
+        if max_tokens:
+            req, events, watcher = self._start(request, r, prompt, max_tokens)
+            if r.stream and r.logprobs is None:
+                return StreamingResponse(self._stream(req, events, watcher, out, meta, r, echoed),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            with self._finally(req, watcher):
+                got, finish, n, ids = await self._collect(req, events, out)
+            if got is None:
+                return Response(status_code=499)
+        logprobs = None
+        if r.logprobs is not None:
+            logprobs = await self._logprobs(prompt, ids, r.logprobs, r.echo, len(prompt_text))
+        choice = {"index": 0, "text": echoed + got.get("text", ""), "logprobs": logprobs, "finish_reason": finish}
+        if r.stream:  # scored (or nothing generated): the whole answer in one chunk
+            return StreamingResponse(self._replay(choice, meta, r, len(prompt), n), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(len(prompt), n)}
+
+    async def _logprobs(self, prompt: list, ids: list, top_n: int, echo: bool, prompt_chars: int) -> dict:
+        """The choice's `logprobs` for the completion's tokens `ids` (eos too when it ended there),
+        after the prompt's with echo: raw model probabilities from one forward pass over prompt +
+        completion (scoring.token_logprobs), run by the engine thread between two decode steps so
+        that it never overlaps the engine's own use of the model (Engine.call)."""
+        work = partial(token_logprobs, self.engine.model, prompt + ids, self.context, top_n)
+        try:
+            logprobs, top = await asyncio.wrap_future(self.engine.call(work))
+        except Exception as e:
+            raise APIError(500, f"scoring failed: {type(e).__name__}: {e}", None, "internal_error",
+                           "server_error") from None
+        first = 0 if echo else len(prompt)
+        return openai_logprobs(self.table, (prompt + ids)[first:], logprobs[first:], top[first:],
+                               0 if echo else prompt_chars, self.names)
 
     def _authorize(self, request: Request):
         if not self.api_key:
@@ -347,38 +629,45 @@ class Routes:
             e.param = param
             raise e
 
-    async def _generate(self, request: Request, r: CompletionBase, prompt: list, prompt_param: str, max_name: str,
-                        chat: bool):
-        P = len(prompt)
-        if P >= self.context:
+    def _budget(self, r: CompletionBase, P: int, prompt_param: str, max_name: str, default: int) -> int:
+        """Tokens the completion may have: the request's max_tokens (or max_completion_tokens), else
+        `default` within the context; a prompt that leaves no room, or a request over the context, is a 400."""
+        max_tokens = getattr(r, max_name)
+        if P > self.context or (P == self.context and max_tokens != 0):  # 0: the prompt alone, scored
             e = self._too_long("your prompt is", P)
             e.param = prompt_param
             raise e
-        max_tokens = getattr(r, max_name)
         if max_tokens is None:
-            max_tokens = min(self.default_max_tokens if chat else self.default_max_tokens_raw, self.context - P)
-        elif P + max_tokens > self.context:
+            return min(default, self.context - P)
+        if P + max_tokens > self.context:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you "
                            f"requested {P + max_tokens} tokens ({P} in the prompt, {max_tokens} for the completion).",
                            max_name, "context_length_exceeded")
+        return max_tokens
+
+    def _start(self, request: Request, r: CompletionBase, prompt: list, max_tokens: int):
+        """Hand a generation to the engine -> (its GenRequest, the queue of its events, the task that
+        cancels it when the client disconnects); 429 when too many are waiting."""
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         req = GenRequest(prompt=prompt, max_tokens=max_tokens, params=r.sampling(), ignore_eos=r.ignore_eos,
                          emit=lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
         if not self.engine.submit(req):
             raise APIError(429, "The server is overloaded: too many requests are waiting. Retry later.", None,
                            "rate_limit_exceeded", "rate_limit_error")
-        watcher = asyncio.create_task(self._watch(request, req, events))
-        meta = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
-                "model": self.name}
-        if r.stream:
-            include_usage = bool(r.stream_options and r.stream_options.include_usage)
-            return StreamingResponse(self._stream(req, events, watcher, r.stop, chat, meta, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return req, events, asyncio.create_task(self._watch(request, req, events))
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _finally(req: GenRequest, watcher: asyncio.Task):
+        """Whatever happens: stop watching the client, free the row (a no-op when it finished)."""
         try:
-            return await self._whole(req, events, r.stop, chat, meta)
+            yield
         finally:
             watcher.cancel()
-            req.cancelled.set()  # a no-op when finished; frees the row when a stop string hit
+            req.cancelled.set()
+
+    def _meta(self, prefix: str) -> dict:
+        return {"id": prefix + uuid.uuid4().hex[:24], "created": int(time.time()), "model": self.name}
 
     @staticmethod
     async def _watch(request: Request, req: GenRequest, events: asyncio.Queue):
@@ -389,80 +678,89 @@ class Routes:
         req.cancelled.set()
         events.put_nowait(("gone",))
 
-    async def _texts(self, req: GenRequest, events: asyncio.Queue, stops: list):
-        """("text", str) pieces, then ("end", finish_reason, completion_tokens), ("error", message),
-        or ("gone",) when the client left."""
-        dec, cut, n = TokenDecoder(self.tok, table=self.table), StopText(stops), 0
+    async def _deltas(self, req: GenRequest, events: asyncio.Queue, out):
+        """("delta", dict) pieces of the answer as `out` (TextOut, ChatOut) shapes them, then
+        ("end", finish_reason, completion_tokens, token ids) -- the ids counted, eos included when
+        the completion ended there --, ("error", message), or ("gone",) when the client left."""
+        dec, ids = TokenDecoder(self.tok, table=self.table), []
         while True:
             ev = await events.get()
             if ev[0] == "token":
-                n += 1
-                text = cut.feed(dec.feed(ev[1]))
-                if text:
-                    yield ("text", text)
-                if cut.stopped:
+                ids.append(ev[1])
+                for d in out.feed(dec.feed(ev[1])):
+                    yield ("delta", d)
+                if out.stopped:
                     req.cancelled.set()
-                    yield ("end", "stop", n)
+                    yield ("end", "stop", len(ids), ids)
                     return
             elif ev[0] == "end":
-                text = cut.feed(dec.flush()) + cut.flush()
-                if text:
-                    yield ("text", text)
-                yield ev
+                for d in out.feed(dec.flush()) + out.finish():
+                    yield ("delta", d)
+                yield ("end", out.finish_reason(ev[1]), ev[2], ids + [self.engine.eos_id] * (ev[1] == "stop"))
                 return
             else:
                 yield ev
                 return
 
-    async def _whole(self, req, events, stops, chat, meta):
-        parts, finish, n = [], None, 0
-        async for ev in self._texts(req, events, stops):
-            if ev[0] == "text":
-                parts.append(ev[1])
+    async def _collect(self, req, events, out):
+        """The whole answer -> (deltas merged: strings joined, tool calls listed; finish_reason,
+        completion_tokens, token ids), or None first when the client left."""
+        got = {}
+        async for ev in self._deltas(req, events, out):
+            if ev[0] == "delta":
+                for k, v in ev[1].items():
+                    got[k] = got.get(k, [] if k == "tool_calls" else "") + v
             elif ev[0] == "end":
-                finish, n = ev[1], ev[2]
+                return got, ev[1], ev[2], ev[3]
             elif ev[0] == "gone":
-                return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+                return None, None, 0, []
             else:
                 raise APIError(500, f"generation failed: {ev[1]}", None, "internal_error", "server_error")
-        text, usage = "".join(parts), _usage(len(req.prompt), n)
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
-            return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage}
 
-    async def _stream(self, req, events, watcher, stops, chat, meta, include_usage):
+    @staticmethod
+    def _chunk(meta: dict, r: CompletionBase, choice: dict) -> bytes:
+        chat = isinstance(r, ChatCompletionRequest)
         kind = "chat.completion.chunk" if chat else "text_completion"
+        return _sse({**meta, "object": kind, "choices": [{"index": 0, "logprobs": None, "finish_reason": None,
+                                                          **({} if chat else {"text": ""}), **choice}]})
 
-        def chunk(text=None, finish=None, role=False):
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return _sse({**meta, "object": kind, "choices": [c]})
+    @staticmethod
+    def _usage_chunk(meta: dict, r: CompletionBase, prompt_tokens: int, n: int) -> bytes:
+        kind = "chat.completion.chunk" if isinstance(r, ChatCompletionRequest) else "text_completion"
+        return _sse({**meta, "object": kind, "choices": [], "usage": _usage(prompt_tokens, n)})
 
-        try:
+    async def _stream(self, req, events, watcher, out, meta, r: CompletionBase, prefix: str = ""):
+        """Server-sent events: a chunk per delta as it comes (chat: the role first; completions with
+        echo: the prompt first), the finish reason, usage when asked, [DONE]."""
+        chat, include_usage = isinstance(r, ChatCompletionRequest), bool(r.stream_options and
+                                                                         r.stream_options.include_usage)
+        with self._finally(req, watcher):
             if chat:
-                yield chunk(role=True)
-            async for ev in self._texts(req, events, stops):
-                if ev[0] == "text":
-                    yield chunk(ev[1])
+                yield self._chunk(meta, r, {"delta": {"role": "assistant", "content": ""}})
+            if prefix:
+                yield self._chunk(meta, r, {"text": prefix})
+            async for ev in self._deltas(req, events, out):
+                if ev[0] == "delta":
+                    yield self._chunk(meta, r, {"delta": ev[1]} if chat else ev[1])
                 elif ev[0] == "end":
-                    yield chunk(finish=ev[1])
+                    yield self._chunk(meta, r, {"finish_reason": ev[1], **({"delta": {}} if chat else {})})
                     if include_usage:
-                        yield _sse({**meta, "object": kind, "choices": [], "usage": _usage(len(req.prompt), ev[2])})
+                        yield self._usage_chunk(meta, r, len(req.prompt), ev[2])
                 elif ev[0] == "gone":
                     return
                 else:
                     yield _sse(APIError(500, f"generation failed: {ev[1]}", None, "internal_error",
                                         "server_error").body())
             yield _sse(b"[DONE]")
-        finally:
-            watcher.cancel()
-            req.cancelled.set()
+
+    async def _replay(self, choice: dict, meta: dict, r: CompletionBase, prompt_tokens: int, n: int):
+        """A finished /v1/completions choice as a stream: its text and logprobs in one chunk, then
+        the finish reason (usage when asked), [DONE]."""
+        yield self._chunk(meta, r, {**choice, "finish_reason": None})
+        yield self._chunk(meta, r, {"finish_reason": choice["finish_reason"]})
+        if r.stream_options and r.stream_options.include_usage:
+            yield self._usage_chunk(meta, r, prompt_tokens, n)
+        yield _sse(b"[DONE]")
 
 
 class BodyLimit:

@@ -27,7 +27,7 @@ from minimind import SamplingParams
 from sample import stream_tokens
 import serve
 from serve import StopText
-from tokenizer import TokenDecoder
+from tokenizer import TokenDecoder, parse_reply
 
 KEY = "sk-test-key"
 DEFAULT_MAX_TOKENS = 20
@@ -68,9 +68,14 @@ def start_server(ckpt, stderr_path, *flags):
     assert "Traceback" not in Path(stderr_path).read_text(), Path(stderr_path).read_text()[-3000:]
 
 
+def openai_client(port):
+    """The official client for the server on `port`: no retries, so that an error shows as it is."""
+    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0, timeout=60)
+
+
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{server}/v1", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def raw(port, method, path, body=None, headers=None):
@@ -122,7 +127,7 @@ def test_chat_matches_local_greedy(client, loaded):
     text, n = greedy(model, tok, ids, 12)
     assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
     assert r.choices[0].message.role == "assistant"
-    assert r.choices[0].message.content == text
+    assert r.choices[0].message.content == parse_reply(text)[1]  # the reply's content: no think block, no calls
     assert r.choices[0].finish_reason == ("length" if n == 12 and text else "stop")
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), n, len(ids) + n)
 

@@ -119,9 +119,48 @@ def hostile_cases():
     for v in (42, [], [1.5], [True], [10 ** 9], [-1], [[1, 2], [3]], ["a", "b"], {"a": 1}, "x" * 3_000_000,
               list(range(5, 5 + CONTEXT))):
         add(f"prompt:{json.dumps(v)[:30]}", _json({"prompt": v}), COMP)
-    for field, v in (("echo", True), ("best_of", 2), ("logprobs", 6), ("logprobs", "x"), ("prompt", None)):
+    for field, v in (("echo", "true"), ("echo", 1), ("best_of", 2), ("logprobs", 21), ("logprobs", -1),
+                     ("logprobs", True), ("logprobs", 1.0), ("logprobs", "x"), ("prompt", None), ("max_tokens", 0),
+                     ("max_tokens", -1)):
         add(f"completions {field}={v}", _json({"prompt": "hi", field: v}), COMP)
+    add("completions max_tokens=0 echo, prompt the whole context", _json({"prompt": list(range(5, 5 + CONTEXT + 1)),
+                                                                         "max_tokens": 0, "echo": True}), COMP)
     add("chat logprobs=true", _json({**BASE[CHAT], "logprobs": True}))
+    # tools, tool calls, tool messages, thinking switches
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    for v in ("x", {"a": 1}, [1], [None], [{"function": {"name": "f"}}], [{"type": "code", "function": {"name": "f"}}],
+              [{"type": "function"}], [{"type": "function", "function": {"name": ""}}],
+              [{"type": "function", "function": {"name": 5}}], [{"type": "function", "function": {"name": "f" * 65}}],
+              [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+              [{"type": "function", "function": {"name": "f", "description": 3}}], [tool] * 129):
+        add(f"tools:{json.dumps(v)[:30]}", _json({**BASE[CHAT], "tools": v}))
+    for v in ("always", 5, True, {"type": "function"}, {"type": "function", "function": {"name": 5}},
+              {"type": "function", "function": {"name": "missing"}}, {"function": {"name": "get_weather"}}):
+        add(f"tool_choice:{json.dumps(v)[:30]}", _json({**BASE[CHAT], "tools": [tool], "tool_choice": v}))
+    add("tool_choice required without tools", _json({**BASE[CHAT], "tool_choice": "required"}))
+    add("named tool_choice without tools", _json({**BASE[CHAT], "tool_choice": {"type": "function",
+                                                                                "function": {"name": "f"}}}))
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    asked = {"role": "assistant", "content": None, "tool_calls": [call]}
+    for v in ([{"role": "tool", "content": "sunny", "tool_call_id": "call_1"}],
+              [*MSG, {"role": "tool", "content": "sunny", "tool_call_id": "call_1"}],
+              [*MSG, asked, {"role": "tool", "content": None, "tool_call_id": "call_1"}],
+              [*MSG, asked, {"role": "tool", "content": 5}],
+              [*MSG, asked, {"role": "tool", "content": "sunny", "tool_call_id": 1}],
+              [{"role": "user", "content": "x", "tool_calls": [call]}],
+              [*MSG, {"role": "assistant", "tool_calls": "x"}],
+              [*MSG, {"role": "assistant", "tool_calls": [{"function": {"name": ""}}]}],
+              [*MSG, {"role": "assistant", "tool_calls": [{"function": {"arguments": "{}"}}]}],
+              [*MSG, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": 5}}]}],
+              [*MSG, {"role": "assistant", "tool_calls": [{"type": "code", "function": {"name": "f"}}]}],
+              [*MSG, {"role": "assistant", "tool_calls": [{"id": 5, "function": {"name": "f"}}]}],
+              [*MSG, {"role": "assistant", "content": "x", "reasoning_content": 5}],
+              [*MSG, {"role": "assistant", "content": "x", "reasoning_content": ["x"]}]):
+        add(f"messages:{json.dumps(v)[-40:]}", _json({"messages": v, "max_tokens": 4}))
+    for field, v in (("open_thinking", "yes"), ("open_thinking", 1), ("chat_template_kwargs", "x"),
+                     ("chat_template_kwargs", []), ("chat_template_kwargs", {"enable_thinking": "yes"}),
+                     ("chat_template_kwargs", {"open_thinking": 1}), ("parallel_tool_calls", "no")):
+        add(f"{field}={json.dumps(v)}", _json({**BASE[CHAT], field: v}))
     # bodies that are not a request object, or not JSON, or not text
     deep = b"[" * 100_000 + b"]" * 100_000
     for name, body in (("empty", b""), ("space", b"  "), ("null", b"null"), ("array", b"[]"), ("string", b'"s"'),
