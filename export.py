@@ -205,7 +205,7 @@ def to_hf_weights(model: MiniMind, arch: str, dtype: torch.dtype) -> dict:
 
 def load_merged(path, device: str = "cpu"):
     """Load a checkpoint for export with any LoRA adapters merged into the base weights
-    (common.load_checkpoint merges a LoRA checkpoint: base from state.json lora.base + adapters);
+    (checkpoint.load_checkpoint merges a LoRA checkpoint: base from state.json lora.base + adapters);
     a LoRA checkpoint that cannot be merged (base missing, adapters not matching) is refused."""
     ckpt = resolve_checkpoint(path)
     try:

@@ -82,7 +82,7 @@ class ModelConfig:
 
 
 PRESETS = {
-    # fits a 2-core CPU: ~4.6M parameters, trains in minutes
+    # fits a 2-core CPU: ~4.5M parameters, trains in minutes
     "tiny": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704),
     "tiny-moe": ModelConfig(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, ffn_dim=704, n_experts=4, top_k=1,
                             qk_norm=True),  # Qwen3-MoE-like, so that it exports

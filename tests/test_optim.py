@@ -1,6 +1,6 @@
-"""The optimizers in train.py: Newton-Schulz orthogonalisation, Muon's update size, which parameters
+"""The optimizers in optim.py: Newton-Schulz orthogonalisation, Muon's update size, which parameters
 go to Muon and which to AdamW, and that a saved optimizer state continues exactly. (That Muon
-learns faster is measured on real data, in the README's numbers, not asserted on a toy problem.)
+learns faster is measured on real data, in BENCHMARKS.md, not asserted on a toy problem.)
 
     python -m pytest tests/test_optim.py -q
 """
