@@ -4,6 +4,7 @@
     python bench.py --device=cuda --out=bench.json
     python bench.py --only train,decode --models tiny,minimind-3
     python bench.py --only kernels           # the Triton kernels alone (a smoke run on CPU)
+    python bench.py --only moe --device=cpu  # MoE/dense step, ours vs MiniMind-3's MoE layer (~10 min)
 
 Sections:
   peak    the machine's own matmul FLOP/s (fp32, bf16) and memory bandwidth, measured here: the
@@ -16,14 +17,18 @@ Sections:
           weight once: bandwidth / weight bytes), then KV-cache vs naive decoding at batch 1 and 8
   server  requests/s and tokens/s of serve.py (a subprocess) under 8 concurrent streaming clients
   kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
+  moe     MoE/dense training-step time (fp32, AdamW) of tiny-moe/tiny and minimind-3-moe/minimind-3,
+          with our MoE layer and with MiniMind-3's (its loop over experts), at 1 and 2 threads
 """
 import argparse
 import contextlib
 import dataclasses
 import http.client
 import json
+import os
 import platform
 import select
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +39,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 import kernels
@@ -41,7 +47,7 @@ from checkpoint import save_checkpoint
 from kernels import moe_experts, moe_route, rms_norm, rope
 from kernels.rms_norm import rms_norm_torch
 from kernels.rope import rope_torch
-from minimind import PRESETS, MiniMind, left_pad
+from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from optim import make_optimizer
 from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
@@ -411,6 +417,133 @@ def print_kernel_bench(rows, checks, ratios, device):
         print(f"check {k}: Triton vs twin, max relative error {v:.2e}")
 
 
+# -----------------------------------------------------------------------------
+# moe: a MoE training step against the dense step of the same active size, for our MoE layer and
+# for MiniMind-3's own (a loop over experts, re-implemented below), swapped into the same model.
+
+class MiniMindMoE(nn.Module):
+    """MiniMind-3's MoE layer as its model/model_minimind.py writes it (`MOEFeedForward`), re-implemented
+    for benchmarks and tests: one nn.Linear triple per expert, a Python loop over experts with a host
+    sync (`mask.any()`) each, `index_add_` into zeros, an unused expert touched by a zero term, the
+    one-hot balance loss. Built from one of our `MoE` layers (same weights, same outputs), so that
+    swapping it into our model (`minimind_moe_model`) isolates the cost of the layer.
+
+    N = tokens, D = dim, E = experts, K = experts per token."""
+
+    def __init__(self, moe: MoE):
+        super().__init__()
+        E, Fh, D = moe.w1.shape
+        assert not moe.shared, "MiniMind-3's MoE has no shared experts"
+        self.top_k, self.n_experts = moe.top_k, E
+        self.norm_topk_prob = moe.norm_top1 if moe.top_k == 1 else moe.norm_topk
+        self.gate = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList(FeedForward(D, Fh) for _ in range(E))
+        with torch.no_grad():
+            self.gate.weight.copy_(moe.router.weight)
+            for e, expert in enumerate(self.experts):
+                expert.w1.weight.copy_(moe.w1[e])  # gate_proj
+                expert.w3.weight.copy_(moe.w3[e])  # up_proj
+                expert.w2.weight.copy_(moe.w2[e])  # down_proj
+        self.aux_loss = None
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x_flat = x.view(-1, D)  # (N, D)
+        scores = F.softmax(self.gate(x_flat), dim=-1)  # (N, E)
+        topk_weight, topk_idx = torch.topk(scores, k=self.top_k, dim=-1, sorted=False)  # (N, K)
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(dim=-1, keepdim=True) + 1e-20)
+        y = torch.zeros_like(x_flat)
+        for i, expert in enumerate(self.experts):
+            mask = topk_idx == i  # (N, K)
+            if mask.any():
+                token_idx = mask.any(dim=-1).nonzero().flatten()
+                weight = topk_weight[mask].view(-1, 1)
+                y.index_add_(0, token_idx, (expert(x_flat[token_idx]) * weight).to(y.dtype))
+            elif self.training:
+                y[0, 0] += 0 * sum(p.sum() for p in expert.parameters())
+        if self.training:  # unscaled: our model multiplies by aux_loss_coef (MiniMind scales it here)
+            load = F.one_hot(topk_idx, self.n_experts).float().mean(0)
+            self.aux_loss = (load * scores.mean(0)).sum() * self.n_experts
+        return y.view(B, T, D)
+
+
+def minimind_moe_model(model: MiniMind) -> MiniMind:
+    """`model` with every MoE layer replaced, in place, by MiniMind-3's (`MiniMindMoE`, same weights)."""
+    for block in model.layers:
+        block.ffn = MiniMindMoE(block.ffn).to(block.ffn.w1.device)
+    return model
+
+
+def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3", "minimind-3-moe")),
+              batch: int = 4, seq_len: int = 256, steps: int = 3, threads=(1, 2)) -> None:
+    """MoE/dense training-step time (fp32, forward + backward + AdamW step + zero_grad) of each
+    (dense preset, MoE preset) pair, for our MoE layer ("ours") and MiniMind-3's ("minimind", same
+    weights: `MiniMindMoE`), with AdamW as torch.optim builds it by default (a loop of per-tensor ops
+    on CPU: each makes temporaries the size of the tensor) and fused.
+
+    The three models step in turn, `steps` rounds (the order rotates each round), after two warm-up
+    steps each; medians. Wall time, and the process's CPU time (at 1 thread: the thread's own, which
+    other jobs on the machine hardly change). Appends to out["moe"] one dict per (pair, optimizer,
+    threads): load (1-minute load average before, after), *_s wall seconds, *_cpu_s, and the ratios
+    ours/dense, minimind/dense, ours/minimind (wall and cpu)."""
+    rows = out.setdefault("moe", [])
+    sync = sync_fn(device)
+    saved_threads = torch.get_num_threads()
+    for dense_name, moe_name in pairs:
+        torch.manual_seed(0)
+        x = torch.randint(0, PRESETS[dense_name].vocab_size, (batch, seq_len + 1), device=device)
+        models = {}
+        for label, name in (("dense", dense_name), ("ours", moe_name), ("minimind", moe_name)):
+            torch.manual_seed(0)  # ours and minimind: the same weights
+            models[label] = MiniMind(PRESETS[name]).to(device).train()
+        minimind_moe_model(models["minimind"])
+        for fused in (False, True):
+            opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused) for k, m in models.items()}
+
+            def step(label):
+                _, loss = models[label](x[:, :-1], x[:, 1:])
+                loss.backward()
+                opts[label].step()
+                opts[label].zero_grad(set_to_none=True)
+
+            for n_threads in threads:
+                torch.set_num_threads(n_threads)
+                cpu_clock = time.thread_time if n_threads == 1 else time.process_time
+                load = os.getloadavg()[0]
+                for label in models:  # warm up: AdamW's state, the allocator
+                    step(label)
+                    step(label)
+                wall, cpu = {k: [] for k in models}, {k: [] for k in models}
+                order = list(models)
+                for r in range(steps):
+                    for label in order[r % 3:] + order[:r % 3]:
+                        sync()
+                        t0, c0 = time.perf_counter(), cpu_clock()
+                        step(label)
+                        sync()
+                        wall[label].append(time.perf_counter() - t0)
+                        cpu[label].append(cpu_clock() - c0)
+                row = {"dense": dense_name, "moe": moe_name, "optimizer": "adamw fused" if fused else "adamw",
+                       "threads": n_threads, "batch": batch, "seq_len": seq_len, "steps": steps,
+                       "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
+                for label in models:
+                    row[f"{label}_s"] = round(statistics.median(wall[label]), 3)
+                    row[f"{label}_cpu_s"] = round(statistics.median(cpu[label]), 3)
+                for kind in ("", "cpu_"):
+                    row[f"ours/dense {kind}ratio"] = round(row[f"ours_{kind}s"] / row[f"dense_{kind}s"], 3)
+                    row[f"minimind/dense {kind}ratio"] = round(row[f"minimind_{kind}s"] / row[f"dense_{kind}s"], 3)
+                    row[f"ours/minimind {kind}ratio"] = round(row[f"ours_{kind}s"] / row[f"minimind_{kind}s"], 3)
+                rows.append(row)
+                print(f"moe {moe_name:15s}/{dense_name:11s} {row['optimizer']:11s} {n_threads} thr, load "
+                      f"{row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "
+                      f"{row['ours/dense ratio']:.2f} (cpu {row['ours/dense cpu_ratio']:.2f}), minimind "
+                      f"{row['minimind/dense ratio']:.2f} (cpu {row['minimind/dense cpu_ratio']:.2f})", flush=True)
+            del opts
+        del models
+    torch.set_num_threads(saved_threads)
+
+
 @torch.no_grad()
 def _naive_decode(model, idx, n: int):
     """Greedy decoding without a cache: the whole sequence goes through the model for every token."""
@@ -549,7 +682,7 @@ def _bench_tokenizer() -> str:
     return d
 
 
-SECTIONS = ("peak", "train", "optim", "decode", "server", "kernels")
+SECTIONS = ("peak", "train", "optim", "decode", "server", "kernels", "moe")
 
 
 def main(argv=None):
@@ -605,6 +738,8 @@ def main(argv=None):
                   f"TTFT {s[k]['ttft_ms']:.0f} ms ({s['clients']} clients)")
     if "kernels" in sections:
         bench_kernels(device, out)
+    if "moe" in sections:
+        bench_moe(device, out, threads=(args.threads,) if args.threads else (1, 2))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"results -> {args.out}")

@@ -23,7 +23,7 @@ Every weight-gradient tile belongs to one program that walks its expert's rows: 
 Layers: `moe_align` (torch ops) -> kernels `_moe_*_kernel` -> launchers (custom ops minimind::moe_up,
 moe_gemm, moe_down_bwd, moe_wgrad, moe_combine, moe_combine_bwd) -> `MoEExpertsFunction` ->
 `moe_experts`. PyTorch twin: `moe_experts_torch` (sort by expert + `F.grouped_mm`, itself a custom op
-`grouped_mm`: no host sync, no capacity drop).
+`grouped_mm`, in `MoEExpertsTorchFunction`: no host sync, no capacity drop).
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------
-# PyTorch twin
+# PyTorch twin: the S slots sorted by expert (token order kept within an expert), one GEMM per
+# expert group through F.grouped_mm (on CPU aten runs it as a loop of mm's into slices of one
+# output: measured as fast as a hand-written loop over contiguous slices, without a host sync on
+# CUDA), forward and backward written out (`MoEExpertsTorchFunction`).
 
 def _grouped_mm_fake(a, b, offs):
     return a.new_empty(a.shape[0], b.shape[-1])
@@ -47,46 +50,75 @@ def _grouped_mm_fake(a, b, offs):
 
 @launcher("grouped_mm", _grouped_mm_fake)
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """F.grouped_mm(a (M, P), b (G, P, Q), offs) -> (M, Q). A custom op under torch.compile because the
-    meta function of aten._grouped_mm rejects fp32 on CPU; eager calls F.grouped_mm (with its autograd)."""
+    """Rows of group g (offs[g-1]:offs[g]) of a (M, P) times b[g] (G, P, Q) -> (M, Q). A custom op under
+    torch.compile because the meta function of aten._grouped_mm rejects fp32 on CPU."""
     return F.grouped_mm(a, b, offs=offs)
 
 
 @launcher("grouped_mm_wgrad", lambda a, dy, offs: a.new_empty(offs.shape[0], a.shape[1], dy.shape[1]))
 def grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """Per group g: a_g^T dy_g, (G, P, Q): the weight gradient of `grouped_mm`."""
+    """Per group g: a_g^T dy_g, (G, P, Q) (zeros for an empty group): a weight gradient."""
     return F.grouped_mm(a.t(), dy, offs=offs)
 
 
-def _grouped_mm_setup(ctx, inputs, output):
-    a, b, offs = inputs
-    ctx.save_for_backward(a, b, offs)
+class MoEExpertsTorchFunction(torch.autograd.Function):
+    """Autograd through the ops would keep four (S, F) activations (h1, silu(h1), h3, h) and build
+    each weight gradient for the transposed view the GEMM reads, then copy it into the weight's
+    layout: three extra (E, F, D) buffers a step. Here the forward keeps h1 and h3 only (the backward
+    recomputes silu(h1) and h, two elementwise passes), and the weight gradients are written in
+    nn.Linear layout directly; the gradient of an input that does not need one is not computed."""
 
+    @staticmethod
+    def forward(ctx, x, weights, experts, w1, w3, w2):
+        N, K = experts.shape
+        E = w1.shape[0]
+        flat = experts.reshape(-1)  # (S,) expert of each slot
+        order = flat.argsort(stable=True)  # (S,) slots grouped by expert, token order kept
+        tok = order // K  # (S,) token of each sorted slot
+        ones = torch.ones_like(flat, dtype=torch.int32)
+        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, ones)  # bincount syncs on CUDA
+        offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's group
+        xs = x.index_select(0, tok)  # (S, D) tokens in expert order
+        h1 = grouped_mm(xs, w1.transpose(1, 2), offs)  # (S, F)
+        h3 = grouped_mm(xs, w3.transpose(1, 2), offs)  # (S, F)
+        ys = grouped_mm(F.silu(h1).mul_(h3), w2.transpose(1, 2), offs)  # (S, D) unweighted
+        ws = weights.reshape(-1)[order]  # (S,) routing weight of each sorted slot
+        y = torch.zeros_like(x).index_add_(0, tok, ys * ws[:, None].to(ys.dtype))  # combine the K slots per token
+        ctx.save_for_backward(xs, w1, w3, w2, h1, h3, ys, ws, order, offs)
+        ctx.top_k = K
+        return y
 
-def _grouped_mm_backward(ctx, dy):
-    a, b, offs = ctx.saved_tensors
-    dy = dy.contiguous()  # aten._grouped_mm rejects expanded (stride 0) gradients
-    return grouped_mm.op(dy, b.transpose(1, 2), offs), grouped_mm_wgrad.op(a, dy, offs), None
-
-
-torch.library.register_autograd("minimind::grouped_mm", _grouped_mm_backward, setup_context=_grouped_mm_setup)
+    @staticmethod
+    def backward(ctx, dy):
+        xs, w1, w3, w2, h1, h3, ys, ws, order, offs = ctx.saved_tensors
+        need_x, need_w, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
+        dx = dweights = dw1 = dw3 = dw2 = None
+        tok = order // ctx.top_k
+        dys = dy.index_select(0, tok)  # (S, D) output gradient of each sorted slot's token
+        if need_w:  # dw[slot] = <dy[token], ys[slot]>, in fp32 as the weights
+            dws = (dys.float() * ys.float()).sum(1)  # (S,)
+            dweights = torch.empty_like(dws).scatter_(0, order, dws).view(-1, ctx.top_k).to(ws.dtype)
+        g = dys.mul_(ws[:, None].to(dys.dtype))  # (S, D) gradient of ys
+        s = F.silu(h1)  # (S, F)
+        if need_w2:
+            dw2 = grouped_mm_wgrad(g, s * h3, offs)  # (E, D, F): g_e^T h_e
+        if need_x or need_w1 or need_w3:
+            dh = grouped_mm(g, w2, offs)  # (S, F)
+            dh3 = dh * s
+            dh1 = torch.ops.aten.silu_backward(dh.mul_(h3), h1)  # dh * h3 * silu'(h1)
+            if need_w1:
+                dw1 = grouped_mm_wgrad(dh1, xs, offs)  # (E, F, D)
+            if need_w3:
+                dw3 = grouped_mm_wgrad(dh3, xs, offs)  # (E, F, D)
+            if need_x:
+                dxs = grouped_mm(dh1, w1, offs).add_(grouped_mm(dh3, w3, offs))  # (S, D)
+                dx = torch.zeros_like(dy).index_add_(0, tok, dxs)
+        return dx, dweights, None, dw1, dw3, dw2
 
 
 def moe_experts_torch(x, weights, experts, w1, w3, w2):
     # x: (N, D); weights, experts: (N, K); w1, w3: (E, F, D); w2: (E, D, F)
-    N, K = experts.shape
-    E = w1.shape[0]
-    flat = experts.reshape(-1)  # (S,) expert of each token slot
-    order = flat.argsort(stable=True)  # slots grouped by expert
-    token_of_slot = order // K  # (S,) source token of each sorted slot
-    xs = x[token_of_slot]  # (S, D) tokens in expert order
-    ones = torch.ones_like(flat, dtype=torch.int32)
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, ones)  # bincount syncs on CUDA
-    offs = counts.cumsum(0).to(torch.int32)  # (E,) end of each expert's group
-    h = F.silu(grouped_mm(xs, w1.transpose(1, 2), offs)) * grouped_mm(xs, w3.transpose(1, 2), offs)
-    ys = grouped_mm(h, w2.transpose(1, 2), offs)  # (S, D)
-    ys = ys * weights.reshape(-1)[order, None].to(ys.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of_slot, ys)  # combine the K slots per token
+    return MoEExpertsTorchFunction.apply(x, weights, experts, w1, w3, w2)
 
 
 # -----------------------------------------------------------------------------

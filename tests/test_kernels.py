@@ -334,11 +334,27 @@ def test_moe_experts(triton_backend, N, E, K, skip, dtype, monkeypatch):
         assert all((w.grad[list(skip)] == 0).all() for w in inputs[3:]), "experts without tokens get zero gradients"
 
 
-@pytest.mark.parametrize("K", [1, 2])
-def test_moe_experts_twin(K):
-    """The PyTorch twin (sort + grouped_mm) against the loop reference."""
-    inputs = _moe_inputs(19, 5, K, 24, 40, torch.float32, (4,))
-    compare(moe_experts_torch, moe_loop_reference, inputs, torch.float32, scale=10.0)
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_twin(K, dtype):
+    """The PyTorch twin (sort + grouped_mm, backward written out) against the loop reference; bf16 is
+    real bf16 arithmetic here (PyTorch's), unlike the interpreted Triton kernels."""
+    inputs = _moe_inputs(19, 6, K, 24, 40, dtype, (4,) if K < 5 else ())
+    compare(moe_experts_torch, moe_loop_reference, inputs, dtype, scale=10.0 if dtype == torch.float32 else 2.0)
+    if K < 5:
+        assert all((w.grad[4] == 0).all() for w in inputs[3:]), "an expert without tokens gets zero gradients"
+
+
+def test_moe_experts_twin_partial_grads():
+    """Inputs that need no gradient get none, and the others are unchanged (frozen experts, a frozen
+    router, a detached input): the twin's backward skips what nobody asked for."""
+    full = _moe_inputs(23, 4, 2, 16, 24, torch.float32)
+    _, ref = grads_of(moe_experts_torch, full)
+    for frozen in ((0,), (1,), (3, 4), (5,), (0, 3, 4)):
+        inputs = [t.detach().requires_grad_(i not in frozen and i != 2) for i, t in enumerate(full)]
+        _, grads = grads_of(moe_experts_torch, inputs)
+        kept = [g for i, g in enumerate(ref) if [0, 1, 3, 4, 5][i] not in frozen]
+        assert len(grads) == len(kept) and all(torch.equal(a, b) for a, b in zip(grads, kept)), frozen
 
 
 # -----------------------------------------------------------------------------
@@ -453,6 +469,45 @@ def test_bench_cpu_smoke():
     assert {r["op"] for r in res["rows"]} == {"rms_norm", "rope", "moe", "train_step"}
     assert {r["impl"] for r in res["rows"]} == {"torch", "loop"}
     assert all(r["ms"] > 0 for r in res["rows"]) and "moe/dense step (torch)" in res["ratio"]
+
+
+@pytest.mark.parametrize("top_k,norm_top1", [(1, False), (1, True), (2, False)])
+def test_bench_minimind_moe_matches_ours(top_k, norm_top1):
+    """bench.py's re-implementation of MiniMind-3's MoE layer computes what ours does (forward, input
+    and weight gradients), an expert without tokens included, so that the benchmark compares the
+    cost of one computation. Its balance loss sums over the K choices: K times ours."""
+    import bench
+    from minimind import MoE
+    torch.manual_seed(0)
+    ours = MoE(_small_moe_config(n_shared_experts=0, n_experts=4, top_k=top_k, norm_top1=norm_top1)).to(DEVICE)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():  # positive inputs, a negative router row: expert 3 never wins
+        ours.router.weight.abs_()
+        ours.router.weight[3].neg_()
+    ref = bench.MiniMindMoE(ours).to(DEVICE)
+    x = torch.rand(2, 9, 48, device=DEVICE, requires_grad=True)
+    y, dx, grads = _loss_and_grads(ours, x)
+    (y_ref, dx_ref, grads_ref), aux_ref = _loss_and_grads(ref, x), ref.aux_loss
+    check(y, y_ref, torch.float32, 10, "output")
+    check(dx, dx_ref, torch.float32, 10, "x grad")
+    check(grads["router.weight"], grads_ref["gate.weight"], torch.float32, 10, "router")
+    for name in ("w1", "w3", "w2"):
+        expected = torch.stack([grads_ref.get(f"experts.{e}.{name}.weight", torch.zeros_like(ours.w1[0].t()
+                                if name == "w2" else ours.w1[0])) for e in range(4)])
+        check(grads[name], expected, torch.float32, 10, name)
+    assert (grads["w1"][3] == 0).all()
+    check(ours.aux_loss * top_k, aux_ref, torch.float32, 10, "aux loss")
+
+
+def test_bench_moe_cpu_smoke():
+    """bench.py's moe section on a short batch: one row per optimizer, every time and ratio filled in."""
+    import bench
+    out = {}
+    bench.bench_moe("cpu", out, pairs=(("tiny", "tiny-moe"),), batch=1, seq_len=8, steps=1, threads=(1,))
+    rows = out["moe"]
+    assert [r["optimizer"] for r in rows] == ["adamw", "adamw fused"]
+    assert all(r[k] > 0 for r in rows for k in r if k.endswith(("_s", "ratio")))
 
 
 @needs_triton
