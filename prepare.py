@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import rl
 from data import DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from tokenizer import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Tokenizer, chat_segments, render_chat
 
@@ -466,7 +467,42 @@ def build_parser():
                        help="what to do with records over --max-len (either way they are counted)")
         p.add_argument("--chunk-records", type=int, default=256, help="records per work item")
         p.set_defaults(func=cmd_chat)
+    add_rl_task_parser(sub)
     return parser, sub
+
+
+# -----------------------------------------------------------------------------
+# verifiable prompts for RL (--mode=grpo|ppo)
+
+def add_rl_task_parser(sub):
+    p = sub.add_parser("rl-task", help="verifiable prompts for --mode=grpo|ppo (rl.make_task): train.jsonl, "
+                                       "val.jsonl (disjoint problems), meta.json")
+    p.add_argument("--out", default="data/grpo", help="output directory")
+    p.add_argument("--n-train", type=int, default=2000, help="training prompts")
+    p.add_argument("--n-val", type=int, default=100, help="held-out prompts (problems never in train.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the problems drawn")
+    p.add_argument("--kinds", default=",".join(k for k in rl.TASKS if k not in rl.TOOL_TASKS),
+                   help=f"comma list of task kinds: {', '.join(rl.TASKS)} (tool tasks need train.py --tools; "
+                        "default: the others)")
+    p.add_argument("--lang", choices=("zh", "en"), default=None, help="one language (default: both)")
+    p.set_defaults(func=cmd_rl_task)
+
+
+def cmd_rl_task(args):
+    """Write rl.write_task's records: RLAIF records whose last turn is the reference answer (dropped by
+    the RL reader; an SFT run on train.jsonl learns from it), with "answer" for the exact reward. Tokenizer-
+    free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    out = Path(args.out)
+    try:
+        with staged_output(out) as tmp:
+            rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds)
+            meta = {"kind": "prompts", "source": "prepare.py rl-task", "kinds": kinds, "lang": args.lang,
+                    "seed": args.seed, "train_records": args.n_train, "val_records": args.n_val}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"{out}: {args.n_train} train / {args.n_val} val prompts of {', '.join(kinds)}")
 
 
 def main(argv=None):

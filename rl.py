@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenizer import CHAT_TEMPLATE
+from tokenizer import CHAT_TEMPLATE, render_chat
 
 
 # -----------------------------------------------------------------------------
@@ -75,9 +75,11 @@ def token_logprobs(logits, targets, mask=None):
     return torch.where(keep, logp, 0.0)
 
 
-def completion_logprobs(model, prompt, completion, mask=None, pad=None):
+def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: bool = False):
     """log pi(completion token | prompt, earlier completion tokens), (B, R) fp32, in one forward pass of a
     MiniMind-like model (`model(idx, pos=, doc=) -> (logits, loss)`).
+    hidden=True also returns the final hidden states at the same positions, (B, R, C): the state each
+    completion token is predicted from, what a value head reads (`model(..., return_hidden=True)`).
 
     prompt: (B, P) ids, left-padded by `pad` (B,) tokens per row (as generate_stream takes them);
     completion: (B, R) ids; mask: (B, R) completion tokens to score (0 elsewhere in the result).
@@ -91,6 +93,9 @@ def completion_logprobs(model, prompt, completion, mask=None, pad=None):
         t = torch.arange(ids.size(1), device=ids.device)[None, :]  # (1, P+R-1)
         pad = pad.to(ids.device)[:, None]  # (B, 1)
         kw = {"pos": (t - pad).clamp(min=0), "doc": (t >= pad).long()}
+    if hidden:
+        logits, _, h = model(ids, return_hidden=True, **kw)  # (B, P+R-1, V), (B, P+R-1, C)
+        return token_logprobs(logits[:, P - 1:], completion, mask), h[:, P - 1:]
     logits, _ = model(ids, **kw)  # (B, P+R-1, V)
     return token_logprobs(logits[:, P - 1:], completion, mask)  # (B, R)
 
@@ -881,6 +886,14 @@ def _task_arith(rng, lang):
     return ("arith", op, a, b), q, str(ans)
 
 
+def _task_add(rng, lang):
+    """Single-digit addition: 100 problems, answers of one or two digits - easy enough for a model of a
+    few million parameters to get partly right after a short SFT, so that RL has a signal to start from."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    q = rng.choice([f"{a} + {b} = ?", f"{a} 加 {b} 等于多少？"] if lang == "zh" else [f"What is {a} + {b}?", f"{a} + {b} = ?"])
+    return ("add", a, b), q, str(a + b)
+
+
 def _task_story(rng, lang):
     i, n = rng.randrange(len(_NAMES_EN)), rng.randrange(len(_ITEMS))
     a, b = rng.randint(2, 20), rng.randint(1, 10)
@@ -959,7 +972,7 @@ def _task_lookup_tool(rng, lang):
     return ("element", en), q, sym
 
 
-TASKS = {"arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
+TASKS = {"add": _task_add, "arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
          "calc_tool": _task_calc_tool, "unit_tool": _task_unit_tool, "lookup_tool": _task_lookup_tool}
 TOOL_TASKS = {"calc_tool", "unit_tool", "lookup_tool"}
 
@@ -1024,3 +1037,113 @@ def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, la
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     return Path(path_train), Path(path_val)
+
+
+# -----------------------------------------------------------------------------
+# rollouts: completions sampled with the model's own batched KV-cache decoder (generate_stream)
+
+def select_tools(spec: str) -> dict:
+    """The tool registry of an agentic rollout: "all" -> every built-in tool (TOOLS), else a comma list of
+    their names. Raises ValueError naming an unknown tool."""
+    if spec in ("all", ""):
+        return dict(TOOLS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool(s) {', '.join(unknown)} (built-in: {', '.join(TOOLS)})")
+    return {n: TOOLS[n] for n in names}
+
+
+def rollout_messages(record: dict) -> list:
+    """The messages a rollout starts from: prompt_messages(record), with a system message offering
+    record["tools"] (tools_system_prompt) when the record has tools but no system message (MiniMind's
+    agent records keep the schemas apart; its chat template renders them into the system turn)."""
+    msgs = prompt_messages(record)
+    tools = record.get("tools")
+    if tools and msgs[0]["role"] != "system":
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        msgs.insert(0, {"role": "system", "content": tools_system_prompt(tools, record.get("lang", "en"))})
+    return msgs
+
+
+def left_pad(rows: list, pad_id: int, device=None):
+    """Token lists of different lengths -> (ids (B, T) left-padded with pad_id, pad (B,) padding per row),
+    the layout generate_stream and completion_logprobs take."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    pad = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, pad
+
+
+@dataclass
+class Rollout:
+    """N sampled episodes. completion holds everything after the prompt: the model's turns and, in
+    agentic rollouts, the tool responses fed back between them, then padding."""
+    prompt: torch.Tensor  # (N, P) prompt ids, left-padded
+    pad: torch.Tensor  # (N,) padding tokens at the start of each prompt row
+    completion: torch.Tensor  # (N, R) ids
+    mask: torch.Tensor  # (N, R) float: 1 on the tokens the model wrote (each turn's eos included), else 0
+    texts: list  # (N,) the model's turns as text (joined by newlines): what reward functions read
+    tool_calls: torch.Tensor  # (N,) tool-call blocks the model wrote
+
+
+@torch.no_grad()
+def rollout(model, tok, prompts: list, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+            top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, tools: Optional[dict] = None,
+            max_turns: int = 1) -> Rollout:
+    """Sample one episode per prompt (token lists; repeat a prompt for a group) with
+    `model.generate_stream` on the left-padded batch, in eval mode, `generator` drawing every sample:
+    the same generator state and weights give the same rollout.
+
+    With a tool registry (`tools`, name -> Tool) an episode runs up to `max_turns` assistant turns: a
+    turn that ends with eos and writes <tool_call> blocks gets their results back as a user turn of
+    <tool_response> blocks (tool_response_message: the sandbox, never eval), rendered as the chat
+    template renders a turn, and the model answers again with everything so far as its prompt. Tool
+    responses have mask 0: the model did not write them and is not trained on them. A turn cut at
+    max_new_tokens ends its episode. Each turn decodes the still-running episodes as one batch."""
+    eos, pad_id = tok.eos_id, tok.pad_id
+    device = next(model.parameters()).device
+    N = len(prompts)
+    contexts = [list(p) for p in prompts]
+    out_ids, out_mask = [[] for _ in range(N)], [[] for _ in range(N)]
+    turns, calls = [[] for _ in range(N)], [0] * N
+    active = list(range(N))
+    was_training = model.training
+    model.eval()
+    try:
+        for turn in range(max_turns):
+            if not active or max_new_tokens < 1:
+                break
+            idx, pad = left_pad([contexts[i] for i in active], pad_id, device)
+            steps = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               eos_id=eos, pad=pad, generator=generator))
+            generated = torch.stack(steps, dim=1).tolist()  # (len(active), steps)
+            running = []
+            for i, row in zip(active, generated):
+                ended = eos in row
+                new = row[:row.index(eos) + 1] if ended else row
+                text = tok.decode([t for t in new if t != eos])
+                turns[i].append(text)
+                out_ids[i] += new
+                out_mask[i] += [1] * len(new)
+                contexts[i] += new
+                calls[i] += len(find_tool_calls(split_think(text)[1]))
+                if tools is None or not ended or turn == max_turns - 1:
+                    continue
+                response = tool_response_message(text, tools)
+                if response is None:  # no tool call: the final answer
+                    continue
+                seen = tok.encode("\n" + render_chat([response], add_generation_prompt=True))
+                out_ids[i] += seen
+                out_mask[i] += [0] * len(seen)
+                contexts[i] += seen
+                running.append(i)
+            active = running
+    finally:
+        model.train(was_training)
+    prompt, pad = left_pad(prompts, pad_id, device)
+    R = max(1, max(len(o) for o in out_ids))
+    completion = torch.tensor([o + [pad_id] * (R - len(o)) for o in out_ids], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (R - len(m)) for m in out_mask], dtype=torch.float32, device=device)
+    return Rollout(prompt, pad, completion, mask, ["\n".join(t) for t in turns],
+                   torch.tensor(calls, dtype=torch.float32, device=device))
