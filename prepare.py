@@ -485,20 +485,29 @@ def add_rl_task_parser(sub):
                    help=f"comma list of task kinds: {', '.join(rl.TASKS)} (tool tasks need train.py --tools; "
                         "default: the others)")
     p.add_argument("--lang", choices=("zh", "en"), default=None, help="one language (default: both)")
+    p.add_argument("--compact-tools", action="store_true",
+                   help="tool tasks list their tools one line each instead of as JSON schemas (half the prompt)")
     p.set_defaults(func=cmd_rl_task)
 
 
 def cmd_rl_task(args):
     """Write rl.write_task's records: RLAIF records whose last turn is the reference answer (dropped by
-    the RL reader; an SFT run on train.jsonl learns from it), with "answer" for the exact reward. Tokenizer-
-    free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
+    the RL reader), with "answer" for the exact reward; and sft.jsonl, the train records solved
+    (rl.demonstration: tool tasks with their tool call and its response), for `prepare.py sft` before RL.
+    Tokenizer-free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     out = Path(args.out)
     try:
         with staged_output(out) as tmp:
-            rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds)
+            rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds,
+                          args.compact_tools)
+            with open(tmp / "train.jsonl", encoding="utf-8") as f, open(tmp / "sft.jsonl", "w", encoding="utf-8") as dst:
+                for line in f:
+                    demo = rl.demonstration(json.loads(line))
+                    dst.write(json.dumps({"conversations": demo}, ensure_ascii=False) + "\n")
             meta = {"kind": "prompts", "source": "prepare.py rl-task", "kinds": kinds, "lang": args.lang,
-                    "seed": args.seed, "train_records": args.n_train, "val_records": args.n_val}
+                    "seed": args.seed, "compact_tools": args.compact_tools, "train_records": args.n_train,
+                    "val_records": args.n_val}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
     except ValueError as e:
         sys.exit(f"error: {e}")

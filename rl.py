@@ -832,10 +832,20 @@ def tool_response_message(assistant_text: str, registry: dict = None) -> Optiona
     return {"role": "user", "content": body}
 
 
-def tools_system_prompt(schemas: list, lang: str = "en") -> str:
+def _tool_line(f: dict) -> str:
+    args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in f.get("parameters", {}).get("properties", {}).items())
+    return f"{f['name']}({args}): {f.get('description', '')}"
+
+
+def tools_system_prompt(schemas: list, lang: str = "en", compact: bool = False) -> str:
     """A system message offering tools (Qwen / MiniMind-3 wording): the schemas as JSON lines in
-    <tools></tools>, the <tool_call> format, and how to give the final answer."""
-    listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
+    <tools></tools>, the <tool_call> format, and how to give the final answer. compact=True lists each
+    tool as one line `name(argument: type, ...): description` instead of its JSON schema: half the text,
+    for small models whose context (or compute) the full listing crowds."""
+    if compact:
+        listing = "\n".join(_tool_line(t.get("function", t)) for t in schemas)
+    else:
+        listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
     if lang == "zh":
         return ("你可以调用工具来帮助回答。可用工具的函数签名在 <tools></tools> 中：\n<tools>\n" + listing + "\n</tools>\n\n"
                 '调用工具时，在 <tool_call></tool_call> 中写一个 JSON 对象：\n<tool_call>\n'
@@ -892,6 +902,16 @@ def _task_add(rng, lang):
     a, b = rng.randint(0, 9), rng.randint(0, 9)
     q = rng.choice([f"{a} + {b} = ?", f"{a} 加 {b} 等于多少？"] if lang == "zh" else [f"What is {a} + {b}?", f"{a} + {b} = ?"])
     return ("add", a, b), q, str(a + b)
+
+
+def _task_max(rng, lang):
+    """The largest of three digits: 1000 problems whose rule (attend to the largest digit, copy it) a tiny
+    transformer learns in general - unlike addition facts, which it memorizes - so that what RL improves
+    on the training prompts carries over to held-out ones."""
+    d = [rng.randint(0, 9) for _ in range(3)]
+    q = rng.choice([f"{d[0]}、{d[1]}、{d[2]} 中最大的数是几？", f"在 {d[0]}、{d[1]}、{d[2]} 中，哪个数最大？"] if lang == "zh" else
+                   [f"Which is the largest: {d[0]}, {d[1]}, {d[2]}?", f"What is the largest of {d[0]}, {d[1]} and {d[2]}?"])
+    return ("max", *d), q, str(max(d))
 
 
 def _task_story(rng, lang):
@@ -972,12 +992,12 @@ def _task_lookup_tool(rng, lang):
     return ("element", en), q, sym
 
 
-TASKS = {"add": _task_add, "arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
+TASKS = {"add": _task_add, "max": _task_max, "arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
          "calc_tool": _task_calc_tool, "unit_tool": _task_unit_tool, "lookup_tool": _task_lookup_tool}
 TOOL_TASKS = {"calc_tool", "unit_tool", "lookup_tool"}
 
 
-def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dict:
+def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None, compact_tools: bool = False) -> dict:
     """One verifiable problem as an RLAIF record:
 
         {"conversations": [({"role": "system", ...},) {"role": "user", ...}, {"role": "assistant", ...}],
@@ -988,7 +1008,8 @@ def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dic
     ("答案：42" / "The answer is 42."): MiniMind's RLAIFDataset drops it, prompt_messages() too,
     and an SFT run could learn from it. Tool tasks start with a system message offering the tools
     (tools_system_prompt) and need them: products of 3-digit numbers, large unit conversions,
-    table lookups. lang: "zh", "en" or None (either); kinds: names in TASKS (default all).
+    table lookups (compact_tools: with the one-line-per-tool listing of tools_system_prompt).
+    lang: "zh", "en" or None (either); kinds: names in TASKS (default all).
     `key` identifies the problem whatever its wording or language (train/val splits use it)."""
     unknown = set(kinds or ()) - set(TASKS)
     if unknown:
@@ -1000,9 +1021,36 @@ def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dic
     record = {"conversations": conv, "answer": answer, "kind": kind, "lang": lang, "key": json.dumps(key)}
     if kind in TOOL_TASKS:
         schemas = [t.schema() for t in TOOLS.values()]
-        conv.insert(0, {"role": "system", "content": tools_system_prompt(schemas, lang)})
+        conv.insert(0, {"role": "system", "content": tools_system_prompt(schemas, lang, compact_tools)})
         record.update(tools=schemas, gt=[answer])
     return record
+
+
+def tool_solution(record: dict) -> Optional[dict]:
+    """The tool call that solves a built-in tool task, {"name", "arguments"}; None for other records."""
+    key = json.loads(record.get("key") or "[null]")
+    if key[0] == "calc_tool":
+        return {"name": "calculator", "arguments": {"expression": key[1]}}
+    if key[0] == "unit_tool":
+        _, _, _, _, a, b, _ = _TOOL_UNITS[key[1]]
+        return {"name": "unit_convert", "arguments": {"value": key[2], "from_unit": a, "to_unit": b}}
+    if key[0] == "capital" and record.get("lang") == "zh":  # the table answers a Chinese name in Chinese
+        return {"name": "lookup", "arguments": {"key": next(c[1] for c in CAPITALS if c[0] == key[1])}}
+    if key[0] in ("capital", "element"):
+        return {"name": "lookup", "arguments": {"key": key[1]}}
+    return None
+
+
+def demonstration(record: dict) -> list:
+    """A conversation that solves a task record, to fine-tune on before RL: the record's own (its last turn
+    is the reference answer), and for a tool task the tool call, the sandbox's response (the turn
+    rollout() feeds back) and then the answer."""
+    call = tool_solution(record)
+    if call is None:
+        return record["conversations"]
+    block = f"{TOOL_CALL_START}\n{json.dumps(call, ensure_ascii=False)}\n{TOOL_CALL_END}"
+    *prompt, answer = record["conversations"]
+    return [*prompt, {"role": "assistant", "content": block}, tool_response_message(block), answer]
 
 
 def is_val_key(key: str, val_share: int = 10) -> bool:
@@ -1011,7 +1059,7 @@ def is_val_key(key: str, val_share: int = 10) -> bool:
 
 
 def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, lang: Optional[str] = None,
-               kinds=None) -> tuple:
+               kinds=None, compact_tools: bool = False) -> tuple:
     """Write n_train and n_val records (JSON Lines) of make_task problems. The splits hold different
     problems: a problem's key (not its wording or language) decides its split (is_val_key), so no
     validation problem is ever in any training file. Within a split a problem appears at most once per
@@ -1025,7 +1073,7 @@ def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, la
         attempts += 1
         if attempts > 100 * (n_train + n_val) + 1000:
             raise ValueError(f"could not draw {n_train} + {n_val} distinct problems of kinds {kinds or sorted(TASKS)}")
-        rec = make_task(rng, lang, kinds)
+        rec = make_task(rng, lang, kinds, compact_tools)
         val = is_val_key(rec["key"])
         ident = (rec["key"], rec["lang"])
         if ident in seen or len(splits[val]) >= want[val]:

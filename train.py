@@ -114,7 +114,7 @@ def build_parser():
     g.add_argument("--data", default=None, help="prepared data directory from prepare.py (default: data/MODE)")
     g.add_argument("--seq-len", type=int, default=None,
                    help="tokens per row (default: pretrain 256, sft the checkpoint's, dpo the longest pair of "
-                        "the data up to the model's limit)")
+                        "the data up to the model's limit); grpo/ppo: the longest prompt, longer ones keep their end")
     g.add_argument("--batch-size", type=int, default=16,
                    help=f"rows per micro-batch per process (grpo/ppo: prompts, default {RL_PROMPTS})")
     g.add_argument("--batch-tokens", type=int, default=None,
@@ -588,6 +588,11 @@ def main(argv=None):
     t_start = t_last = time.time()
     tokens_since = 0
     model.train()
+    if args.mode in RL_MODES and not args.resume:  # RL curves start from the held-out reward of the start point
+        rec = evaluate()
+        log.write(step=0, **rec)
+        if master:
+            print("step     0 | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
     for step in range(start_step + 1, args.max_iters + 1):
         lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio)
         for group in optimizer.param_groups:
