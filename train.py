@@ -62,7 +62,7 @@ from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 3e-5, "ppo": 3e-5,  # fine-tuning: gentler
+DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1e-4,  # fine-tuning: gentler
               "distill": 1e-3}
 DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw", "grpo": "adamw", "ppo": "adamw",
                      "distill": "adamw"}
