@@ -1,5 +1,6 @@
 """Input records and token files: JSON Lines read with errors that name the file and line, and the
-token files of `prepare.py` read back as training batches (pretraining windows, packed SFT/DPO rows).
+token files of `prepare.py` read back as training batches (pretraining windows, packed SFT/DPO rows),
+and the prompts of RL (`prepare.py rl-task`, or any RLAIF JSON Lines file) read back as prompt batches.
 
 Every batch is a pure function of (seed, step, global micro-batch index), so a resumed run sees
 exactly the batches an uninterrupted one would."""
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import rl
 from tokenizer import ROLES
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -435,3 +437,86 @@ class DPOData(PackedData):
         chosen = np.arange(s, s + p + c)
         rejected = np.concatenate([np.arange(s, s + p), np.arange(s + p + full_c, s + p + full_c + r)])
         return [(tokens[chosen].astype(np.int64), mask[chosen]), (tokens[rejected].astype(np.int64), mask[rejected])]
+
+
+# -----------------------------------------------------------------------------
+# prompts (grpo, ppo): records read whole, completions sampled at training time
+
+class PromptData:
+    """RLAIF records ({"conversations": [...]} ending with the user turn, or with an assistant turn that
+    is dropped; optional "answer", "tools", ...: see rl.py) as prompt batches for --mode=grpo|ppo.
+
+    `data_dir` is a directory written by `prepare.py rl-task` (train.jsonl, val.jsonl, meta.json) or one
+    JSON Lines file, such as MiniMind's rlaif.jsonl, split by a rule: a record is held out for validation
+    when rl.is_val_key says so of its "key" (the problem, whatever its wording), else of its prompt text
+    (about 1 in 10). The records are not tokenized here; the objective renders them with the policy's
+    tokenizer.
+
+    Micro-batch `index` of `step` takes the next batch_size prompts of a stream that visits the train
+    prompts in a seeded order each epoch, and a torch.Generator seeded from (seed, step, index) for its
+    rollouts: like every batch, a pure function of (seed, step, index). Validation prompts are read in
+    file order (wrapping around), their generator seeded the same at every evaluation."""
+
+    kind = "prompts"
+
+    def __init__(self, data_dir, seq_len: int, seed: int, micro_batches: int = 1):
+        self.dir = Path(data_dir)
+        self.seq_len, self.seed, self.micro_batches = seq_len, seed, micro_batches
+        if self.dir.is_dir():
+            self.meta = read_meta(self.dir, "rl-task")
+            if self.meta.get("kind") != self.kind:
+                raise ValueError(f"{self.dir} holds {self.meta.get('kind')} data; RL modes need prompts "
+                                 "(`prepare.py rl-task`, or an RLAIF .jsonl file)")
+            self.splits = {s: self.read([self.dir / f"{s}.jsonl"]) for s in SPLITS}
+        elif self.dir.exists():
+            self.meta = {"kind": self.kind, "source": str(self.dir)}
+            records = self.read([self.dir])
+            held_out = [rl.is_val_key(r.get("key") or json.dumps(rl.prompt_messages(r), ensure_ascii=False))
+                        for r in records]
+            self.splits = {"train": [r for r, v in zip(records, held_out) if not v],
+                           "val": [r for r, v in zip(records, held_out) if v]}
+        else:
+            raise FileNotFoundError(f"{self.dir}: no prompts here (make them with `python prepare.py rl-task "
+                                    f"--out {self.dir}`, or pass an RLAIF .jsonl file)")
+        for split, records in self.splits.items():
+            if not records:
+                raise ValueError(f"{self.dir}: no {split} prompts")
+        self._perm = (None, None)  # (epoch, order of the train prompts in it)
+
+    @staticmethod
+    def read(paths) -> list:
+        records = []
+        for path, line_no, obj in iter_jsonl(paths):
+            try:
+                rl.prompt_messages(obj)
+            except (KeyError, TypeError, ValueError) as e:
+                raise DataError(f"{path}:{line_no}: not an RLAIF record ({e or 'no conversations'})") from None
+            records.append(obj)
+        return records
+
+    def describe(self) -> str:
+        return (f"prompts: {len(self.splits['train']):,} train / {len(self.splits['val']):,} val from {self.dir}, "
+                f"longest kept prompt {self.seq_len} tokens")
+
+    def epoch_tokens(self) -> int:
+        """One pass over the train prompts, counted as seq_len tokens a prompt (the step's unit)."""
+        return len(self.splits["train"]) * self.seq_len
+
+    def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
+        records = self.splits[split]
+        n = len(records)
+        if split == "train":
+            first = ((step - 1) * self.micro_batches + index) * batch_size  # position in the stream of prompts
+            ids = []
+            for g in range(first, first + batch_size):
+                epoch, i = divmod(g, n)
+                if self._perm[0] != epoch:
+                    self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
+                ids.append(int(self._perm[1][i]))
+        else:
+            ids = [(index * batch_size + j) % n for j in range(batch_size)]
+        seed = (self.seed + (split == "val")) * 1_000_003 + step
+        seed = seed * 65_537 + index
+        generator = torch.Generator(device=device).manual_seed(seed)  # on the device the rollout samples on
+        return {"records": [records[i] for i in ids], "generator": generator, "seed": seed, "step": step,
+                "index": index}

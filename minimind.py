@@ -370,12 +370,15 @@ class MiniMind(nn.Module):
         attn = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len / 2  # causal: half the scores
         return 6 * n + attn
 
-    def forward(self, idx, targets=None, *, pos=None, doc=None, cache: Optional[KVCache] = None):
+    def forward(self, idx, targets=None, *, pos=None, doc=None, cache: Optional[KVCache] = None,
+                return_hidden: bool = False):
         """idx: (B, T) token ids. targets: (B, T), -1 = ignored. Returns (logits, loss).
 
         pos: (B, T) positions, default 0..T-1 (packed rows restart them per document).
         doc: (B, T) document ids of packed rows: attention stays inside a document.
-        cache: a KVCache to decode with; logits are then computed for the last position only."""
+        cache: a KVCache to decode with; logits are then computed for the last position only.
+        return_hidden: return (logits, loss, hidden) with the final-normed hidden states (B, T, C)
+        the logits are computed from (a value head reads them: train.py --mode=ppo)."""
         B, T = idx.shape
         x = self.embed(idx)  # (B, T, C)
         start = cache.len if cache is not None else 0  # positions already in the cache
@@ -416,6 +419,8 @@ class MiniMind(nn.Module):
             if self.config.n_experts and self.training and self.config.aux_loss_coef:
                 aux = sum(block.ffn.aux_loss for block in self.layers)
                 loss = loss + self.config.aux_loss_coef * aux
+        if return_hidden:
+            return logits, loss, x
         return logits, loss
 
     # -------------------------------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 import corpus
+import rl
 from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
 
@@ -125,8 +126,9 @@ def input_bytes(paths) -> int:
 # output directories: built beside --out, renamed into place; only prepare's own outputs replaced
 
 WRITTEN_BY = "minimind prepare.py"  # the mark in meta.json / tokenizer_config.json of every output
-KINDS = ("pretrain", "sft", "dpo")
-DATA_FILES = {"meta.json", "tokenizer", *(f"{s}.{e}" for s in SPLITS for e in ("bin", "mask", "idx"))}
+KINDS = ("pretrain", "sft", "dpo", "prompts")
+DATA_FILES = {"meta.json", "tokenizer", *(f"{s}.{e}" for s in SPLITS for e in ("bin", "mask", "idx", "jsonl")),
+              "sft.jsonl"}
 TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}
 
 
@@ -628,6 +630,7 @@ def build_parser():
         if kind == "dpo":
             p.add_argument("--seed", type=int, default=0, help="draws the rejected replies of the embedded pairs")
         p.set_defaults(func=cmd_chat)
+    add_rl_task_parser(sub)
     return parser, sub
 
 
@@ -647,6 +650,51 @@ def check_args(args):
         if args.vocab_size < least:
             raise DataError(f"--vocab-size {args.vocab_size}: must be at least {least} (256 bytes + "
                             f"{len(ADDED_TOKENS)} special tokens + {MIN_MERGES} merges)")
+
+
+# -----------------------------------------------------------------------------
+# verifiable prompts for RL (--mode=grpo|ppo)
+
+def add_rl_task_parser(sub):
+    p = sub.add_parser("rl-task", help="verifiable prompts for --mode=grpo|ppo (rl.make_task): train.jsonl, "
+                                       "val.jsonl (disjoint problems), meta.json")
+    p.add_argument("--out", default="data/grpo", help="output directory")
+    p.add_argument("--n-train", type=int, default=2000, help="training prompts")
+    p.add_argument("--n-val", type=int, default=100, help="held-out prompts (problems never in train.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the problems drawn")
+    p.add_argument("--kinds", default=",".join(k for k in rl.TASKS if k not in rl.TOOL_TASKS),
+                   help=f"comma list of task kinds: {', '.join(rl.TASKS)} (tool tasks need train.py --tools; "
+                        "default: the others)")
+    p.add_argument("--lang", choices=("zh", "en"), default=None, help="one language (default: both)")
+    p.add_argument("--compact-tools", action="store_true",
+                   help="tool tasks list their tools one line each instead of as JSON schemas (half the prompt)")
+    p.add_argument("--force", action="store_true", help="replace an --out that holds files prepare.py did not write")
+    p.set_defaults(func=cmd_rl_task)
+
+
+def cmd_rl_task(args):
+    """Write rl.write_task's records: RLAIF records whose last turn is the reference answer (dropped by
+    the RL reader), with "answer" for the exact reward; and sft.jsonl, the train records solved
+    (rl.demonstration: tool tasks with their tool call and its response), for `prepare.py sft` before RL.
+    Tokenizer-free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    out = Path(args.out)
+    check_output(out, [], args.force)
+    try:
+        with staged_output(out) as tmp:
+            rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds,
+                          args.compact_tools)
+            with open(tmp / "train.jsonl", encoding="utf-8") as f, open(tmp / "sft.jsonl", "w", encoding="utf-8") as dst:
+                for line in f:
+                    demo = rl.demonstration(json.loads(line))
+                    dst.write(json.dumps({"conversations": demo}, ensure_ascii=False) + "\n")
+            meta = {"kind": "prompts", "source": "prepare.py rl-task", "kinds": kinds, "lang": args.lang,
+                    "seed": args.seed, "compact_tools": args.compact_tools, "train_records": args.n_train,
+                    "val_records": args.n_val}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print(f"{out}: {args.n_train} train / {args.n_val} val prompts of {', '.join(kinds)}")
 
 
 def main(argv=None):

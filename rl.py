@@ -45,7 +45,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from tokenizer import CHAT_TEMPLATE
+from tokenizer import CHAT_TEMPLATE, render_chat
 
 
 # -----------------------------------------------------------------------------
@@ -75,9 +75,11 @@ def token_logprobs(logits, targets, mask=None):
     return torch.where(keep, logp, 0.0)
 
 
-def completion_logprobs(model, prompt, completion, mask=None, pad=None):
+def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: bool = False):
     """log pi(completion token | prompt, earlier completion tokens), (B, R) fp32, in one forward pass of a
     MiniMind-like model (`model(idx, pos=, doc=) -> (logits, loss)`).
+    hidden=True also returns the final hidden states at the same positions, (B, R, C): the state each
+    completion token is predicted from, what a value head reads (`model(..., return_hidden=True)`).
 
     prompt: (B, P) ids, left-padded by `pad` (B,) tokens per row (as generate_stream takes them);
     completion: (B, R) ids; mask: (B, R) completion tokens to score (0 elsewhere in the result).
@@ -91,6 +93,9 @@ def completion_logprobs(model, prompt, completion, mask=None, pad=None):
         t = torch.arange(ids.size(1), device=ids.device)[None, :]  # (1, P+R-1)
         pad = pad.to(ids.device)[:, None]  # (B, 1)
         kw = {"pos": (t - pad).clamp(min=0), "doc": (t >= pad).long()}
+    if hidden:
+        logits, _, h = model(ids, return_hidden=True, **kw)  # (B, P+R-1, V), (B, P+R-1, C)
+        return token_logprobs(logits[:, P - 1:], completion, mask), h[:, P - 1:]
     logits, _ = model(ids, **kw)  # (B, P+R-1, V)
     return token_logprobs(logits[:, P - 1:], completion, mask)  # (B, R)
 
@@ -827,10 +832,20 @@ def tool_response_message(assistant_text: str, registry: dict = None) -> Optiona
     return {"role": "user", "content": body}
 
 
-def tools_system_prompt(schemas: list, lang: str = "en") -> str:
+def _tool_line(f: dict) -> str:
+    args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in f.get("parameters", {}).get("properties", {}).items())
+    return f"{f['name']}({args}): {f.get('description', '')}"
+
+
+def tools_system_prompt(schemas: list, lang: str = "en", compact: bool = False) -> str:
     """A system message offering tools (Qwen / MiniMind-3 wording): the schemas as JSON lines in
-    <tools></tools>, the <tool_call> format, and how to give the final answer."""
-    listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
+    <tools></tools>, the <tool_call> format, and how to give the final answer. compact=True lists each
+    tool as one line `name(argument: type, ...): description` instead of its JSON schema: half the text,
+    for small models whose context (or compute) the full listing crowds."""
+    if compact:
+        listing = "\n".join(_tool_line(t.get("function", t)) for t in schemas)
+    else:
+        listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
     if lang == "zh":
         return ("你可以调用工具来帮助回答。可用工具的函数签名在 <tools></tools> 中：\n<tools>\n" + listing + "\n</tools>\n\n"
                 '调用工具时，在 <tool_call></tool_call> 中写一个 JSON 对象：\n<tool_call>\n'
@@ -879,6 +894,24 @@ def _task_arith(rng, lang):
     q = rng.choice([f"计算：{a} {sym} {b} = ?", f"{a} {sym} {b} 等于多少？", f"请算出 {a} {sym} {b} 的结果。"] if lang == "zh" else
                    [f"What is {a} {sym} {b}?", f"Compute {a} {sym} {b}.", f"Calculate: {a} {sym} {b} = ?"])
     return ("arith", op, a, b), q, str(ans)
+
+
+def _task_add(rng, lang):
+    """Single-digit addition: 100 problems, answers of one or two digits - easy enough for a model of a
+    few million parameters to get partly right after a short SFT, so that RL has a signal to start from."""
+    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    q = rng.choice([f"{a} + {b} = ?", f"{a} 加 {b} 等于多少？"] if lang == "zh" else [f"What is {a} + {b}?", f"{a} + {b} = ?"])
+    return ("add", a, b), q, str(a + b)
+
+
+def _task_max(rng, lang):
+    """The largest of three digits: 1000 problems whose rule (attend to the largest digit, copy it) a tiny
+    transformer learns in general - unlike addition facts, which it memorizes - so that what RL improves
+    on the training prompts carries over to held-out ones."""
+    d = [rng.randint(0, 9) for _ in range(3)]
+    q = rng.choice([f"{d[0]}、{d[1]}、{d[2]} 中最大的数是几？", f"在 {d[0]}、{d[1]}、{d[2]} 中，哪个数最大？"] if lang == "zh" else
+                   [f"Which is the largest: {d[0]}, {d[1]}, {d[2]}?", f"What is the largest of {d[0]}, {d[1]} and {d[2]}?"])
+    return ("max", *d), q, str(max(d))
 
 
 def _task_story(rng, lang):
@@ -959,12 +992,12 @@ def _task_lookup_tool(rng, lang):
     return ("element", en), q, sym
 
 
-TASKS = {"arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
+TASKS = {"add": _task_add, "max": _task_max, "arith": _task_arith, "story": _task_story, "count": _task_count, "unit": _task_unit,
          "calc_tool": _task_calc_tool, "unit_tool": _task_unit_tool, "lookup_tool": _task_lookup_tool}
 TOOL_TASKS = {"calc_tool", "unit_tool", "lookup_tool"}
 
 
-def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dict:
+def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None, compact_tools: bool = False) -> dict:
     """One verifiable problem as an RLAIF record:
 
         {"conversations": [({"role": "system", ...},) {"role": "user", ...}, {"role": "assistant", ...}],
@@ -975,7 +1008,8 @@ def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dic
     ("答案：42" / "The answer is 42."): MiniMind's RLAIFDataset drops it, prompt_messages() too,
     and an SFT run could learn from it. Tool tasks start with a system message offering the tools
     (tools_system_prompt) and need them: products of 3-digit numbers, large unit conversions,
-    table lookups. lang: "zh", "en" or None (either); kinds: names in TASKS (default all).
+    table lookups (compact_tools: with the one-line-per-tool listing of tools_system_prompt).
+    lang: "zh", "en" or None (either); kinds: names in TASKS (default all).
     `key` identifies the problem whatever its wording or language (train/val splits use it)."""
     unknown = set(kinds or ()) - set(TASKS)
     if unknown:
@@ -987,9 +1021,36 @@ def make_task(rng: random.Random, lang: Optional[str] = None, kinds=None) -> dic
     record = {"conversations": conv, "answer": answer, "kind": kind, "lang": lang, "key": json.dumps(key)}
     if kind in TOOL_TASKS:
         schemas = [t.schema() for t in TOOLS.values()]
-        conv.insert(0, {"role": "system", "content": tools_system_prompt(schemas, lang)})
+        conv.insert(0, {"role": "system", "content": tools_system_prompt(schemas, lang, compact_tools)})
         record.update(tools=schemas, gt=[answer])
     return record
+
+
+def tool_solution(record: dict) -> Optional[dict]:
+    """The tool call that solves a built-in tool task, {"name", "arguments"}; None for other records."""
+    key = json.loads(record.get("key") or "[null]")
+    if key[0] == "calc_tool":
+        return {"name": "calculator", "arguments": {"expression": key[1]}}
+    if key[0] == "unit_tool":
+        _, _, _, _, a, b, _ = _TOOL_UNITS[key[1]]
+        return {"name": "unit_convert", "arguments": {"value": key[2], "from_unit": a, "to_unit": b}}
+    if key[0] == "capital" and record.get("lang") == "zh":  # the table answers a Chinese name in Chinese
+        return {"name": "lookup", "arguments": {"key": next(c[1] for c in CAPITALS if c[0] == key[1])}}
+    if key[0] in ("capital", "element"):
+        return {"name": "lookup", "arguments": {"key": key[1]}}
+    return None
+
+
+def demonstration(record: dict) -> list:
+    """A conversation that solves a task record, to fine-tune on before RL: the record's own (its last turn
+    is the reference answer), and for a tool task the tool call, the sandbox's response (the turn
+    rollout() feeds back) and then the answer."""
+    call = tool_solution(record)
+    if call is None:
+        return record["conversations"]
+    block = f"{TOOL_CALL_START}\n{json.dumps(call, ensure_ascii=False)}\n{TOOL_CALL_END}"
+    *prompt, answer = record["conversations"]
+    return [*prompt, {"role": "assistant", "content": block}, tool_response_message(block), answer]
 
 
 def is_val_key(key: str, val_share: int = 10) -> bool:
@@ -998,7 +1059,7 @@ def is_val_key(key: str, val_share: int = 10) -> bool:
 
 
 def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, lang: Optional[str] = None,
-               kinds=None) -> tuple:
+               kinds=None, compact_tools: bool = False) -> tuple:
     """Write n_train and n_val records (JSON Lines) of make_task problems. The splits hold different
     problems: a problem's key (not its wording or language) decides its split (is_val_key), so no
     validation problem is ever in any training file. Within a split a problem appears at most once per
@@ -1012,7 +1073,7 @@ def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, la
         attempts += 1
         if attempts > 100 * (n_train + n_val) + 1000:
             raise ValueError(f"could not draw {n_train} + {n_val} distinct problems of kinds {kinds or sorted(TASKS)}")
-        rec = make_task(rng, lang, kinds)
+        rec = make_task(rng, lang, kinds, compact_tools)
         val = is_val_key(rec["key"])
         ident = (rec["key"], rec["lang"])
         if ident in seen or len(splits[val]) >= want[val]:
@@ -1024,3 +1085,113 @@ def write_task(path_train, path_val, n_train: int, n_val: int, seed: int = 0, la
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in recs)
     return Path(path_train), Path(path_val)
+
+
+# -----------------------------------------------------------------------------
+# rollouts: completions sampled with the model's own batched KV-cache decoder (generate_stream)
+
+def select_tools(spec: str) -> dict:
+    """The tool registry of an agentic rollout: "all" -> every built-in tool (TOOLS), else a comma list of
+    their names. Raises ValueError naming an unknown tool."""
+    if spec in ("all", ""):
+        return dict(TOOLS)
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool(s) {', '.join(unknown)} (built-in: {', '.join(TOOLS)})")
+    return {n: TOOLS[n] for n in names}
+
+
+def rollout_messages(record: dict) -> list:
+    """The messages a rollout starts from: prompt_messages(record), with a system message offering
+    record["tools"] (tools_system_prompt) when the record has tools but no system message (MiniMind's
+    agent records keep the schemas apart; its chat template renders them into the system turn)."""
+    msgs = prompt_messages(record)
+    tools = record.get("tools")
+    if tools and msgs[0]["role"] != "system":
+        tools = json.loads(tools) if isinstance(tools, str) else tools
+        msgs.insert(0, {"role": "system", "content": tools_system_prompt(tools, record.get("lang", "en"))})
+    return msgs
+
+
+def left_pad(rows: list, pad_id: int, device=None):
+    """Token lists of different lengths -> (ids (B, T) left-padded with pad_id, pad (B,) padding per row),
+    the layout generate_stream and completion_logprobs take."""
+    T = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (T - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    pad = torch.tensor([T - len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, pad
+
+
+@dataclass
+class Rollout:
+    """N sampled episodes. completion holds everything after the prompt: the model's turns and, in
+    agentic rollouts, the tool responses fed back between them, then padding."""
+    prompt: torch.Tensor  # (N, P) prompt ids, left-padded
+    pad: torch.Tensor  # (N,) padding tokens at the start of each prompt row
+    completion: torch.Tensor  # (N, R) ids
+    mask: torch.Tensor  # (N, R) float: 1 on the tokens the model wrote (each turn's eos included), else 0
+    texts: list  # (N,) the model's turns as text (joined by newlines): what reward functions read
+    tool_calls: torch.Tensor  # (N,) tool-call blocks the model wrote
+
+
+@torch.no_grad()
+def rollout(model, tok, prompts: list, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+            top_p: Optional[float] = None, generator: Optional[torch.Generator] = None, tools: Optional[dict] = None,
+            max_turns: int = 1) -> Rollout:
+    """Sample one episode per prompt (token lists; repeat a prompt for a group) with
+    `model.generate_stream` on the left-padded batch, in eval mode, `generator` drawing every sample:
+    the same generator state and weights give the same rollout.
+
+    With a tool registry (`tools`, name -> Tool) an episode runs up to `max_turns` assistant turns: a
+    turn that ends with eos and writes <tool_call> blocks gets their results back as a user turn of
+    <tool_response> blocks (tool_response_message: the sandbox, never eval), rendered as the chat
+    template renders a turn, and the model answers again with everything so far as its prompt. Tool
+    responses have mask 0: the model did not write them and is not trained on them. A turn cut at
+    max_new_tokens ends its episode. Each turn decodes the still-running episodes as one batch."""
+    eos, pad_id = tok.eos_id, tok.pad_id
+    device = next(model.parameters()).device
+    N = len(prompts)
+    contexts = [list(p) for p in prompts]
+    out_ids, out_mask = [[] for _ in range(N)], [[] for _ in range(N)]
+    turns, calls = [[] for _ in range(N)], [0] * N
+    active = list(range(N))
+    was_training = model.training
+    model.eval()
+    try:
+        for turn in range(max_turns):
+            if not active or max_new_tokens < 1:
+                break
+            idx, pad = left_pad([contexts[i] for i in active], pad_id, device)
+            steps = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                               eos_id=eos, pad=pad, generator=generator))
+            generated = torch.stack(steps, dim=1).tolist()  # (len(active), steps)
+            running = []
+            for i, row in zip(active, generated):
+                ended = eos in row
+                new = row[:row.index(eos) + 1] if ended else row
+                text = tok.decode([t for t in new if t != eos])
+                turns[i].append(text)
+                out_ids[i] += new
+                out_mask[i] += [1] * len(new)
+                contexts[i] += new
+                calls[i] += len(find_tool_calls(split_think(text)[1]))
+                if tools is None or not ended or turn == max_turns - 1:
+                    continue
+                response = tool_response_message(text, tools)
+                if response is None:  # no tool call: the final answer
+                    continue
+                seen = tok.encode("\n" + render_chat([response], add_generation_prompt=True))
+                out_ids[i] += seen
+                out_mask[i] += [0] * len(seen)
+                contexts[i] += seen
+                running.append(i)
+            active = running
+    finally:
+        model.train(was_training)
+    prompt, pad = left_pad(prompts, pad_id, device)
+    R = max(1, max(len(o) for o in out_ids))
+    completion = torch.tensor([o + [pad_id] * (R - len(o)) for o in out_ids], dtype=torch.long, device=device)
+    mask = torch.tensor([m + [0] * (R - len(m)) for m in out_mask], dtype=torch.float32, device=device)
+    return Rollout(prompt, pad, completion, mask, ["\n".join(t) for t in turns],
+                   torch.tensor(calls, dtype=torch.float32, device=device))

@@ -3,16 +3,29 @@
     python train.py --mode=pretrain                  # data/pretrain -> out/pretrain (data built if missing)
     python train.py --mode=sft                       # out/pretrain + data/sft -> out/sft
     python train.py --mode=dpo                       # out/sft + data/dpo -> out/dpo
+    python train.py --mode=grpo                      # out/sft + data/grpo (prompts) -> out/grpo
+    python train.py --mode=grpo --loss-type=cispo --reward "exact:1 repetition:0.5"
+    python train.py --mode=grpo --tools --data=data/agent --out=out/agent   # multi-turn, sandboxed tools
+    python train.py --mode=ppo                       # out/sft + data/ppo -> out/ppo (value head, GAE)
+    python train.py --mode=distill --teacher=out/big-sft --model=tiny       # data/sft -> out/distill
     torchrun --standalone --nproc_per_node=4 train.py --mode=dpo
     python train.py --mode=pretrain --resume         # continue out/pretrain after a crash / kill -9
     python train.py --mode=pretrain --model=minimind-3 --data=data/big --out=out/m3 --epochs=1
     python train.py --mode=sft --lora-rank=8 --out=out/sft-lora   # adapters only, base frozen
 
-Stages chain by default: --data is data/<mode>, --out is out/<mode>, and sft starts from
-out/pretrain, dpo from out/sft (--init-from to choose another). A missing start point is an error
-naming the command that makes it. Pretraining with no data at the default path prepares it first
-from the embedded corpus (prepare.py tokenizer + pretrain); SFT and DPO likewise from the embedded
-dialogs, with the tokenizer of the checkpoint they start from.
+Stages chain by default: --data is data/<mode> (distill: data/sft), --out is out/<mode>, and sft
+starts from out/pretrain, dpo, grpo and ppo from out/sft (--init-from to choose another). A missing
+start point is an error naming the command that makes it. Pretraining with no data at the default
+path prepares it first from the embedded corpus (prepare.py tokenizer + pretrain); SFT and DPO likewise
+from the embedded dialogs, with the tokenizer of the checkpoint they start from; grpo and ppo from the
+built-in verifiable task (prepare.py rl-task).
+
+RL (grpo, ppo) samples its episodes from the policy at every step (losses.PolicyGradient): a step
+is one rollout of --batch-size prompts x --num-generations episodes per micro-batch and
+--ppo-epochs x --ppo-minibatches optimizer steps on it (1 x 1 for grpo: on-policy). The rollouts are
+seeded by (seed, step, micro-batch) like every batch, so resume and process counts behave the same.
+Evaluations report the held-out reward (val_reward, val_reward_<name>); val_loss is minus it.
+docs/post-training.md has the recipe and measured curves.
 
 SFT and DPO rows pack whole conversations (DPO: prompt + chosen and prompt + rejected of a pair)
 with positions restarting and attention confined to each; the loss covers the assistant replies.
@@ -43,8 +56,8 @@ import kernels
 import lora
 from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, newest_run, plot_log,
                         resolve_checkpoint, save_checkpoint)
-from data import DPOData, PretrainData, SFTData
-from losses import lm_loss, make_dpo_loss
+from data import DPOData, PretrainData, PromptData, SFTData
+from losses import lm_loss, make_distill_loss, make_dpo_loss, make_grpo_loss, make_ppo_loss
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, lr_multiplier, make_optimizer
 from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops, pick_device, pick_dtype
@@ -52,14 +65,23 @@ from scoring import count_bytes, token_byte_lengths
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4}  # fine-tuning starts from trained weights: gentler
-DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw"}
-STARTS_FROM = {"sft": "pretrain", "dpo": "sft"}  # the stage whose output a stage starts from by default
+DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1e-4,  # fine-tuning: gentler
+              "distill": 1e-3}
+DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw", "grpo": "adamw", "ppo": "adamw",
+                     "distill": "adamw"}
+DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04, "ppo": 0.02}  # DPO's beta; RL's weight of the KL to the reference
+STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}  # a stage's default start
+DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
+RL_MODES = ("grpo", "ppo")
+RL_PROMPTS = 4  # RL's default --batch-size: prompts (each with --num-generations episodes), not rows
 
 # mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
 MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
          "sft": (SFTData, lambda model, args: lm_loss),  # the mask is in the targets (-1 = no loss)
-         "dpo": (DPOData, make_dpo_loss)}
+         "dpo": (DPOData, make_dpo_loss),
+         "grpo": (PromptData, make_grpo_loss),  # rollouts made inside the objective (losses.PolicyGradient)
+         "ppo": (PromptData, make_ppo_loss),
+         "distill": (SFTData, make_distill_loss)}
 RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
 
 
@@ -110,10 +132,10 @@ def build_parser():
     g.add_argument("--data", default=None, help="prepared data directory from prepare.py (default: data/MODE)")
     g.add_argument("--seq-len", type=positive(int), default=None,
                    help="tokens per row (default: pretrain 256, sft the checkpoint's, dpo the longest pair of "
-                        "the data up to the model's limit)")
+                        "the data up to the model's limit); grpo/ppo: the longest prompt, longer ones keep their end")
     g.add_argument("--batch-size", type=positive(int), default=None,
                    help="rows per micro-batch per process (default: 16, the checkpoint's for sft; dpo: as many "
-                        "rows as hold 4096 tokens)")
+                        f"rows as hold 4096 tokens; grpo/ppo: prompts, default {RL_PROMPTS})")
     g.add_argument("--batch-tokens", type=positive(int), default=None,
                    help="tokens per optimizer step over all processes; gradient accumulation makes up the "
                         "difference (default: one micro-batch per process)")
@@ -144,11 +166,47 @@ def build_parser():
     g.add_argument("--grad-clip", type=positive(float, zero=True), default=1.0,
                    help="clip the global gradient norm (0: off)")
     g = p.add_argument_group("dpo")
-    g.add_argument("--beta", type=positive(float), default=0.1,
-                   help="DPO: strength of the KL tie to the reference model")
+    g.add_argument("--beta", type=positive(float, zero=True), default=None,
+                   help="strength of the KL tie to the frozen reference: DPO's beta; grpo/ppo: weight of the k3 KL "
+                        "penalty, 0 = no reference (default: " + ", ".join(f"{m} {b:g}" for m, b in DEFAULT_BETA.items()) + ")")
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
-    g = p.add_argument_group("lora (sft, dpo)")
+    g = p.add_argument_group("rl (grpo, ppo)")
+    g.add_argument("--num-generations", type=int, default=6, help="episodes sampled per prompt (a GRPO group)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (per turn with --tools)")
+    g.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
+    g.add_argument("--eval-temperature", type=float, default=0.0,
+                   help="held-out rollouts: 0 = greedy, else sampled with a fixed seed")
+    g.add_argument("--reward", default=None,
+                   help='reward functions "NAME[k=v,...]:WEIGHT ...": built-ins exact, length, think, repetition, '
+                        'tool, or module:function (rl.parse_reward_specs; default "exact", with --tools '
+                        '"exact tool:0.5")')
+    g.add_argument("--reward-model", default=None,
+                   help="a transformers sequence-classification model directory, scored as reward `rm` (weight 1 "
+                        "unless --reward names rm)")
+    g.add_argument("--loss-type", choices=("grpo", "cispo"), default="grpo",
+                   help="grpo: clipped ratio; cispo: clipped, stop-gradient importance weight (MiniMax-M1)")
+    g.add_argument("--epsilon", type=float, default=0.2, help="clip range of the ratio: 1 - eps .. 1 + eps-high")
+    g.add_argument("--epsilon-high", type=float, default=None,
+                   help="upper clip (default: --epsilon; cispo: 4, the weight capped at 5 as MiniMind's 5.0)")
+    g.add_argument("--ppo-epochs", type=int, default=None, help="passes over each rollout (default: grpo 1, ppo 2)")
+    g.add_argument("--ppo-minibatches", type=int, default=None,
+                   help="optimizer steps per pass, each on a share of the episodes (default: grpo 1, ppo 2)")
+    g.add_argument("--target-kl", type=float, default=0.1,
+                   help="ppo: skip the rest of a rollout's updates once approx KL to it exceeds 1.5x this")
+    g.add_argument("--gamma", type=float, default=1.0, help="ppo: GAE discount")
+    g.add_argument("--lam", type=float, default=0.95, help="ppo: GAE lambda")
+    g.add_argument("--vf-coef", type=float, default=0.5, help="ppo: weight of the value loss")
+    g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip range of the value update")
+    g.add_argument("--tools", nargs="?", const="all", default=None,
+                   help="agentic rollouts with the sandboxed tools of rl.py: all of them, or a comma list "
+                        "(calculator,unit_convert,lookup)")
+    g.add_argument("--max-turns", type=int, default=3, help="with --tools: assistant turns per episode")
+    g = p.add_argument_group("distill")
+    g.add_argument("--teacher", default=None, help="the teacher checkpoint (same tokenizer; any size)")
+    g.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy; 1 - alpha: of the KL")
+    g.add_argument("--temperature", type=float, default=1.5, help="softmax temperature of the KL term")
+    g = p.add_argument_group("lora (sft, dpo, grpo, ppo, distill)")
     g.add_argument("--lora-rank", type=positive(int, zero=True), default=0,
                    help="train rank-R LoRA adapters on top of --init-from (frozen) instead of every weight (0: off)")
     g.add_argument("--lora-alpha", type=positive(float), default=16.0,
@@ -200,7 +258,7 @@ def resolve_args(args, argv):
     """Fill defaults: paths from the mode; then what the run being resumed or the checkpoint being
     fine-tuned used. Flags given on the command line win; flags not given inherit."""
     given = given_flags(argv)
-    args.data = args.data or f"data/{args.mode}"
+    args.data = args.data or DEFAULT_DATA.get(args.mode, f"data/{args.mode}")
     if args.resume and args.force:
         fail("--resume continues the run in --out, --force starts it over: choose one")
     if sum(x is not None for x in (args.epochs, args.max_iters, args.max_time)) > 1:
@@ -220,7 +278,9 @@ def resolve_args(args, argv):
             fail(f"--mode={args.mode} starts from a trained checkpoint, and out/{STARTS_FROM[args.mode]} holds none: "
                  f"make it with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
         args.init_from = str(start)
-    source = None
+    if args.mode == "distill" and not args.teacher and not args.resume:
+        fail("--mode=distill needs --teacher CKPT, the model to learn from")
+    source, saved = None, {}
     try:
         if args.resume:
             source = resolve_checkpoint(args.out, fallback=True)
@@ -235,6 +295,8 @@ def resolve_args(args, argv):
         if args.mode == "dpo" and saved.get("mode") != "dpo":  # DPO rows hold pairs: sized from the data
             inherit.remove("seq_len")
             inherit.remove("batch_size")
+        if args.mode in RL_MODES and saved.get("mode") not in RL_MODES and "batch_size" in inherit:
+            inherit.remove("batch_size")  # RL batches are prompts, not rows
         if args.resume:  # the same run: everything not overridden
             saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed used AdamW
             if "optimizer" in given and args.optimizer != saved["optimizer"]:
@@ -242,13 +304,26 @@ def resolve_args(args, argv):
                      "cannot carry over (start a new run with --init-from instead)")
             if "batch_tokens_per_step" in saved and "batch_tokens" not in given:  # keep the step across world sizes
                 saved["batch_tokens"] = saved["batch_tokens_per_step"]
-            inherit = [k for k in saved if k not in ("resume", "out", "init_from", "force")]
+            inherit = [k for k in saved if k not in ("resume", "out", "force")]  # init_from: the reference's
         for k in inherit:
             if k in saved and k not in given and hasattr(args, k):
                 setattr(args, k, saved[k])
         if given & {"max_iters", "epochs", "max_time"}:  # a length given now replaces the run's own
             for k in {"max_iters", "epochs", "max_time"} - given:
                 setattr(args, k, None)
+    if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
+        args.batch_size = RL_PROMPTS
+    if args.beta is None:
+        args.beta = DEFAULT_BETA.get(args.mode, 0.0)
+    if args.ppo_epochs is None:
+        args.ppo_epochs = 2 if args.mode == "ppo" else 1
+    if args.ppo_minibatches is None:
+        args.ppo_minibatches = 2 if args.mode == "ppo" else 1
+    if args.reward is None:
+        args.reward = "exact" + (" tool:0.5" if args.tools is not None else "")
+    if args.mode in RL_MODES and args.ppo_minibatches > args.batch_size * args.num_generations:
+        fail(f"--ppo-minibatches {args.ppo_minibatches}: more than the {args.batch_size * args.num_generations} "
+             "episodes of a micro-batch (--batch-size x --num-generations)")
     if args.lr is None:
         args.lr = DEFAULT_LR[args.mode]
     if args.optimizer is None:
@@ -321,14 +396,19 @@ def prepare_run_dir(out: Path, args):
 
 
 def build_default_data(args, source):
-    """Prepare data/<mode> from the embedded corpora when the default path is missing (rank 0 only)."""
-    if Path(args.data).exists() or args.data != f"data/{args.mode}":
+    """Prepare the default data of a mode from the embedded corpora, or the built-in task, when it is
+    missing (rank 0 only)."""
+    if Path(args.data).exists() or args.data != DEFAULT_DATA.get(args.mode, f"data/{args.mode}"):
         return
-    tok = source / "tokenizer" if source is not None and (source / "tokenizer").exists() else ROOT / "data/tokenizer"
-    print(f"{args.data} is missing: preparing it from the embedded {'corpus' if args.mode == 'pretrain' else 'dialogs'}"
-          f" with the tokenizer {tok}")
-    steps = [] if tok.exists() else [["tokenizer", "--out", str(tok)]]
-    steps.append([args.mode, "--tokenizer", str(tok), "--out", args.data])
+    if args.mode in RL_MODES:  # text prompts: no tokenizer needed
+        print(f"{args.data} is missing: writing the built-in verifiable task there")
+        steps = [["rl-task", "--out", args.data]]
+    else:
+        tok = source / "tokenizer" if source is not None and (source / "tokenizer").exists() else ROOT / "data/tokenizer"
+        print(f"{args.data} is missing: preparing it from the embedded "
+              f"{'corpus' if args.mode == 'pretrain' else 'dialogs'} with the tokenizer {tok}")
+        steps = [] if tok.exists() else [["tokenizer", "--out", str(tok)]]
+        steps.append(["sft" if args.mode == "distill" else args.mode, "--tokenizer", str(tok), "--out", args.data])
     for step in steps:
         if subprocess.run([sys.executable, str(ROOT / "prepare.py"), *step]).returncode != 0:
             fail(f"`python prepare.py {' '.join(step)}` failed (see above)")
@@ -355,7 +435,7 @@ def build_model(args, source, device, out: Path):
         lora_spec = state["lora"]
     elif args.lora_rank:
         if source is None or args.mode == "pretrain":
-            fail("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo (and --init-from)")
+            fail("--lora-rank adapts a trained checkpoint: use it with --mode=sft|dpo|grpo|ppo|distill (and --init-from)")
         try:
             targets = lora.apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_targets)
         except ValueError as e:
@@ -415,7 +495,35 @@ def setup_data(args, model, world: int):
     return data, accum, batch_tokens
 
 
+class WithModule:
+    """An optimizer that also trains an objective's own module (PPO's value head) and keeps its weights in
+    optim.pt beside the optimizer state: training state for --resume, not part of the model."""
+
+    def __init__(self, optimizer, module: torch.nn.Module):
+        self.optimizer, self.module = optimizer, module
+        adamw = optimizer.optimizers["adamw"] if isinstance(optimizer, Optimizers) else optimizer
+        adamw.add_param_group({"params": list(module.parameters()), "weight_decay": 0.0})
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "module": self.module.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.module.load_state_dict(state["module"])
+
+
 def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype):
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # WithModule: the model's
     n, n_act = model.num_params(), model.num_params(active=True)
     print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
           f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
@@ -464,9 +572,21 @@ def main(argv=None):
     check_tokenizer(data, source)
     eval_batches = data.val_batches(args.batch_size, args.eval_iters)
     args.batch_tokens_per_step = batch_tokens  # recorded, so a resume with another world size keeps it
-    loss_fn = MODES[args.mode][1](model, args)
+    tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's
+    if not tok_dir.exists() and source is not None:
+        tok_dir = source / "tokenizer"
+    args.tokenizer_dir = str(tok_dir)
+    try:
+        loss_fn = MODES[args.mode][1](model, args)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    updates = getattr(loss_fn, "updates", 1)  # optimizer steps per step (PPO: several on one rollout)
+    objective = getattr(loss_fn, "module", None)  # weights the objective trains besides the model (value head)
     warmup = args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
+    if objective is not None:
+        optimizer = WithModule(optimizer, objective)
+    clipped = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
     if args.resume:
         optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
     scaler = grad_scaler(device, dtype)
@@ -479,7 +599,6 @@ def main(argv=None):
     datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
     peak = (datasheet or measure_matmul_flops(device, dtype)) * world
     log = Log(out, start_step if args.resume else None, enabled=master)
-    tok_dir = data.dir / "tokenizer"
     if master:
         describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype)
 
@@ -525,30 +644,62 @@ def main(argv=None):
         if ddp:
             dist.barrier()
 
+    def mean_over_processes(x) -> float:
+        x = x.detach().float().clone()
+        if ddp:
+            dist.all_reduce(x)
+            x /= world
+        return float(x)
+
     def train_step(step):
-        """One optimizer step: accum micro-batches per process, gradients all-reduced on the last."""
-        metrics = {}
-        for micro in range(accum):
-            batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
-            if ddp:
-                train_model.require_backward_grad_sync = micro == accum - 1
-            with autocast(device, dtype):
-                loss, extra = loss_fn(train_model, batch)
-            scaler.scale(loss / accum).backward()
-            for k, v in {"loss": loss, **extra}.items():
-                metrics[k] = metrics.get(k, 0.0) + v.detach() / accum
-        scaler.unscale_(optimizer)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        """One optimizer step: accum micro-batches per process, gradients all-reduced on the last.
+        An objective with several updates a step (PPO's epochs x minibatches of one rollout) repeats
+        that per update, the batch telling which; it may stop early, deciding on the approx_kl of the
+        coming update averaged over every micro-batch and process (so every process stops together)."""
+        metrics, done = {}, 0
+        for update in range(updates):
+            sums = {}
+            for micro in range(accum):
+                batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
+                if updates > 1:
+                    batch["update"] = update
+                if ddp:
+                    train_model.require_backward_grad_sync = micro == accum - 1
+                with autocast(device, dtype):
+                    loss, extra = loss_fn(train_model, batch)
+                scaler.scale(loss / accum).backward()
+                for k, v in {"loss": loss, **extra}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach() / accum
+            if update > 0 and loss_fn.stop(mean_over_processes(sums["approx_kl"])):
+                optimizer.zero_grad(set_to_none=True)
+                break
+            if ddp and objective is not None:  # not inside the DDP module: its gradients are averaged here
+                for p in objective.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            scaler.unscale_(optimizer)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(clipped, args.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            done += 1
+            for k, v in sums.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+        metrics = {k: v / done for k, v in metrics.items()}
+        if updates > 1:
+            metrics["updates"] = torch.tensor(float(done), device=device)
         return metrics
 
     clock = Clock(args.max_time, t_main, source_state.get("train_seconds", 0.0) if args.resume else 0.0, ddp)
     t_start = t_last = time.time()
     tokens_since = 0
     model.train()
+    if args.mode in RL_MODES and not args.resume:  # RL curves start from the held-out reward of the start point
+        rec = evaluate()
+        log.write(step=0, **rec)
+        if master:
+            print("step     0 | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
     step = start_step
     while True:
         step += 1

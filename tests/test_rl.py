@@ -8,6 +8,7 @@ import ast
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -547,6 +548,31 @@ def test_tool_tasks_are_solvable_with_the_tools():
         if key[0] == "capital" and rec["lang"] == "zh":
             result = next(c[3] for c in rl.CAPITALS if c[0] == key[1])
         assert rl.answers_match(result, rec["answer"]), (rec, result)
+
+
+def test_demonstrations_solve_every_task_with_its_tool(tmp_path):
+    rng = random.Random(2)
+    for _ in range(80):
+        rec = rl.make_task(rng, compact_tools=True)
+        demo = rl.demonstration(rec)
+        assert demo[-1] == rec["conversations"][-1]  # ends with the reference answer
+        if rec["kind"] not in rl.TOOL_TASKS:
+            assert demo == rec["conversations"]
+            continue
+        call_turn, response, answer = demo[-3:]
+        assert call_turn["role"] == "assistant" and rl.reward_tool_calls(None, call_turn["content"], rec) == 1.0
+        assert response == rl.tool_response_message(call_turn["content"])
+        result = json.loads(re.search(r"<tool_response>\n(.*)\n</tool_response>", response["content"], re.S).group(1))["result"]
+        assert rl.answers_match(result, rec["answer"]), (rec, result)
+        assert "<tools>" in demo[0]["content"] and "{" not in demo[0]["content"].split("<tools>")[1].split("</tools>")[0]
+
+
+def test_compact_tool_listing_is_short_and_names_every_argument():
+    schemas = [t.schema() for t in rl.TOOLS.values()]
+    full, compact = rl.tools_system_prompt(schemas), rl.tools_system_prompt(schemas, compact=True)
+    assert len(compact) < 0.6 * len(full)
+    assert "unit_convert(value: number, from_unit: string, to_unit: string)" in compact
+    assert "<tool_call>" in compact and "The answer is X." in compact
 
 
 def test_make_task_languages():
