@@ -679,7 +679,6 @@ def cmd_rl_task(args):
     Tokenizer-free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     out = Path(args.out)
-    check_output(out, [], args.force)
     try:
         with staged_output(out) as tmp:
             rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds,
@@ -702,8 +701,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         check_args(args)
-        check_inputs(args.input)
-        check_output(Path(args.out), args.input + ([] if args.cmd == "tokenizer" else [args.tokenizer]), args.force)
+        inputs = getattr(args, "input", [])
+        check_inputs(inputs)
+        check_output(Path(args.out), inputs + ([args.tokenizer] if hasattr(args, "tokenizer") else []), args.force)
         args.func(args)
     except DataError as e:
         sys.exit(f"error: {e}")

@@ -1163,8 +1163,10 @@ def rollout(model, tok, prompts: list, max_new_tokens: int, *, temperature: floa
             if not active or max_new_tokens < 1:
                 break
             idx, pad = left_pad([contexts[i] for i in active], pad_id, device)
-            steps = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                               eos_id=eos, pad=pad, generator=generator))
+            # the one sampler seeds row i from seed + i; the seed itself comes from `generator`
+            seed = None if generator is None else int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+            steps = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                                               top_p=1.0 if top_p is None else top_p, eos_id=eos, pad=pad, seed=seed))
             generated = torch.stack(steps, dim=1).tolist()  # (len(active), steps)
             running = []
             for i, row in zip(active, generated):
