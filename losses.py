@@ -97,7 +97,7 @@ class PolicyGradient:
       ppo:  the reward on each episode's last token, values from a linear value head on the policy's
             final hidden states (detached: a probe that never pulls on the policy), GAE advantages
             (--gamma, --lam) whitened over the micro-batch, the clipped surrogate averaged over all
-            tokens plus --vf-coef x the clipped value loss (--value-clip).
+            tokens plus --vf-coef x the clipped value loss (--value-clip); the head learns at --value-lr.
     Both add --beta x the k3 KL to the frozen reference (none at beta 0).
 
     One training step is one rollout and `updates` = --ppo-epochs x --ppo-minibatches optimizer steps on
@@ -121,7 +121,7 @@ class PolicyGradient:
             self.rewards.append(("rm", 1.0, registry["rm"]))
         self.reference, self.ref_mode = frozen_reference(model, args) if args.beta else (None, None)
         self.updates = args.ppo_epochs * args.ppo_minibatches
-        self.module = None
+        self.module, self.module_lr = None, args.value_lr
         if ppo:
             self.module = nn.Linear(model.config.dim, 1).to(self.device)
             nn.init.zeros_(self.module.weight)

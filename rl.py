@@ -407,7 +407,9 @@ def reward_exact(prompt, completion: str, record=None) -> float:
 
 def reward_tool_calls(prompt, completion: str, record=None) -> float:
     """Validity of the tool calls of the answer part, in [-1, 1]: -1 when `<tool_call>` / `</tool_call>`
-    tags do not pair up, 0 without calls, else the mean over calls of +1 (valid) / -1 (invalid).
+    tags do not pair up, 0 without calls (-1 when the record has "gt", the results MiniMind's agent
+    records expect tool calls to produce: a call was due, and saying nothing must not pay more than
+    trying), else the mean over calls of +1 (valid) / -1 (invalid).
     Valid: the block is a JSON object {"name": str, "arguments": object} naming a known tool with
     arguments that fit its schema. Known tools: record["tools"] (function schemas) when present,
     else the built-in TOOLS."""
@@ -416,7 +418,7 @@ def reward_tool_calls(prompt, completion: str, record=None) -> float:
         return -1.0
     blocks = find_tool_calls(answer)
     if not blocks:
-        return 0.0
+        return -1.0 if (record or {}).get("gt") else 0.0
     schemas = _schemas_of(record)
     scores = [1.0 if check_tool_call(b, schemas)[1] is None else -1.0 for b in blocks]
     return sum(scores) / len(scores)

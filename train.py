@@ -198,6 +198,8 @@ def build_parser():
     g.add_argument("--lam", type=float, default=0.95, help="ppo: GAE lambda")
     g.add_argument("--vf-coef", type=float, default=0.5, help="ppo: weight of the value loss")
     g.add_argument("--value-clip", type=float, default=0.2, help="ppo: clip range of the value update")
+    g.add_argument("--value-lr", type=float, default=1e-3,
+                   help="ppo: peak learning rate of the value head (fresh, so faster than the policy's; same schedule)")
     g.add_argument("--tools", nargs="?", const="all", default=None,
                    help="agentic rollouts with the sandboxed tools of rl.py: all of them, or a comma list "
                         "(calculator,unit_convert,lookup)")
@@ -496,13 +498,14 @@ def setup_data(args, model, world: int):
 
 
 class WithModule:
-    """An optimizer that also trains an objective's own module (PPO's value head) and keeps its weights in
-    optim.pt beside the optimizer state: training state for --resume, not part of the model."""
+    """An optimizer that also trains an objective's own module (PPO's value head), at lr_scale x the
+    model's learning rate, and keeps its weights in optim.pt beside the optimizer state: training state
+    for --resume, not part of the model."""
 
-    def __init__(self, optimizer, module: torch.nn.Module):
+    def __init__(self, optimizer, module: torch.nn.Module, lr_scale: float = 1.0):
         self.optimizer, self.module = optimizer, module
         adamw = optimizer.optimizers["adamw"] if isinstance(optimizer, Optimizers) else optimizer
-        adamw.add_param_group({"params": list(module.parameters()), "weight_decay": 0.0})
+        adamw.add_param_group({"params": list(module.parameters()), "weight_decay": 0.0, "lr_scale": lr_scale})
 
     @property
     def param_groups(self):
@@ -585,7 +588,7 @@ def main(argv=None):
     warmup = args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     if objective is not None:
-        optimizer = WithModule(optimizer, objective)
+        optimizer = WithModule(optimizer, objective, loss_fn.module_lr / args.lr)
     clipped = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
     if args.resume:
         optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
@@ -711,7 +714,7 @@ def main(argv=None):
             lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio, args.schedule,
                                          args.decay_frac)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         metrics = train_step(step)
         tokens_since += batch_tokens
         last = clock.fraction() >= 1 if args.max_time else step >= args.max_iters

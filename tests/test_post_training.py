@@ -223,6 +223,11 @@ def test_ppo_gae_wiring(tok, tokenizer_dir, rl_dir, one_thread):
 
 
 def test_prompt_data_reads_a_directory_or_one_jsonl_file(rl_dir, tmp_path):
+    meta = json.loads((rl_dir / "meta.json").read_text())
+    assert meta["kind"] == "prompts" and meta["kinds"] == ["add"]
+    sft = [json.loads(l) for l in (rl_dir / "sft.jsonl").read_text().splitlines()]
+    train_records = [json.loads(l) for l in (rl_dir / "train.jsonl").read_text().splitlines()]
+    assert [r["conversations"] for r in sft] == [r["conversations"] for r in train_records]  # solved: ready for SFT
     d = PromptData(rl_dir, 64, seed=3, micro_batches=2)
     assert len(d.splits["train"]) == 60 and len(d.splits["val"]) == 6
     a, b = d.batch("train", 2, 1, 4, "cpu"), PromptData(rl_dir, 64, seed=3, micro_batches=2).batch("train", 2, 1, 4, "cpu")

@@ -352,6 +352,7 @@ def test_reward_exact_numbers_and_strings():
 def test_reward_tool_calls():
     ok = '<tool_call>{"name": "calculator", "arguments": {"expression": "6*7"}}</tool_call>'
     assert rl.reward_tool_calls(P, "The answer is 42.", {}) == 0.0
+    assert rl.reward_tool_calls(P, "The answer is 42.", {"gt": ["42"]}) == -1.0  # a call was due
     assert rl.reward_tool_calls(P, ok, {}) == 1.0
     assert rl.reward_tool_calls(P, ok + "\n" + ok, {}) == 1.0
     bad = ['<tool_call>{"name": "shell", "arguments": {"cmd": "ls"}}</tool_call>',  # unknown tool
