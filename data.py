@@ -502,6 +502,10 @@ class PromptData:
         """One pass over the train prompts, counted as seq_len tokens a prompt (the step's unit)."""
         return len(self.splits["train"]) * self.seq_len
 
+    def val_batches(self, batch_size: int, wanted: int) -> int:
+        """Held-out batches per evaluation: at most one pass over the validation prompts."""
+        return min(wanted, -(-len(self.splits["val"]) // batch_size))
+
     def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
         records = self.splits[split]
         n = len(records)

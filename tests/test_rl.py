@@ -85,9 +85,8 @@ def test_one_grpo_step_on_minimind_moves_towards_the_better_completions():
     model = tiny_minimind(1, sharpen=3.0)
     P, G, R, eos = 2, 4, 6, 2
     prompt = torch.tensor([[5, 9, 11], [8, 4, 6]]).repeat_interleave(G, dim=0)  # (P*G, 3)
-    gen = torch.Generator().manual_seed(0)
     model.eval()
-    completion = torch.stack(list(model.generate_stream(prompt, R, temperature=1.0, eos_id=eos, generator=gen)), 1)
+    completion = torch.stack(list(model.generate_stream(prompt, R, temperature=1.0, eos_id=eos, seed=0)), 1)
     mask = rl.completion_mask(completion, eos)  # (P*G, R')
     rewards = (completion == 7).float().mul(mask).sum(1) + torch.arange(P * G) % 3  # any varied reward
     adv = rl.group_advantages(rewards, G)
