@@ -561,6 +561,8 @@ class MiniMind(nn.Module):
             torch._dynamo.maybe_mark_dynamic(t, 0)
         for t in (cache.k, cache.v):
             torch._dynamo.maybe_mark_dynamic(t, [1, 3])
+            if t.is_cuda:  # a CUDA graph writes it in place, at its address: re-recorded, not recompiled,
+                torch._dynamo.mark_static_address(t)  # when the engine reallocates the cache
         logits = compiled_decode_step(tokens.device.type)(self, tokens, cache.k, cache.v, cache.pads, cache.at,
                                                           key_pos)
         cache.advance()
