@@ -14,7 +14,9 @@ Sections:
   optim   optimizer step time, AdamW vs Muon (five Newton-Schulz iterations per matrix), against
           the forward + backward of the training batch it updates
   decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
-          weight once: bandwidth / weight bytes), then KV-cache vs naive decoding at batch 1 and 8
+          weight once: bandwidth / weight bytes), eager and compiled (MiniMind.step under torch.compile:
+          compile time cold and warm, tokens until it pays), then KV-cache eager / compiled vs naive
+          decoding at batch 1 and 8; the load average before and after (a shared machine)
   server  requests/s and tokens/s of serve.py (a subprocess) under 8 concurrent streaming clients
   kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
   moe     MoE/dense training-step time (fp32, AdamW) of tiny-moe/tiny and minimind-3-moe/minimind-3,
@@ -159,8 +161,39 @@ def bench_optim(device, out, models, seq_len, steps):
         del model
 
 
-def bench_decode_limit(device, out, models, new_tokens=64):
-    """Batch-1 KV-cache decoding against one pass over all weights per token."""
+def timed_rates(variants: dict, reps: int, sync) -> dict:
+    """Median (tokens/s, tokens per CPU-second) of each variant, name -> fn() -> tokens generated; the
+    variants interleaved, rep by rep, so that a busy machine slows them alike. CPU time is this
+    process's: on a loaded machine it counts only the time the run was scheduled."""
+    runs = {k: [] for k in variants}
+    for _ in range(reps):
+        for k, fn in variants.items():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            n = fn()
+            sync()
+            runs[k].append((n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)))
+    return {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in runs.items()}
+
+
+@contextlib.contextmanager
+def fresh_inductor_cache():
+    """Compile into an empty inductor cache (cold: what a first run on a machine pays)."""
+    old = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="minimind-bench-inductor")
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=True):
+    """Batch-1 KV-cache decoding against one pass over all weights per token, eager and compiled
+    (MiniMind.step through torch.compile), with the compile time (cold: an empty inductor cache; warm:
+    compiled again from the cache it filled) and the tokens after which compiling has paid for itself."""
     rows = out.setdefault("decode_limit", [])
     sync = sync_fn(device)
     bw = out["peak"]["bandwidth_gbs"] * 1e9
@@ -169,18 +202,39 @@ def bench_decode_limit(device, out, models, new_tokens=64):
         torch.manual_seed(0)
         model = MiniMind(PRESETS[name]).to(device, dtype).eval()
         prompt = torch.randint(3, 6400, (1, 16), device=device)
+        variants = {"eager": lambda: sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0))}
         list(model.generate_stream(prompt, 4, temperature=0))  # warm up
-        sync()
-        t0 = time.perf_counter()
-        n = sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0))
-        sync()
-        tps = n / (time.perf_counter() - t0)
+        row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
+        if compile_too:
+            with fresh_inductor_cache():
+                for kind in ("cold", "warm"):  # into the empty cache, then again from what it holds
+                    torch._dynamo.reset()
+                    sync()
+                    t0 = time.perf_counter()
+                    list(model.generate_stream(prompt, 4, temperature=0, compiled=True))
+                    sync()
+                    row[f"compile_{kind}_s"] = round(time.perf_counter() - t0, 1)
+            variants["compiled"] = lambda: sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0,
+                                                                                compiled=True))
+        rates = timed_rates(variants, reps, sync)
         weight_bytes = model.num_params(active=True) * model.embed.weight.element_size()
         limit = bw / weight_bytes
-        rows.append({"model": name, "dtype": str(dtype).replace("torch.", ""), "tok_s": round(tps, 1),
-                     "limit_tok_s": round(limit, 1), "fraction": round(tps / limit, 3)})
-        print(f"decode {name:16s} batch 1: {tps:8.1f} tok/s vs weight-streaming limit {limit:8.1f} tok/s "
-              f"({100 * tps / limit:.0f}%)", flush=True)
+        row["limit_tok_s"] = round(limit, 1)
+        for k, (tps, cpu_tps) in rates.items():
+            row[f"{k}_tok_s"], row[f"{k}_cpu_tok_s"] = round(tps, 1), round(cpu_tps, 1)
+            row[f"{k}_fraction"] = round(tps / limit, 3)
+        line = f"decode {name:16s} batch 1: eager {rates['eager'][0]:7.1f} tok/s ({100 * rates['eager'][0] / limit:.0f}%)"
+        if compile_too:
+            e, c = rates["eager"][0], rates["compiled"][0]
+            saved = 1 / e - 1 / c  # seconds per token
+            row["break_even_tokens_cold"] = round(row["compile_cold_s"] / saved) if saved > 0 else None
+            row["break_even_tokens_warm"] = round(row["compile_warm_s"] / saved) if saved > 0 else None
+            line += (f" | compiled {c:7.1f} tok/s ({100 * c / limit:.0f}%), {c / e:.2f}x; compile {row['compile_cold_s']}"
+                     f" s cold / {row['compile_warm_s']} s warm, pays after {row['break_even_tokens_cold']} / "
+                     f"{row['break_even_tokens_warm']} tokens")
+        rows.append(row)
+        print(line + f" | weight-streaming limit {limit:.1f} tok/s", flush=True)
+        del model
 
 
 # -----------------------------------------------------------------------------
@@ -554,27 +608,28 @@ def _naive_decode(model, idx, n: int):
 
 
 def bench_decode(device: str, out: dict, presets=("tiny", "minimind-3"), batch_sizes=(1, 8), prompt_len: int = 32,
-                 new_tokens: int = 32, threads: Optional[int] = None) -> None:
-    """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch)
-    against a naive loop that re-runs the whole sequence for each token.
+                 new_tokens: int = 32, threads: Optional[int] = None, compile_too: bool = True, reps: int = 3) -> None:
+    """Greedy decode speed, random weights: KV-cache decoding (generate_stream, left-padded batch),
+    eager and compiled, against a naive loop that re-runs the whole sequence for each token.
 
     Appends to out["decode"] one dict per (preset, batch): model, batch, prompt_len, new_tokens,
-    kv_tok_s and naive_tok_s (generated tokens per second, all rows counted, prefill included),
-    speedup. Prompts of a batch have different lengths (prompt_len down to prompt_len / 2).
-    The naive loop gets every row cut to the shortest prompt (no padding), so the speedup is a lower
-    bound. `threads` sets torch's CPU threads for the run (small models on a busy CPU: 1 is fastest)."""
+    kv_tok_s, compiled_tok_s (compile_too) and naive_tok_s (generated tokens per second, all rows
+    counted, prefill included; medians of `reps` interleaved runs, naive once), speedup (kv / naive).
+    Prompts of a batch have different lengths (prompt_len down to prompt_len / 2). The naive loop gets
+    every row cut to the shortest prompt (no padding), so the speedup is a lower bound. `threads`
+    sets torch's CPU threads for the run (small models on a busy CPU: 1 is fastest)."""
     rows = out.setdefault("decode", [])
     sync = sync_fn(device)
     saved = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync)
+        _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync, compile_too, reps)
     finally:
         torch.set_num_threads(saved)
 
 
-def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync):
+def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sync, compile_too, reps):
     for name in presets:
         torch.manual_seed(0)
         model = MiniMind(PRESETS[name]).to(device).eval()
@@ -582,12 +637,12 @@ def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sy
             lens = [prompt_len - (prompt_len // 2) * b // max(B - 1, 1) for b in range(B)]
             prompts = [torch.randint(3, model.config.vocab_size, (n,)).tolist() for n in lens]
             idx, pad = left_pad(prompts, device=device)
-            model.generate(idx, 2, temperature=0, pad=pad)  # warm-up
-            sync()
-            t0 = time.perf_counter()
-            model.generate(idx, new_tokens, temperature=0, pad=pad)
-            sync()
-            kv = B * new_tokens / (time.perf_counter() - t0)
+            variants = {"kv": False, "compiled": True} if compile_too else {"kv": False}
+            for compiled in variants.values():  # warm-up (and compile)
+                model.generate(idx, 2, temperature=0, pad=pad, compiled=compiled)
+            rates = timed_rates({k: lambda c=c: B * (model.generate(idx, new_tokens, temperature=0, pad=pad,
+                                                                     compiled=c).shape[1] - idx.shape[1])
+                                 for k, c in variants.items()}, reps, sync)
             idx = torch.tensor([p[:min(lens)] for p in prompts], device=device)  # naive: equal lengths, no pads
             _naive_decode(model, idx, 1)
             sync()
@@ -595,9 +650,14 @@ def _bench_decode(device, rows, presets, batch_sizes, prompt_len, new_tokens, sy
             _naive_decode(model, idx, new_tokens)
             sync()
             naive = B * new_tokens / (time.perf_counter() - t0)
-            rows.append({"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                         "kv_tok_s": round(kv, 1), "naive_tok_s": round(naive, 1), "speedup": round(kv / naive, 2),
-                         "threads": torch.get_num_threads()})
+            row = {"model": name, "batch": B, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                   "kv_tok_s": round(rates["kv"][0], 1), "naive_tok_s": round(naive, 1),
+                   "speedup": round(rates["kv"][0] / naive, 2), "threads": torch.get_num_threads()}
+            if compile_too:
+                row["compiled_tok_s"] = round(rates["compiled"][0], 1)
+                row["compiled_cpu_tok_s"] = round(rates["compiled"][1], 1)
+            row["kv_cpu_tok_s"] = round(rates["kv"][1], 1)
+            rows.append(row)
         del model
 
 
@@ -725,11 +785,19 @@ def main(argv=None):
     if "optim" in sections:
         bench_optim(device, out, models, args.seq_len, args.steps)
     if "decode" in sections:
-        bench_decode_limit(device, out, models)
-        bench_decode(device, out, presets=[m for m in ("tiny", "minimind-3") if m in models] or models[:1])
+        out["decode_load"] = [os.getloadavg()[0]]
+        bench_decode_limit(device, out, models, compile_too=not args.no_compile)
+        bench_decode(device, out, presets=[m for m in ("tiny", "minimind-3") if m in models] or models[:1],
+                     compile_too=not args.no_compile)
+        out["decode_load"].append(os.getloadavg()[0])
         for r in out["decode"]:
-            print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s vs naive "
-                  f"{r['naive_tok_s']:8.1f} tok/s ({r['speedup']:.1f}x)")
+            one = next((s for s in out["decode"] if s["model"] == r["model"] and s["batch"] == 1), r)
+            compiled = (f" | compiled {r['compiled_tok_s']:8.1f} tok/s, {r['compiled_tok_s'] / r['kv_tok_s']:.2f}x "
+                        f"eager, {r['compiled_tok_s'] / one['compiled_tok_s']:.1f}x batch 1") if "compiled_tok_s" in r else ""
+            print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s "
+                  f"({r['kv_tok_s'] / one['kv_tok_s']:.1f}x batch 1) vs naive {r['naive_tok_s']:8.1f} tok/s "
+                  f"({r['speedup']:.1f}x){compiled}")
+        print(f"decode: load average {out['decode_load'][0]:.1f} before, {out['decode_load'][1]:.1f} after")
     if "server" in sections:
         bench_server(device, out)
         s = out["server"]

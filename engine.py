@@ -12,6 +12,10 @@ A request is prefilled alone, its keys/values join the shared left-padded KV cac
 request leaves at once (`KVCache.keep`). Sampling is `minimind.Sampler`: settings and random
 generators are per row, so a request's tokens do not depend on what else is in the batch.
 
+With `compile=True` each decode step is `MiniMind.decode_step` under torch.compile (the batch size
+and cache length are dynamic: one graph for one row, one for more, compiled in the engine thread
+before the first request is served); the tokens are the same as without.
+
 A request that cannot be served fails alone: bad prompt ids or settings are refused before it joins,
 and a row whose logits stop being finite gets an error and leaves while the others go on. Only a
 failure of the batched forward pass itself (e.g. out of memory) ends every active request.
@@ -61,8 +65,8 @@ class Engine:
     left-padded, a longer one shifts the batch right, and when rows leave, columns that are padding
     for every remaining row are dropped (see KVCache.admit and KVCache.keep)."""
 
-    def __init__(self, model, eos_id: int, max_batch: int = 8, max_queue: int = 64):
-        self.model, self.eos_id = model, eos_id
+    def __init__(self, model, eos_id: int, max_batch: int = 8, max_queue: int = 64, compile: bool = False):
+        self.model, self.eos_id, self.compile = model, eos_id, compile
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.embed.weight.device
         self.vocab = model.config.vocab_size
@@ -105,6 +109,8 @@ class Engine:
 
     # --- engine thread
     def _loop(self):
+        if self.compile:
+            self._warm_up()
         while not self._stop.is_set():
             self._run_calls()
             try:
@@ -128,6 +134,20 @@ class Engine:
                     fut.set_result(fn())
                 except Exception as e:  # the caller's failure, not the engine's
                     fut.set_exception(e)
+
+    @torch.no_grad()
+    def _warm_up(self):
+        """Compile the decode step for several rows and for one (a few tokens each) before serving;
+        if that fails, say why and decode eagerly."""
+        try:
+            for rows in (2, 1):
+                idx = torch.full((rows, 1), self.eos_id, dtype=torch.long, device=self.device)
+                for _ in self.model.generate_stream(idx, 3, temperature=0, compiled=True):
+                    pass
+        except Exception as e:
+            print(f"engine: compiling the decode step failed, decoding eagerly ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            self.compile = False
 
     def _reset(self):
         self.rows = []
@@ -220,5 +240,4 @@ class Engine:
             keep.append(i)
         self._keep(keep)
         if self.rows:
-            logits, _ = self.model(nxt[keep][:, None], cache=self.cache)  # (B, 1, V)
-            self.logits = logits[:, -1].float()
+            self.logits = self.model.step(nxt[keep], self.cache, compiled=self.compile).float()  # (B, V)

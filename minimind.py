@@ -15,6 +15,10 @@ Architecture choices (all presets):
   shared experts (DeepSeek), load-balance aux loss
 - tied input embedding and output head, vocabulary 6400
 - a preallocated KV cache for decoding (written in place, never grown by torch.cat)
+- a compiled decode step (`decode_step`, gpt-fast's approach): one token per row with shapes that
+  do not change from step to step (attention over a window of the whole cache, masked; the slot
+  written given as a tensor), under torch.compile: inductor's C++ on CPU, CUDA graphs on GPU; the
+  prefill stays eager, and so does decoding unless asked (`compiled=True`, `--compile`)
 - one sampler for every row of a batch (SamplingParams, Sampler): temperature, top-k, top-p,
   repetition/frequency/presence penalties, a seeded generator per row; used by generate, sample.py,
   engine.py (serve.py) alike
@@ -112,6 +116,25 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (no bias here) with a faster decoding step on CPU: when torch.compile traces it for at
+    most DECODE_ROWS rows, y = x @ W^T becomes a multiply-and-sum over W's rows, which inductor turns
+    into one vectorised pass over the weight with every row of x reused from L1. At these sizes the
+    extern sgemm copies (packs) the weight before reading it: 2x the memory traffic, and a per-token
+    step is nothing but weight reads (bench.py decode: 1.5-2.5x faster per matmul, one thread).
+    Eager calls, training and CUDA (cuBLAS's gemv streams well) use F.linear."""
+    DECODE_ROWS = 8
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if torch.compiler.is_compiling() and x.device.type == "cpu" and rows <= self.DECODE_ROWS:
+            w = self.weight  # (O, I)
+            y = (x.reshape(rows, 1, -1) * w[None]).sum(-1)  # (N, O)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], w.shape[0])
+        return F.linear(x, self.weight, self.bias)
+
+
 def yarn_inv_freq(head_dim: int, theta: float, scaling: dict):
     """YaRN (Peng et al. 2023) frequencies and attention factor, as transformers computes them:
     high frequencies are kept, low ones are interpolated by `factor`, a linear ramp in between."""
@@ -147,6 +170,16 @@ def rope_cache(cfg: ModelConfig, seq_len: int):
     return emb.cos() * attn_factor, emb.sin() * attn_factor
 
 
+WINDOW = 128  # the compiled decode step attends to the smallest multiple of WINDOW slots holding every filled one
+
+
+def cache_slots(max_len: int) -> int:
+    """Slots a KV cache allocates for `max_len` positions: rounded up to a multiple of WINDOW, plus
+    one, so that no decode window (a multiple of WINDOW) ever has the buffer's length. torch.compile
+    gives equal sizes one symbol (duck shaping) and would recompile when they part."""
+    return -(-max_len // WINDOW) * WINDOW + 1
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of every layer, written in place as decoding advances.
 
@@ -154,20 +187,44 @@ class KVCache(nn.Module):
     those slots are never attended to and positions of a row start after its padding.
 
     Continuous batching changes the rows between decode steps: `admit` adds a row prefilled alone,
-    `keep` drops rows. Both reallocate (only then, never per token) with `room` free positions."""
+    `keep` drops rows. Both reallocate (only then, never per token) with `room` free positions.
+
+    The buffers hold `cache_slots(max_len)` slots, a few more than max_len positions. The compiled
+    decode step (MiniMind.step) writes slot `at`, a device tensor, then `advance`s."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype, pad=None):
         super().__init__()
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)  # (L, B, Hk, Tmax, D)
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cache_slots(max_len), cfg.head_dim)  # (L, B, Hk, S, D)
         self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.pad = pad.to(device) if pad is not None else None
+        self.pad = pad.to(device, copy=True) if pad is not None else None  # its own tensor, not a view
+        self._no_pad = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.max_len = max_len
         self.len = 0  # filled positions, a Python int: decoding is host-driven anyway
+        self._at, self._at_len = None, None  # `at`, and the len it holds
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
+
+    @property
+    def pads(self):
+        """(B,) padding slots of each row (zeros when there is no padding)."""
+        return self.pad if self.pad is not None else self._no_pad
+
+    @property
+    def at(self):
+        """(1,) int64 on the cache's device: the slot the next token goes to (= len), kept there
+        across steps so that a step copies nothing from the host."""
+        if self._at is None or self._at_len != self.len:
+            self._at, self._at_len = torch.tensor([self.len], device=self.k.device), self.len
+        return self._at
+
+    def advance(self):
+        """One position was written at `at` (by MiniMind.decode_step)."""
+        self.at.add_(1)
+        self.len += 1
+        self._at_len = self.len
 
     def update(self, layer: int, k, v):
         # k, v: (B, Hk, T, D) for the T new positions; returns all keys/values so far
@@ -179,17 +236,14 @@ class KVCache(nn.Module):
         end = self.len + T
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def _pads(self):
-        return self.pad if self.pad is not None else torch.zeros(self.batch_size, dtype=torch.long,
-                                                                  device=self.k.device)
-
     def _replace(self, batch_size: int, length: int, room: int, pad, fill):
-        """Swap in new (L, batch_size, Hk, length + room, D) buffers that `fill(new, name)` copies
-        into ("k", then "v"); nothing changes when an allocation or a copy fails."""
+        """Swap in new buffers of length + room positions that `fill(new, name)` copies into ("k",
+        then "v"); nothing changes when an allocation or a copy fails."""
         L, _, Hk, _, D = self.k.shape
         new = {}
         for name in ("k", "v"):
-            new[name] = torch.zeros(L, batch_size, Hk, length + room, D, device=self.k.device, dtype=self.k.dtype)
+            new[name] = torch.zeros(L, batch_size, Hk, cache_slots(length + room), D, device=self.k.device,
+                                    dtype=self.k.dtype)
             fill(new[name], name)
         self.k, self.v, self.pad, self.len, self.max_len = new["k"], new["v"], pad, length, length + room
 
@@ -199,7 +253,7 @@ class KVCache(nn.Module):
         batch right. Positions are pad-relative, so every row's keys keep their positions."""
         B, L, P = self.batch_size, self.len, row.len
         n = max(L, P)
-        pad = torch.cat([self._pads() + (n - L), torch.tensor([n - P], device=self.k.device)])
+        pad = torch.cat([self.pads + (n - L), torch.tensor([n - P], device=self.k.device)])
 
         def fill(new, name):  # new: (L, B + 1, Hk, n + room, D)
             new[:, :B, :, n - L:n] = getattr(self, name)[:, :, :, :L]
@@ -210,7 +264,7 @@ class KVCache(nn.Module):
         """Keep only `rows` (indices, in their order), dropping the leading columns that are padding
         for every row kept, so the shared length stays the longest kept row's own length."""
         ix = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        pad = self._pads()[ix]
+        pad = self.pads[ix]
         trim = int(pad.min()) if rows else self.len
         n = self.len - trim
 
@@ -222,15 +276,70 @@ class KVCache(nn.Module):
 # -----------------------------------------------------------------------------
 # attention, feed-forward, mixture of experts
 
+class StaticKV:
+    """The KV cache as `MiniMind.decode_step` sees it: the whole (L, B, Hk, S, D) key and value
+    buffers, the slot `at` ((1,) int64 tensor) this step writes and the window of slots attention
+    reads. `update` writes in place and returns the window, filled or not (the step's mask hides the
+    rest), so that no shape depends on how full the cache is. It writes with index_put_ into the
+    buffer itself: torch.compile keeps that in place, where a write into a view of the buffer (one
+    layer) is functionalised into a copy of the whole layer, every step."""
+
+    def __init__(self, k, v, at, window: int):
+        self.k, self.v, self.at, self.window = k, v, at, window
+
+    def update(self, layer: int, k, v):
+        # k, v: (B, Hk, 1, D) -> the layer's keys/values in the window's slots, (B, Hk, W, D)
+        layer_ix = torch.tensor([layer], device=self.at.device)
+        self.k[layer_ix, :, :, self.at] = k[:, :, 0][None]  # index_put_ into the buffer
+        self.v[layer_ix, :, :, self.at] = v[:, :, 0][None]
+        return self.k[layer, :, :, :self.window], self.v[layer, :, :, :self.window]
+
+
+_COMPILED = {}
+
+
+def compiled_decode_step(device_type: str):
+    """MiniMind.decode_step under torch.compile, one per device type for every model (dynamo
+    recompiles only for a new configuration or shape): inductor's C++/OpenMP code on CPU; on CUDA
+    with CUDA graphs (mode="reduce-overhead", as gpt-fast does), so a step is one graph launch."""
+    if device_type not in _COMPILED:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(MiniMind.decode_step, mode=mode, fullgraph=True)
+    return _COMPILED[device_type]
+
+
+def padded_attention(key_pos, query_pos, pad):
+    """Attention mask (B, 1, Tq, Tk) and rope positions (B, Tq) of left-padded rows: row b's first
+    pad[b] slots are padding. key_pos (Tk,), query_pos (Tq,): slots on the cache's time axis.
+
+    Causal; padding keys are never attended to; a padding query attends to itself only, so that its
+    (unused) output stays finite instead of a softmax over nothing. Positions start after the padding."""
+    keys, queries, pad = key_pos[None, None, :], query_pos[None, :, None], pad[:, None, None]
+    mask = ((keys <= queries) & (keys >= pad)) | (keys == queries)  # (B, Tq, Tk)
+    return mask[:, None], (query_pos[None, :] - pad[:, :, 0]).clamp(min=0)
+
+
+def decode_attention(q, k, v, mask):
+    """SDPA for one query per row, spelt out: q (B, Hq, 1, D), k, v (B, Hk, W, D), mask (B, 1, 1, W)."""
+    B, Hq, _, D = q.shape
+    Hk, W = k.shape[1], k.shape[2]
+    qg = q.reshape(B, Hk, Hq // Hk, 1, D)  # (B, Hk, G, 1, D): the query heads sharing each kv head
+    s = (qg * k[:, :, None]).sum(-1) * D ** -0.5  # (B, Hk, G, W)
+    s = s.masked_fill(~mask.reshape(B, 1, 1, W), float("-inf"))
+    p = s.softmax(-1)
+    y = (p[..., None] * v[:, :, None]).sum(-2)  # (B, Hk, G, D)
+    return y.reshape(B, Hq, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
@@ -248,8 +357,11 @@ class Attention(nn.Module):
         # causal without a mask: SDPA aligns the causal triangle to the top-left, so with a cache
         # (T_past > 0) the caller passes an explicit mask unless T == 1 (attend to everything)
         is_causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        if isinstance(cache, StaticKV) and x.device.type == "cpu" and torch.compiler.is_compiling():
+            y = decode_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq*D)
         return self.wo(y)
 
@@ -259,9 +371,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(dim, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, dim, bias=False)  # down
+        self.w1 = Linear(dim, hidden, bias=False)  # gate
+        self.w3 = Linear(dim, hidden, bias=False)  # up
+        self.w2 = Linear(hidden, dim, bias=False)  # down
 
     def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -326,7 +438,7 @@ class MiniMind(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
         self.rope_len = 0
         self._grow_rope(4096)
@@ -385,14 +497,7 @@ class MiniMind(nn.Module):
         mask = None  # None: plain causal attention (or, for one new token, attend to all)
         if cache is not None and cache.pad is not None:
             key_pos = torch.arange(start + T, device=idx.device)  # (Tk,)
-            query_pos = key_pos[start:]  # (T,)
-            pad = cache.pad[:, None, None]  # (B, 1, 1)
-            causal = key_pos[None, None, :] <= query_pos[None, :, None]  # (1, T, Tk)
-            # padding keys are never attended to; a padding query attends to itself only, so that
-            # its (unused) output stays finite instead of a softmax over nothing
-            mask = (causal & (key_pos[None, None, :] >= pad)) | (key_pos[None, None, :] == query_pos[None, :, None])
-            mask = mask[:, None]  # (B, 1, T, Tk)
-            pos = (query_pos[None, :] - cache.pad[:, None]).clamp(min=0)  # (B, T)
+            mask, pos = padded_attention(key_pos, key_pos[start:], cache.pad)  # (B, 1, T, Tk), (B, T)
         elif cache is not None and start > 0 and T > 1:
             key_pos = torch.arange(start + T, device=idx.device)
             mask = key_pos[None, :] <= key_pos[start:, None]  # (T, Tk) causal, offset by the past
@@ -430,16 +535,55 @@ class MiniMind(nn.Module):
         p = self.embed.weight
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype, pad)
 
+    def decode_step(self, tokens, k, v, pad, at, key_pos):
+        """Logits (B, V) of the next token of every row after `tokens` (B,): the graph that
+        torch.compile captures. k, v: a KVCache's (L, B, Hk, S, D) buffers, this step's keys and
+        values written at slot `at` ((1,) int64); pad (B,): each row's padding slots; key_pos (W,) =
+        0..W-1: the slots attention reads, W > at, the unfilled ones masked."""
+        mask, pos = padded_attention(key_pos, at, pad)  # (B, 1, 1, W), (B, 1)
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, 1, D)
+        x = self.embed(tokens[:, None])  # (B, 1, C)
+        kv = StaticKV(k, v, at, key_pos.shape[0])
+        for block in self.layers:
+            x = block(x, cos, sin, mask, kv)
+        return self.lm_head(self.norm(x))[:, 0]  # (B, V)
+
+    @torch.no_grad()
+    def step(self, tokens, cache: KVCache, compiled: bool = False):
+        """Feed one token per row (B,) into `cache` (prefilled by forward) -> next-token logits (B, V).
+        compiled: through `compiled_decode_step` (torch.compile), else eager; the same tokens either way."""
+        if cache.len >= cache.max_len:
+            raise ValueError(f"KV cache full: {cache.len} + 1 > {cache.max_len} positions")
+        if cache.max_len > self.rope_len:
+            self._grow_rope(max(cache.max_len, 2 * self.rope_len))
+        if not compiled:  # eager: forward, which slices the cache to its filled length
+            logits, _ = self(tokens[:, None], cache=cache)
+            return logits[:, -1]
+        key_pos = torch.arange((cache.len // WINDOW + 1) * WINDOW, device=tokens.device)  # the window, > len
+        # what changes between steps or requests is dynamic, so that it compiles once: batch, window,
+        # cache length (batch 1 gets a graph of its own: torch.compile specialises sizes 0 and 1)
+        for t in (tokens, cache.pads, key_pos):
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for t in (cache.k, cache.v):
+            torch._dynamo.maybe_mark_dynamic(t, [1, 3])
+            if t.is_cuda:  # a CUDA graph writes it in place, at its address: re-recorded, not recompiled,
+                torch._dynamo.mark_static_address(t)  # when the engine reallocates the cache
+        logits = compiled_decode_step(tokens.device.type)(self, tokens, cache.k, cache.v, cache.pads, cache.at,
+                                                          key_pos)
+        cache.advance()
+        return logits
+
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens: int, params=None, eos_id: Optional[int] = None, pad=None,
-                        **sampling):
+                        compiled: bool = False, **sampling):
         """Yield the next token of every row, (B,) int64, for up to `max_new_tokens` steps.
 
         idx: (B, T) prompts, left-padded when their lengths differ (`left_pad`), `pad` (B,) giving
         each row's number of padding tokens. params: a SamplingParams per row, or one for every row
         (then row i of a seeded batch draws from seed + i), or None: SamplingParams(**sampling),
         e.g. temperature=0 for greedy. Rows that produced `eos_id` keep yielding `eos_id`; the
-        stream ends when every row has (or after max_new_tokens)."""
+        stream ends when every row has (or after max_new_tokens). compiled: every step after the
+        prefill through torch.compile (`step`): the same tokens, each faster, after a one-off compile."""
         B, T = idx.shape
         if params is None:
             params = SamplingParams(**sampling)
@@ -449,9 +593,9 @@ class MiniMind(nn.Module):
         sampler.add(params, idx, pad)
         cache = self.new_cache(B, T + max_new_tokens, pad)
         done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        logits, _ = self(idx, cache=cache)
+        logits = self(idx, cache=cache)[0][:, -1]  # (B, V): the prefill, eager
         for _ in range(max_new_tokens):
-            nxt = sampler.sample(logits[:, -1])  # (B,), -1 where a row's logits are not finite
+            nxt = sampler.sample(logits)  # (B,), -1 where a row's logits are not finite
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 done = done | (nxt == eos_id)
@@ -462,7 +606,7 @@ class MiniMind(nn.Module):
             yield nxt
             if finished:
                 return
-            logits, _ = self(nxt[:, None], cache=cache)
+            logits = self.step(nxt, cache, compiled)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, **kw):

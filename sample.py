@@ -43,13 +43,16 @@ from tokenizer import ReplyParser, TokenDecoder
 # generation: thin wrappers over MiniMind.generate_stream (sampling settings as in SamplingParams)
 
 @torch.no_grad()
-def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] = None, params=None, **sampling):
+def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] = None, params=None,
+                  compiled: bool = False, **sampling):
     """Yield the generated token ids of one prompt, stopping after `eos_id` (which is yielded).
-    params: a SamplingParams, or None for SamplingParams(**sampling), e.g. temperature=0."""
+    params: a SamplingParams, or None for SamplingParams(**sampling), e.g. temperature=0.
+    compiled: decode steps through torch.compile (MiniMind.step), the same tokens."""
     if max_new_tokens <= 0:
         return
     idx, pad = left_pad([ids], device=model.embed.weight.device)  # the batch path: the same alone or batched
-    for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad, **sampling):
+    for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad, compiled=compiled,
+                                     **sampling):
         t = int(nxt[0])
         yield t
         if t == eos_id:
@@ -58,7 +61,7 @@ def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] =
 
 @torch.no_grad()
 def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[int] = None, pad_id: int = 0,
-                   params=None, **sampling) -> list:
+                   params=None, compiled: bool = False, **sampling) -> list:
     """Decode several prompts (lists of ids, any lengths) as one left-padded batch.
     Returns the generated ids of each prompt, cut before its first `eos_id`. With a seed, prompt i
     draws from seed + i (as it would alone with that seed)."""
@@ -66,7 +69,7 @@ def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[i
         return [[] for _ in prompts]
     idx, pad = left_pad(prompts, pad_id, device=model.embed.weight.device)  # (B, T), (B,)
     steps = [nxt.tolist() for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad,
-                                                           **sampling)]
+                                                           compiled=compiled, **sampling)]
     out = []
     for b in range(len(prompts)):
         row = [s[b] for s in steps]
@@ -119,7 +122,8 @@ def run_prompts(model, tok, args, context: int):
               file=sys.stderr)
     if len(prompts) > 1:  # a batch: results printed when all are done
         t0 = time.time()
-        outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, params=params)
+        outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, params=params,
+                              compiled=args.compile)
         dt = time.time() - t0
         for i, (p, o) in enumerate(zip(args.prompt, outs)):
             shown = p + " -> " if args.chat_model and not args.raw else p
@@ -131,7 +135,7 @@ def run_prompts(model, tok, args, context: int):
     if not args.chat_model or args.raw:
         print(args.prompt[0], end="", flush=True)
     n, t0 = 0, time.time()
-    for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, params=params):
+    for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, params=params, compiled=args.compile):
         n += 1
         print(dec.feed(t), end="", flush=True)
     print(dec.flush())
@@ -173,7 +177,7 @@ def run_chat(model, tok, args, context: int):
             continue
         dec, parser, show, n, t0 = TokenDecoder(tok), ReplyParser(thinking), ReplyDisplay(), 0, time.time()
         try:
-            for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, params=params):
+            for t in stream_tokens(model, ids, max_new, eos_id=tok.eos_id, params=params, compiled=args.compile):
                 n += 1
                 if t == tok.eos_id:
                     break
@@ -246,6 +250,11 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None,
                    help="random seed: the same seed gives the same sample here and from serve.py "
                         "(prompt i of a batch uses seed + i); default: a fresh one each run")
+    # speed
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: the same tokens, each step faster (CPU: 1.5-3x at batch 1), "
+                        "after a compile of ~10-60 s that pays for itself only after thousands of tokens "
+                        "(BENCHMARKS.md, decode)")
     return p
 
 

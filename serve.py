@@ -939,6 +939,9 @@ def build_parser():
     p.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     p.add_argument("--shutdown-after", type=float, default=0, help="stop after this many seconds (tests); 0 = never")
     p.add_argument("--quiet", action="store_true", help="no per-request log lines")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: the same tokens, faster steps, compiled before serving "
+                        "(~10-60 s on a CPU; BENCHMARKS.md, decode)")
     return p
 
 
@@ -950,7 +953,7 @@ def main(argv=None):
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
     sock = listen(args.host, args.port, args.backlog)  # before the model loads: a busy port fails at once
     model, tok, device, context = load_from_args(args)
-    engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue).start()
+    engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue, compile=args.compile).start()
     app = make_app(engine, tok, args.model_name, context, args.api_key, args.max_tokens, not args.no_ui,
                    tuple(args.cors), args.max_body, args.read_timeout)
     config = uvicorn.Config(app, http=type("H11", (H11,), {"header_timeout": args.read_timeout}),

@@ -44,7 +44,7 @@ def test_kv_cache_decoding_matches_full_forward(extra):
     for got, t in zip(outs, [8, 9, 10, 11, 12, 16]):
         torch.testing.assert_close(got, full[:, t], atol=1e-5, rtol=1e-5)
     # the cache is preallocated and written in place
-    assert cache.k.shape[3] == 32 and cache.len == 17
+    assert cache.max_len == 32 and cache.len == 17
 
 
 def test_kv_cache_overflow_is_an_error():

@@ -220,7 +220,8 @@ def test_bad_sampling_flag_is_one_line(random_ckpt, flag, value):
 
 def test_bench_decode_reports_rates():
     out = {}
-    bench_decode("cpu", out, presets=("tiny",), batch_sizes=(1, 3), prompt_len=8, new_tokens=4, threads=1)
+    bench_decode("cpu", out, presets=("tiny",), batch_sizes=(1, 3), prompt_len=8, new_tokens=4, threads=1,
+                 compile_too=False, reps=1)
     rows = out["decode"]
     assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 3)]
     assert all(r["kv_tok_s"] > 0 and r["naive_tok_s"] > 0 and r["speedup"] > 0 for r in rows)
