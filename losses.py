@@ -147,10 +147,11 @@ class PolicyGradient:
         for name, values in parts.items():
             metrics[f"reward_{name}"] = values.mean()
             metrics[f"reward_{name}_std"] = values.std(unbiased=False)
-        metrics["response_len"] = ro.mask.sum(1).mean().cpu()
+        metrics = {k: v.to(self.device) for k, v in metrics.items()}  # the rewards are computed on the CPU
+        metrics["response_len"] = ro.mask.sum(1).mean()
         if self.tools is not None:
-            metrics["tool_calls"] = ro.tool_calls.mean().cpu()
-        return ro, total.to(self.device), {k: v.to(self.device) for k, v in metrics.items()}
+            metrics["tool_calls"] = ro.tool_calls.mean()
+        return ro, total.to(self.device), metrics
 
     @torch.no_grad()
     def rollout_for(self, batch) -> dict:

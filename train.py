@@ -323,6 +323,8 @@ def resolve_args(args, argv):
         args.ppo_minibatches = 2 if args.mode == "ppo" else 1
     if args.reward is None:
         args.reward = "exact" + (" tool:0.5" if args.tools is not None else "")
+    if args.mode == "grpo" and args.num_generations < 2:
+        fail("--num-generations must be at least 2 for grpo: advantages are relative to the prompt's group")
     if args.mode in RL_MODES and args.ppo_minibatches > args.batch_size * args.num_generations:
         fail(f"--ppo-minibatches {args.ppo_minibatches}: more than the {args.batch_size * args.num_generations} "
              "episodes of a micro-batch (--batch-size x --num-generations)")

@@ -190,6 +190,18 @@ def test_a_policy_step_moves_probability_toward_the_better_episodes(tok, tokeniz
     assert m2["reward"] == metrics["reward"] and m2["kl"] > 0
 
 
+def test_on_policy_grpo_and_cispo_have_the_same_gradient(tok, tokenizer_dir, rl_dir, one_thread):
+    """One update per rollout: ratio 1, nothing clipped, both gradients are -A * grad log pi."""
+    grads = []
+    for loss_type in ("grpo", "cispo"):
+        model = small_model(tok, seed=4)
+        objective = PolicyGradient(model, rl_args(tokenizer_dir, loss_type=loss_type), ppo=False)
+        loss, _ = objective(model, PromptData(rl_dir, 128, seed=0).batch("train", 1, 0, 3, "cpu"))
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
 def test_ppo_gae_wiring(tok, tokenizer_dir, rl_dir, one_thread):
     model = small_model(tok, seed=3)
     args = rl_args(tokenizer_dir, mode="ppo", gamma=0.9, lam=0.8, ppo_epochs=2, ppo_minibatches=3)
