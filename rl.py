@@ -1,7 +1,9 @@
-"""Reinforcement learning pieces for minimind: GRPO / CISPO / PPO losses, rewards, a tool sandbox and
-a generator of verifiable tasks. Pure functions and small classes; the training loop lives elsewhere.
+"""Reinforcement learning pieces for minimind: GRPO / CISPO / PPO losses, rewards, a tool sandbox, a
+generator of verifiable tasks, and rollouts on the model's own batched decoder. Pure functions and small
+classes; the training loop lives elsewhere (train.py --mode=grpo|ppo, the objective in losses.py).
 
     import rl
+    ro = rl.rollout(model, tok, prompt_ids, 256, generator=g, tools=rl.TOOLS, max_turns=3)  # episodes
     adv = rl.group_advantages(rewards, G)                       # (P*G,)
     logp = rl.completion_logprobs(model, prompt, completion, mask, pad)  # (B, T) fp32
     loss, metrics = rl.grpo_loss(logp, old_logp, adv, mask, ref_logp=ref_logp, beta=0.1)
@@ -38,6 +40,7 @@ import operator
 import random
 import re
 import unicodedata
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -632,7 +635,9 @@ def calculator(expression: str) -> str:
         raise ToolError(f"expression too long (at most {MAX_EXPR_LEN} characters)")
     expr = (_normalize(expression).replace("×", "*").replace("÷", "/").replace("^", "**"))
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        with warnings.catch_warnings():  # "3d4" from a sampled call: a SyntaxWarning on stderr, then the error
+            warnings.simplefilter("ignore")
+            tree = ast.parse(expr.strip(), mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         raise ToolError("not an arithmetic expression") from None
     try:

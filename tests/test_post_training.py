@@ -338,8 +338,8 @@ def test_rl_resume_equals_an_uninterrupted_run(mode, sft_ckpt, rl_dir, tmp_path)
         va = torch.load(resolve_checkpoint(out) / "optim.pt", weights_only=True)["module"]
         vb = torch.load(resolve_checkpoint(ref) / "optim.pt", weights_only=True)["module"]
         assert all(torch.equal(va[k], vb[k]) for k in va) and vb["weight"].abs().sum() > 0
-        first_step = next(r for r in log if "loss" in r)  # log[0] is the evaluation at step 0
-        assert all(r["updates"] >= 1 for r in log if "updates" in r) and "value_loss" in first_step
+        train_log = [r for r in log if "loss" in r]
+        assert all(1 <= r["updates"] <= 4 for r in train_log) and all("value_loss" in r for r in train_log)
     state = json.loads((resolve_checkpoint(out) / "state.json").read_text())
     assert state["kind"] == mode and state["args"]["init_from"] == str(sft_ckpt)
     # the checkpoint is a plain model: the value head stays in optim.pt
@@ -367,8 +367,8 @@ def test_agentic_grpo_and_cispo_run(sft_ckpt, tmp_path):
          "--out", out, *RL[:-2], "--max-iters", "2", "--eval-interval", "2", "--save-interval", "2", "--seq-len", "512"],
         env=ONE_THREAD)
     log = read_log(out)
-    first_step = next(r for r in log if "loss" in r)  # log[0] is the evaluation at step 0
-    assert {"tool_calls", "reward_tool", "reward_exact"} <= set(first_step) and "val_reward_tool" in log[-1]
+    assert log[0]["step"] == 0 and "val_reward_tool" in log[0]  # RL runs evaluate their start point
+    assert {"tool_calls", "reward_tool", "reward_exact"} <= set(log[1]) and "val_reward_tool" in log[-1]
     state = json.loads((resolve_checkpoint(out) / "state.json").read_text())
     assert state["args"]["reward"] == "exact tool:0.5" and state["args"]["tools"] == "all"
     # a reward function of one's own, module:function, importable from the run's sys.path
@@ -376,7 +376,17 @@ def test_agentic_grpo_and_cispo_run(sft_ckpt, tmp_path):
     run(["train.py", "--mode", "grpo", "--tools", "calculator", "--init-from", sft_ckpt, "--data", data, "--out", out,
          *RL[:-2], "--reward", "test_post_training:toy_reward", "--max-iters", "1", "--eval-iters", "1",
          "--seq-len", "512"], env={**ONE_THREAD, "PYTHONPATH": str(ROOT / "tests")})
-    assert "reward_test_post_training:toy_reward" in next(r for r in read_log(out) if "loss" in r)
+    assert "reward_test_post_training:toy_reward" in read_log(out)[1]
+
+
+def test_grpo_with_lora_trains_adapters_against_the_base(sft_ckpt, rl_dir, tmp_path):
+    out = tmp_path / "lora"
+    run(["train.py", "--mode", "ppo", "--lora-rank", "4", "--init-from", sft_ckpt, "--data", rl_dir, "--out", out,
+         *RL, "--max-iters", "3", "--eval-interval", "3", "--save-interval", "3", "--lr", "1e-2"], env=ONE_THREAD)
+    ckpt = resolve_checkpoint(out)
+    assert (ckpt / "adapter.safetensors").exists() and not (ckpt / "model.safetensors").exists()
+    assert read_log(out)[-2]["kl"] > 0  # the reference is the base: the adapters switched off
+    assert "module" in torch.load(ckpt / "optim.pt", weights_only=True)  # the value head rides along
 
 
 def test_distill_mode_runs_and_logs_ce_and_kl(sft_ckpt, base_ckpt, sft_dir, tmp_path):
