@@ -571,7 +571,7 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                 wall, cpu = {k: [] for k in models}, {k: [] for k in models}
                 order = list(models)
                 for r in range(steps):
-                    for label in order[r % 3:] + order[:r % 3]:
+                    for label in order[r % len(order):] + order[:r % len(order)]:
                         sync()
                         t0, c0 = time.perf_counter(), cpu_clock()
                         step(label)
@@ -754,7 +754,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (>= 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
     p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation for the model")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; moe: 1 and 2)")
+    p.add_argument("--moe-pairs", default="tiny:tiny-moe,minimind-3:minimind-3-moe",
+                   help="moe section: comma-separated dense:moe preset pairs")
     p.add_argument("--out", default="bench.json", help="results file (JSON)")
     args = p.parse_args(argv)
     sections = set(args.only.split(","))
@@ -807,7 +809,8 @@ def main(argv=None):
     if "kernels" in sections:
         bench_kernels(device, out)
     if "moe" in sections:
-        bench_moe(device, out, threads=(args.threads,) if args.threads else (1, 2))
+        pairs = [tuple(p.split(":")) for p in args.moe_pairs.split(",")]
+        bench_moe(device, out, pairs, steps=args.steps, threads=(args.threads,) if args.threads else (1, 2))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"results -> {args.out}")
