@@ -53,14 +53,14 @@ def test_cache_never_has_a_window_length():
         assert s >= n and s % WINDOW and s - 1 >= -(-n // WINDOW) * WINDOW
 
 
-@pytest.mark.parametrize("cfg", [SMALL, MOE], ids=["dense", "moe"])
-def test_compiled_greedy_equals_eager(cfg):
-    """Token for token: a left-padded batch and one prompt, long enough to cross a window; then other
-    batch sizes and cache lengths reuse the two graphs (one row, several) without recompiling."""
+@pytest.mark.parametrize("cfg,batches", [(SMALL, (3, 1)), (MOE, (3,))], ids=["dense", "moe"])
+def test_compiled_greedy_equals_eager(cfg, batches):
+    """Token for token: a left-padded batch (and one prompt), long enough to cross a window; then another
+    batch size, cache length and padding reuse the graph (one for several rows) without recompiling."""
     m = model(cfg)
     idx, pad = left_pad(prompts((7, 19, 12)))
     n = WINDOW + 10 - idx.shape[1]
-    for rows in (3, 1):
+    for rows in batches:
         eager = m.generate(idx[-rows:], n, temperature=0, pad=pad[-rows:])
         compiled = m.generate(idx[-rows:], n, temperature=0, pad=pad[-rows:], compiled=True)
         assert torch.equal(compiled, eager), f"{rows} rows"
