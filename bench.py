@@ -223,15 +223,16 @@ def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=T
         for k, (tps, cpu_tps) in rates.items():
             row[f"{k}_tok_s"], row[f"{k}_cpu_tok_s"] = round(tps, 1), round(cpu_tps, 1)
             row[f"{k}_fraction"] = round(tps / limit, 3)
-        line = f"decode {name:16s} batch 1: eager {rates['eager'][0]:7.1f} tok/s ({100 * rates['eager'][0] / limit:.0f}%)"
+        e = rates["eager"][0]
+        line = f"decode {name:16s} batch 1: eager {e:7.1f} tok/s ({100 * e / limit:.0f}%)"
         if compile_too:
-            e, c = rates["eager"][0], rates["compiled"][0]
+            c = rates["compiled"][0]
             saved = 1 / e - 1 / c  # seconds per token
             row["break_even_tokens_cold"] = round(row["compile_cold_s"] / saved) if saved > 0 else None
             row["break_even_tokens_warm"] = round(row["compile_warm_s"] / saved) if saved > 0 else None
-            line += (f" | compiled {c:7.1f} tok/s ({100 * c / limit:.0f}%), {c / e:.2f}x; compile {row['compile_cold_s']}"
-                     f" s cold / {row['compile_warm_s']} s warm, pays after {row['break_even_tokens_cold']} / "
-                     f"{row['break_even_tokens_warm']} tokens")
+            line += (f" | compiled {c:7.1f} tok/s ({100 * c / limit:.0f}%), {c / e:.2f}x; compile "
+                     f"{row['compile_cold_s']} s cold / {row['compile_warm_s']} s warm, pays after "
+                     f"{row['break_even_tokens_cold']} / {row['break_even_tokens_warm']} tokens")
         rows.append(row)
         print(line + f" | weight-streaming limit {limit:.1f} tok/s ({bw / 1e9:.1f} GB/s)", flush=True)
         del model
@@ -651,8 +652,9 @@ def main():
         out["decode_load"].append(os.getloadavg()[0])
         for r in out["decode"]:
             one = next((s for s in out["decode"] if s["model"] == r["model"] and s["batch"] == 1), r)
-            compiled = (f" | compiled {r['compiled_tok_s']:8.1f} tok/s, {r['compiled_tok_s'] / r['kv_tok_s']:.2f}x "
-                        f"eager, {r['compiled_tok_s'] / one['compiled_tok_s']:.1f}x batch 1") if "compiled_tok_s" in r else ""
+            compiled = "" if "compiled_tok_s" not in r else (
+                f" | compiled {r['compiled_tok_s']:8.1f} tok/s, {r['compiled_tok_s'] / r['kv_tok_s']:.2f}x eager, "
+                f"{r['compiled_tok_s'] / one['compiled_tok_s']:.1f}x batch 1")
             print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s "
                   f"({r['kv_tok_s'] / one['kv_tok_s']:.1f}x batch 1) vs naive {r['naive_tok_s']:8.1f} tok/s "
                   f"({r['speedup']:.1f}x){compiled}")

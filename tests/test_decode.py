@@ -80,14 +80,15 @@ def test_engine_compiled_equals_eager():
         engine = Engine(m, eos_id=2, max_batch=4, compile=compile)
         reqs = [GenRequest(prompt=p, max_tokens=k, params=greedy, ignore_eos=True)
                 for p, k in zip(prompts((9, 30, 3, 14), seed=3), (40, 12, 25, 6))]
-        engine.submit(reqs[0])
-        for i in range(60):  # the engine loop's body, in this thread: admit, step
-            if i in (5, 9):
-                engine.submit(reqs[1] if i == 5 else reqs[2])
-                engine.submit(reqs[3]) if i == 9 else None
+        joins = {0: reqs[:1], 5: reqs[1:2], 9: reqs[2:]}  # step -> requests submitted then
+        step = 0
+        while engine.rows or step <= max(joins):  # the engine loop's body, in this thread: admit, step
+            for r in joins.get(step, ()):
+                engine.submit(r)
             engine._admit()
             if engine.rows:
                 engine._step()
+            step += 1
         out = []
         for r in reqs:
             events = []
