@@ -161,19 +161,23 @@ def bench_optim(device, out, models, seq_len, steps):
         del model
 
 
-def timed_rates(variants: dict, reps: int, sync) -> dict:
+def timed_rates(variants: dict, reps: int, sync, probe=None):
     """Median (tokens/s, tokens per CPU-second) of each variant, name -> fn() -> tokens generated; the
     variants interleaved, rep by rep, so that a busy machine slows them alike. CPU time is this
-    process's: on a loaded machine it counts only the time the run was scheduled."""
-    runs = {k: [] for k in variants}
+    process's: on a loaded machine it counts only the time the run was scheduled. probe: a
+    measurement taken once a rep too (memory bandwidth), its median returned as well."""
+    runs, probes = {k: [] for k in variants}, []
     for _ in range(reps):
+        if probe is not None:
+            probes.append(probe())
         for k, fn in variants.items():
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             n = fn()
             sync()
             runs[k].append((n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)))
-    return {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in runs.items()}
+    rates = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in runs.items()}
+    return (rates, statistics.median(probes)) if probe is not None else rates
 
 
 @contextlib.contextmanager
@@ -193,10 +197,10 @@ def fresh_inductor_cache():
 def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=True):
     """Batch-1 KV-cache decoding against one pass over all weights per token, eager and compiled
     (MiniMind.step through torch.compile), with the compile time (cold: an empty inductor cache; warm:
-    compiled again from the cache it filled) and the tokens after which compiling has paid for itself."""
+    compiled again from the cache it filled) and the tokens after which compiling has paid for itself.
+    The limit's bandwidth is measured between the timed runs (a busy machine's bandwidth changes)."""
     rows = out.setdefault("decode_limit", [])
     sync = sync_fn(device)
-    bw = out["peak"]["bandwidth_gbs"] * 1e9
     for name in models:
         dtype = pick_dtype("auto", device)
         torch.manual_seed(0)
@@ -216,24 +220,25 @@ def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=T
                     row[f"compile_{kind}_s"] = round(time.perf_counter() - t0, 1)
             variants["compiled"] = lambda: sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0,
                                                                                 compiled=True))
-        rates = timed_rates(variants, reps, sync)
+        rates, bw = timed_rates(variants, reps, sync, probe=lambda: measure_bandwidth(device, seconds=0.3))
         weight_bytes = model.num_params(active=True) * model.embed.weight.element_size()
         limit = bw / weight_bytes
-        row["limit_tok_s"] = round(limit, 1)
+        row["bandwidth_gbs"], row["limit_tok_s"] = round(bw / 1e9, 2), round(limit, 1)
         for k, (tps, cpu_tps) in rates.items():
             row[f"{k}_tok_s"], row[f"{k}_cpu_tok_s"] = round(tps, 1), round(cpu_tps, 1)
             row[f"{k}_fraction"] = round(tps / limit, 3)
-        line = f"decode {name:16s} batch 1: eager {rates['eager'][0]:7.1f} tok/s ({100 * rates['eager'][0] / limit:.0f}%)"
+        e = rates["eager"][0]
+        line = f"decode {name:16s} batch 1: eager {e:7.1f} tok/s ({100 * e / limit:.0f}%)"
         if compile_too:
-            e, c = rates["eager"][0], rates["compiled"][0]
+            c = rates["compiled"][0]
             saved = 1 / e - 1 / c  # seconds per token
             row["break_even_tokens_cold"] = round(row["compile_cold_s"] / saved) if saved > 0 else None
             row["break_even_tokens_warm"] = round(row["compile_warm_s"] / saved) if saved > 0 else None
-            line += (f" | compiled {c:7.1f} tok/s ({100 * c / limit:.0f}%), {c / e:.2f}x; compile {row['compile_cold_s']}"
-                     f" s cold / {row['compile_warm_s']} s warm, pays after {row['break_even_tokens_cold']} / "
-                     f"{row['break_even_tokens_warm']} tokens")
+            line += (f" | compiled {c:7.1f} tok/s ({100 * c / limit:.0f}%), {c / e:.2f}x; compile "
+                     f"{row['compile_cold_s']} s cold / {row['compile_warm_s']} s warm, pays after "
+                     f"{row['break_even_tokens_cold']} / {row['break_even_tokens_warm']} tokens")
         rows.append(row)
-        print(line + f" | weight-streaming limit {limit:.1f} tok/s", flush=True)
+        print(line + f" | weight-streaming limit {limit:.1f} tok/s ({bw / 1e9:.1f} GB/s)", flush=True)
         del model
 
 
@@ -794,8 +799,9 @@ def main(argv=None):
         out["decode_load"].append(os.getloadavg()[0])
         for r in out["decode"]:
             one = next((s for s in out["decode"] if s["model"] == r["model"] and s["batch"] == 1), r)
-            compiled = (f" | compiled {r['compiled_tok_s']:8.1f} tok/s, {r['compiled_tok_s'] / r['kv_tok_s']:.2f}x "
-                        f"eager, {r['compiled_tok_s'] / one['compiled_tok_s']:.1f}x batch 1") if "compiled_tok_s" in r else ""
+            compiled = "" if "compiled_tok_s" not in r else (
+                f" | compiled {r['compiled_tok_s']:8.1f} tok/s, {r['compiled_tok_s'] / r['kv_tok_s']:.2f}x eager, "
+                f"{r['compiled_tok_s'] / one['compiled_tok_s']:.1f}x batch 1")
             print(f"decode {r['model']:16s} batch {r['batch']}: KV cache {r['kv_tok_s']:8.1f} tok/s "
                   f"({r['kv_tok_s'] / one['kv_tok_s']:.1f}x batch 1) vs naive {r['naive_tok_s']:8.1f} tok/s "
                   f"({r['speedup']:.1f}x){compiled}")

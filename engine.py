@@ -12,9 +12,9 @@ A request is prefilled alone, its keys/values join the shared left-padded KV cac
 request leaves at once (`KVCache.keep`). Sampling is `minimind.Sampler`: settings and random
 generators are per row, so a request's tokens do not depend on what else is in the batch.
 
-With `compile=True` each decode step is `MiniMind.decode_step` under torch.compile (the batch size
-and cache length are dynamic: one graph for one row, one for more, compiled in the engine thread
-before the first request is served); the tokens are the same as without.
+With `compile=True` each decode step is `MiniMind.decode_step` under torch.compile (batch size and
+cache length are dynamic: a graph for one row, one for a few, one for more, compiled in the engine
+thread before the first request is served); the tokens are the same as without.
 
 A request that cannot be served fails alone: bad prompt ids or settings are refused before it joins,
 and a row whose logits stop being finite gets an error and leaves while the others go on. Only a
@@ -137,10 +137,10 @@ class Engine:
 
     @torch.no_grad()
     def _warm_up(self):
-        """Compile the decode step for several rows and for one (a few tokens each) before serving;
-        if that fails, say why and decode eagerly."""
+        """Compile the decode step for a full batch, a few rows and one (a few tokens each) before
+        serving; if that fails, say why and decode eagerly."""
         try:
-            for rows in (2, 1):
+            for rows in sorted({self.max_batch, 2, 1}, reverse=True):  # a graph each (Linear.DECODE_ROWS)
                 idx = torch.full((rows, 1), self.eos_id, dtype=torch.long, device=self.device)
                 for _ in self.model.generate_stream(idx, 3, temperature=0, compiled=True):
                     pass

@@ -117,13 +117,14 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear (no bias here) with a faster decoding step on CPU: when torch.compile traces it for at
-    most DECODE_ROWS rows, y = x @ W^T becomes a multiply-and-sum over W's rows, which inductor turns
-    into one vectorised pass over the weight with every row of x reused from L1. At these sizes the
-    extern sgemm copies (packs) the weight before reading it: 2x the memory traffic, and a per-token
-    step is nothing but weight reads (bench.py decode: 1.5-2.5x faster per matmul, one thread).
-    Eager calls, training and CUDA (cuBLAS's gemv streams well) use F.linear."""
-    DECODE_ROWS = 8
+    """nn.Linear with a faster decoding step on CPU: when torch.compile traces it for at most
+    DECODE_ROWS rows, y = x @ W^T becomes a multiply-and-sum over W's rows, which inductor turns into
+    one vectorised pass over the weight. At so few rows the extern sgemm copies (packs) the weight
+    before reading it, twice the memory traffic of a step that is nothing but weight reads: one
+    thread, the multiply-and-sum decodes 2-3x faster at batch 1, 1.2-1.8x at 2-4 rows; from ~6 rows
+    on, compute-bound, sgemm wins (minimind-3: 0.93x at 8 rows; bench.py decode). Eager calls,
+    training and CUDA (cuBLAS streams a gemv well) use F.linear."""
+    DECODE_ROWS = 4
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]

@@ -53,14 +53,14 @@ def test_cache_never_has_a_window_length():
         assert s >= n and s % WINDOW and s - 1 >= -(-n // WINDOW) * WINDOW
 
 
-@pytest.mark.parametrize("cfg", [SMALL, MOE], ids=["dense", "moe"])
-def test_compiled_greedy_equals_eager(cfg):
-    """Token for token: a left-padded batch and one prompt, long enough to cross a window; then other
-    batch sizes and cache lengths reuse the two graphs (one row, several) without recompiling."""
+@pytest.mark.parametrize("cfg,batches", [(SMALL, (3, 1)), (MOE, (3,))], ids=["dense", "moe"])
+def test_compiled_greedy_equals_eager(cfg, batches):
+    """Token for token: a left-padded batch (and one prompt), long enough to cross a window; then another
+    batch size, cache length and padding reuse the graph (one for several rows) without recompiling."""
     m = model(cfg)
     idx, pad = left_pad(prompts((7, 19, 12)))
     n = WINDOW + 10 - idx.shape[1]
-    for rows in (3, 1):
+    for rows in batches:
         eager = m.generate(idx[-rows:], n, temperature=0, pad=pad[-rows:])
         compiled = m.generate(idx[-rows:], n, temperature=0, pad=pad[-rows:], compiled=True)
         assert torch.equal(compiled, eager), f"{rows} rows"
@@ -80,14 +80,15 @@ def test_engine_compiled_equals_eager():
         engine = Engine(m, eos_id=2, max_batch=4, compile=compile)
         reqs = [GenRequest(prompt=p, max_tokens=k, params=greedy, ignore_eos=True)
                 for p, k in zip(prompts((9, 30, 3, 14), seed=3), (40, 12, 25, 6))]
-        engine.submit(reqs[0])
-        for i in range(60):  # the engine loop's body, in this thread: admit, step
-            if i in (5, 9):
-                engine.submit(reqs[1] if i == 5 else reqs[2])
-                engine.submit(reqs[3]) if i == 9 else None
+        joins = {0: reqs[:1], 5: reqs[1:2], 9: reqs[2:]}  # step -> requests submitted then
+        step = 0
+        while engine.rows or step <= max(joins):  # the engine loop's body, in this thread: admit, step
+            for r in joins.get(step, ()):
+                engine.submit(r)
             engine._admit()
             if engine.rows:
                 engine._step()
+            step += 1
         out = []
         for r in reqs:
             events = []
