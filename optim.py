@@ -109,8 +109,10 @@ def make_optimizer(model, kind: str, lr: float, weight_decay: float, device: str
     rest = [p for _, p in named if id(p) not in in_muon]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    # fused: one kernel over all tensors, no per-tensor temporaries (on CPU these are what page-faults
+    # a 30 MB expert stack every step: BENCHMARKS.md, the MoE section)
     adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                              fused=device.startswith("cuda"))
+                              fused=device.split(":")[0] in ("cuda", "cpu"))
     if not hidden:
         return adamw
     return Optimizers(adamw=adamw, muon=Muon([{"params": hidden, "weight_decay": weight_decay}], lr=lr))

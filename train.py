@@ -223,8 +223,9 @@ def build_parser():
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
     g.add_argument("--dtype", default="auto",
-                   help="auto (bf16 on CUDA cards that have it, fp16 + loss scaling on older ones, fp32 on "
-                        "CPU/MPS), float32, bfloat16, float16")
+                   help="auto (bf16 on CUDA cards that have it, fp16 + loss scaling on older ones; on CPU bf16 "
+                        "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
+                        "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
@@ -557,7 +558,7 @@ def main(argv=None):
         kernels.set_backend(args.kernels)
     try:
         ddp, rank, world, local_rank, device = setup_distributed(args.device)
-        dtype = pick_dtype(args.dtype, device)
+        dtype = pick_dtype(args.dtype, device, training=True)
     except ValueError as e:
         fail(str(e))
     master = rank == 0

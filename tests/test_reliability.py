@@ -178,9 +178,14 @@ def test_epochs_and_resume_with_fewer_processes(pretrain_dir, tmp_path):
 
 
 def test_dtype_choices(monkeypatch):
-    assert runtime.pick_dtype("auto", "cpu") == torch.float32  # nothing picks bf16 for a CPU
     assert runtime.pick_dtype("auto", "mps") == torch.float32
+    assert runtime.pick_dtype("auto", "mps", training=True) == torch.float32
+    # a CPU: bf16 autocast for training only where it has bf16 units; inference stays fp32
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
+    assert runtime.pick_dtype("auto", "cpu", training=True) == torch.bfloat16
+    assert runtime.pick_dtype("auto", "cpu") == torch.float32
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: False)
+    assert runtime.pick_dtype("auto", "cpu", training=True) == torch.float32
     with pytest.warns(UserWarning, match="emulated"):
         assert runtime.pick_dtype("bfloat16", "cpu") == torch.bfloat16
     monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: True)
