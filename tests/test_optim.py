@@ -14,11 +14,12 @@ from minimind import PRESETS, MiniMind, ModelConfig
 from optim import Muon, Optimizers, make_optimizer, orthogonalize
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])  # bf16: what CPUs with bf16 units and GPUs run
 @pytest.mark.parametrize("shape", [(1, 1), (5, 3), (3, 5), (64, 64), (4, 37, 11), (2, 3, 11, 40)])
-def test_orthogonalize_gives_the_polar_factor_roughly(shape):
+def test_orthogonalize_gives_the_polar_factor_roughly(shape, dtype):
     torch.manual_seed(0)
     g = torch.randn(shape)
-    u = orthogonalize(g)
+    u = orthogonalize(g, dtype=dtype)
     assert u.shape == g.shape and u.dtype == g.dtype
     # u shares g's singular vectors (it is an odd polynomial in g); each singular value s of
     # g / ||g||_F becomes p(s) with p 5 steps of the quintic: >= 0.6 once s > 0.005, and never > 1.25
@@ -109,3 +110,11 @@ def test_optimizers_state_round_trip_continues_identically():
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
 
+
+
+def test_newton_schulz_runs_in_bf16_only_where_the_cpu_has_bf16_units(monkeypatch):
+    import optim
+    model = MiniMind(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=64))
+    for has, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(optim, "cpu_has_bf16", lambda: has)
+        assert make_optimizer(model, "muon", 1e-3, 0.1, "cpu").optimizers["muon"].ns_dtype == expected
