@@ -51,7 +51,7 @@ from kernels.rms_norm import rms_norm_torch
 from kernels.rope import rope_torch
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from optim import make_optimizer
-from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
+from runtime import autocast, cpu_has_bf16, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
 
 
@@ -536,10 +536,11 @@ def minimind_moe_model(model: MiniMind) -> MiniMind:
 
 def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3", "minimind-3-moe")),
               batch: int = 4, seq_len: int = 256, steps: int = 3, threads=(1, 2)) -> None:
-    """MoE/dense training-step time (fp32, forward + backward + AdamW step + zero_grad) of each
-    (dense preset, MoE preset) pair, for our MoE layer ("ours") and MiniMind-3's ("minimind", same
+    """MoE/dense training-step time (forward + backward + AdamW step + zero_grad) of each (dense
+    preset, MoE preset) pair, for our MoE layer ("ours") and MiniMind-3's ("minimind", same
     weights: `MiniMindMoE`), with AdamW as torch.optim builds it by default (a loop of per-tensor ops
-    on CPU: each makes temporaries the size of the tensor) and fused.
+    on CPU: each makes temporaries the size of the tensor) and fused, in fp32; then fused in bf16
+    autocast where the device has bf16 units.
 
     The three models step in turn, `steps` rounds (the order rotates each round), after two warm-up
     steps each; medians. Wall time, and the process's CPU time (at 1 thread: the thread's own, which
@@ -557,11 +558,15 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
             torch.manual_seed(0)  # ours and minimind: the same weights
             models[label] = MiniMind(PRESETS[name]).to(device).train()
         minimind_moe_model(models["minimind"])
-        for fused in (False, True):
+        # fp32 with both AdamWs; then bf16 autocast with fused AdamW, what training runs where the
+        # device has bf16 (CUDA, CPUs with AVX512-BF16/AMX)
+        bf16 = device == "cuda" or cpu_has_bf16()
+        for fused, dtype in [(False, torch.float32), (True, torch.float32)] + [(True, torch.bfloat16)] * bf16:
             opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused) for k, m in models.items()}
 
             def step(label):
-                _, loss = models[label](x[:, :-1], x[:, 1:])
+                with autocast(device, dtype):
+                    _, loss = models[label](x[:, :-1], x[:, 1:])
                 loss.backward()
                 opts[label].step()
                 opts[label].zero_grad(set_to_none=True)
@@ -584,7 +589,7 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                         wall[label].append(time.perf_counter() - t0)
                         cpu[label].append(cpu_clock() - c0)
                 row = {"dense": dense_name, "moe": moe_name, "optimizer": "adamw fused" if fused else "adamw",
-                       "threads": n_threads, "batch": batch, "seq_len": seq_len, "steps": steps,
+                       "dtype": str(dtype).replace("torch.", ""), "threads": n_threads, "batch": batch, "seq_len": seq_len, "steps": steps,
                        "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
                 for label in models:
                     row[f"{label}_s"] = round(statistics.median(wall[label]), 3)
@@ -594,7 +599,7 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                     row[f"minimind/dense {kind}ratio"] = round(row[f"minimind_{kind}s"] / row[f"dense_{kind}s"], 3)
                     row[f"ours/minimind {kind}ratio"] = round(row[f"ours_{kind}s"] / row[f"minimind_{kind}s"], 3)
                 rows.append(row)
-                print(f"moe {moe_name:15s}/{dense_name:11s} {row['optimizer']:11s} {n_threads} thr, load "
+                print(f"moe {moe_name:15s}/{dense_name:11s} {row['dtype']:8s} {row['optimizer']:11s} {n_threads} thr, load "
                       f"{row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "
                       f"{row['ours/dense ratio']:.2f} (cpu {row['ours/dense cpu_ratio']:.2f}), minimind "
                       f"{row['minimind/dense ratio']:.2f} (cpu {row['minimind/dense cpu_ratio']:.2f})", flush=True)
