@@ -501,12 +501,15 @@ def test_bench_minimind_moe_matches_ours(top_k, norm_top1):
 
 
 def test_bench_moe_cpu_smoke():
-    """bench.py's moe section on a short batch: one row per optimizer, every time and ratio filled in."""
+    """bench.py's moe section on a short batch: one row per optimizer in fp32, one in bf16 where the
+    CPU has bf16 units; every time and ratio filled in."""
     import bench
+    from runtime import cpu_has_bf16
     out = {}
     bench.bench_moe("cpu", out, pairs=(("tiny", "tiny-moe"),), batch=1, seq_len=8, steps=1, threads=(1,))
     rows = out["moe"]
-    assert [r["optimizer"] for r in rows] == ["adamw", "adamw fused"]
+    assert [(r["optimizer"], r["dtype"]) for r in rows] == [("adamw", "float32"), ("adamw fused", "float32")] + \
+        [("adamw fused", "bfloat16")] * cpu_has_bf16()
     assert all(r[k] > 0 for r in rows for k in r if k.endswith(("_s", "ratio")))
 
 

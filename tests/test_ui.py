@@ -287,6 +287,8 @@ def test_key_asked_once_then_reply_streams_and_stops(browser, server):
     set_setting(d, "extra", '{"ignore_eos": true}')
     by(d, "#settings-form button[type=submit]").click()
     wait(lambda: not by(d, "#settings").is_displayed(), 5, "the settings dialog to close")
+    applied = js(d, "return minimind.state.settings")
+    assert (applied["max_tokens"], json.loads(applied["extra"])) == ("4000", {"ignore_eos": True}), applied
 
     type_and_send(d, "Hello")
     wait(lambda: by(d, "#stop").is_displayed(), 5, "the stop button")
@@ -303,6 +305,8 @@ def test_key_asked_once_then_reply_streams_and_stops(browser, server):
     assert lengths == sorted(lengths) and len(set(lengths)) >= 5, lengths
     assert js(d, "const m = document.querySelectorAll('#thread .msg.assistant .bubble'); "
                  "return m[m.length - 1].textContent.trim()"), "nothing shown while streaming"
+    assert by(d, "#stop").is_displayed(), ("the reply ended by itself: " +
+                                           js(d, "return document.querySelector('#thread').innerText.slice(-300)"))
     by(d, "#stop").click()
     wait(lambda: idle(d), 5, "the send button to come back")
     stats = by(d, "#thread .msg.assistant .stats").text
