@@ -51,7 +51,7 @@ from kernels.rms_norm import rms_norm_torch
 from kernels.rope import rope_torch
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from optim import make_optimizer
-from runtime import autocast, cpu_has_bf16, measure_matmul_flops, pick_device, pick_dtype
+from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
 
 
@@ -110,7 +110,7 @@ def bench_train(device, out, models, seq_len, compile_too, steps):
             for compiled in ((False, True) if compile_too else (False,)):
                 torch.manual_seed(0)
                 model = MiniMind(PRESETS[name]).to(device).train()
-                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as optim.py: fused on CPU and CUDA
+                opt = make_optimizer(model, "adamw", 1e-4, 0.1, device)  # the AdamW training builds
                 run_model = torch.compile(model) if compiled else model
                 B = bench_batch(device, name)
                 x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
@@ -539,8 +539,8 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
     """MoE/dense training-step time (forward + backward + AdamW step + zero_grad) of each (dense
     preset, MoE preset) pair, for our MoE layer ("ours") and MiniMind-3's ("minimind", same
     weights: `MiniMindMoE`), with AdamW as torch.optim builds it by default (a loop of per-tensor ops
-    on CPU: each makes temporaries the size of the tensor) and fused, in fp32; then fused in bf16
-    autocast where the device has bf16 units.
+    on CPU: each makes temporaries the size of the tensor) and fused, in fp32; then fused in the
+    autocast dtype training picks (`pick_dtype(..., training=True)`) where that is not fp32.
 
     The three models step in turn, `steps` rounds (the order rotates each round), after two warm-up
     steps each; medians. Wall time, and the process's CPU time (at 1 thread: the thread's own, which
@@ -558,10 +558,10 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
             torch.manual_seed(0)  # ours and minimind: the same weights
             models[label] = MiniMind(PRESETS[name]).to(device).train()
         minimind_moe_model(models["minimind"])
-        # fp32 with both AdamWs; then bf16 autocast with fused AdamW, what training runs where the
-        # device has bf16 (CUDA, CPUs with AVX512-BF16/AMX)
-        bf16 = device == "cuda" or cpu_has_bf16()
-        for fused, dtype in [(False, torch.float32), (True, torch.float32)] + [(True, torch.bfloat16)] * bf16:
+        # fp32 with both AdamWs; then, where training autocasts (CUDA, CPUs with bf16 units), its dtype
+        trained = pick_dtype("auto", device, training=True)
+        configs = [(False, torch.float32), (True, torch.float32)] + [(True, trained)] * (trained != torch.float32)
+        for fused, dtype in configs:
             opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=fused) for k, m in models.items()}
 
             def step(label):
@@ -589,7 +589,8 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                         wall[label].append(time.perf_counter() - t0)
                         cpu[label].append(cpu_clock() - c0)
                 row = {"dense": dense_name, "moe": moe_name, "optimizer": "adamw fused" if fused else "adamw",
-                       "dtype": str(dtype).replace("torch.", ""), "threads": n_threads, "batch": batch, "seq_len": seq_len, "steps": steps,
+                       "dtype": str(dtype).replace("torch.", ""), "threads": n_threads, "batch": batch,
+                       "seq_len": seq_len, "steps": steps,
                        "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
                 for label in models:
                     row[f"{label}_s"] = round(statistics.median(wall[label]), 3)
@@ -599,7 +600,8 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                     row[f"minimind/dense {kind}ratio"] = round(row[f"minimind_{kind}s"] / row[f"dense_{kind}s"], 3)
                     row[f"ours/minimind {kind}ratio"] = round(row[f"ours_{kind}s"] / row[f"minimind_{kind}s"], 3)
                 rows.append(row)
-                print(f"moe {moe_name:15s}/{dense_name:11s} {row['dtype']:8s} {row['optimizer']:11s} {n_threads} thr, load "
+                print(f"moe {moe_name:15s}/{dense_name:11s} {row['dtype']:8s} {row['optimizer']:11s} {n_threads} thr, "
+                      f"load "
                       f"{row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "
                       f"{row['ours/dense ratio']:.2f} (cpu {row['ours/dense cpu_ratio']:.2f}), minimind "
                       f"{row['minimind/dense ratio']:.2f} (cpu {row['minimind/dense cpu_ratio']:.2f})", flush=True)
