@@ -51,7 +51,7 @@ from kernels.rms_norm import rms_norm_torch
 from kernels.rope import rope_torch
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from optim import make_optimizer
-from runtime import autocast, measure_matmul_flops, pick_device, pick_dtype
+from runtime import autocast, keep_freed_memory, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
 
 
@@ -787,6 +787,8 @@ def main(argv=None):
         p.error("; ".join(x for x in problems if x))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device == "cpu":
+        keep_freed_memory()  # as train.py does on a CPU
     if args.kernels:
         kernels.set_backend(args.kernels)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",

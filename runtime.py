@@ -1,6 +1,9 @@
 """Where and how tensors run: device and dtype choice, mixed precision, and the matmul peak
 that MFU is measured against."""
 import contextlib
+import ctypes
+import ctypes.util
+import sys
 import time
 import warnings
 from typing import Optional
@@ -62,6 +65,25 @@ def pick_dtype(name: str, device: str, training: bool = False) -> torch.dtype:
         warnings.warn("--dtype bfloat16 on a CPU without bf16 units (no AVX512-BF16/AMX): bf16 is emulated "
                       "here and can be 100x slower than float32", stacklevel=2)
     return dtype
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for the next allocation instead of handing it back to the OS.
+    By default a freed block of more than ~128 KB (the threshold grows up to 32 MB) or a free top of
+    the heap past twice that is returned, and the next step's tensor of that size faults every page
+    in again: a minimind-3 MoE step on CPU re-faulted ~100k pages (0.2 s, 15% of the step) for its
+    30 MB expert-stack gradients (BENCHMARKS.md, MoE section). Tensors up to 32 MB (glibc's maximum)
+    now come from the heap, and up to 1 GiB of freed heap is kept. For training on a CPU, where a step
+    allocates the same tensors every time; True where applied (Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def grad_scaler(device: str, dtype: torch.dtype):

@@ -60,7 +60,8 @@ from data import DPOData, PretrainData, PromptData, SFTData
 from losses import lm_loss, make_distill_loss, make_dpo_loss, make_grpo_loss, make_ppo_loss
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, lr_multiplier, make_optimizer
-from runtime import autocast, datasheet_flops, grad_scaler, measure_matmul_flops, pick_device, pick_dtype
+from runtime import (autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops, pick_device,
+                     pick_dtype)
 from scoring import count_bytes, token_byte_lengths
 from tokenizer import Tokenizer
 
@@ -562,6 +563,8 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
     master = rank == 0
+    if device == "cpu":
+        keep_freed_memory()  # each step's large tensors come back from the heap, not page faults
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

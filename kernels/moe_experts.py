@@ -39,8 +39,8 @@ tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------
-# PyTorch twin: the S slots sorted by expert (token order kept within an expert), one GEMM per
-# expert group through F.grouped_mm (on CPU aten runs it as a loop of mm's into slices of one
+# PyTorch twin: the S slots sorted by expert (token order kept within an expert; groups padded on
+# CPU in bf16/fp16, see CPU_LOWP_GROUP_ROWS), one GEMM per expert group through F.grouped_mm (on CPU aten runs it as a loop of mm's into slices of one
 # output: measured as fast as a hand-written loop over contiguous slices, without a host sync on
 # CUDA), forward and backward written out (`MoEExpertsTorchFunction`).
 
@@ -61,49 +61,59 @@ def grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> t
     return F.grouped_mm(a.t(), dy, offs=offs)
 
 
+# Rows per expert group in the twin's layout on CPU in bf16/fp16: oneDNN JIT-compiles a GEMM kernel
+# for every new shape it meets, and routing gives every expert a new row count each step: 1.9 ms and
+# ~800 page faults per weight-gradient GEMM, a third of a minimind-3 MoE layer's backward. Padding each
+# group to a multiple of 16 rows (zeros) leaves 1/16 of the shapes, all cached after a few steps, for
+# ~3% more rows. fp32 runs MKL's sgemm, which compiles nothing: no padding there.
+CPU_LOWP_GROUP_ROWS = 16
+
+
 class MoEExpertsTorchFunction(torch.autograd.Function):
-    """Autograd through the ops would keep four (S, F) activations (h1, silu(h1), h3, h) and build
+    """Autograd through the ops would keep four (R, F) activations (h1, silu(h1), h3, h) and build
     each weight gradient for the transposed view the GEMM reads, then copy it into the weight's
     layout: three extra (E, F, D) buffers a step. Here the forward keeps h1 and h3 only (the backward
     recomputes silu(h1) and h, two elementwise passes), and the weight gradients are written in
-    nn.Linear layout directly; the gradient of an input that does not need one is not computed."""
+    nn.Linear layout directly; the gradient of an input that does not need one is not computed.
+    Rows are the slots sorted by expert (`moe_align`), groups padded with zero rows on CPU in
+    bf16/fp16 (CPU_LOWP_GROUP_ROWS), R = the rows in use."""
 
     @staticmethod
     def forward(ctx, x, weights, experts, w1, w3, w2):
         N, K = experts.shape
-        E = w1.shape[0]
-        flat = experts.reshape(-1)  # (S,) expert of each slot
-        order = flat.argsort(stable=True)  # (S,) slots grouped by expert, token order kept
-        tok = order // K  # (S,) token of each sorted slot
-        ones = torch.ones_like(flat, dtype=torch.int32)
-        counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(0, flat, ones)  # bincount syncs on CUDA
-        offs = counts.cumsum(0, dtype=torch.int32)  # (E,) end of each expert's group
-        xs = x.index_select(0, tok)  # (S, D) tokens in expert order
-        h1 = grouped_mm(xs, w1.transpose(1, 2), offs)  # (S, F)
-        h3 = grouped_mm(xs, w3.transpose(1, 2), offs)  # (S, F)
-        ys = grouped_mm(F.silu(h1).mul_(h3), w2.transpose(1, 2), offs)  # (S, D) unweighted
-        ws = weights.reshape(-1)[order]  # (S,) routing weight of each sorted slot
+        E, S = w1.shape[0], experts.numel()
+        pad = 1
+        if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not torch.compiler.is_compiling():
+            pad = CPU_LOWP_GROUP_ROWS
+        _, row, _, start, size = moe_align(experts, E, pad)  # row: (S,) row of each slot
+        row = row.long()
+        offs = (start + (size + pad - 1) // pad * pad).to(torch.int32)  # (E,) end of each expert's group
+        R = S if pad == 1 else int(offs[-1])  # a CPU tensor: no device sync
+        tok = torch.arange(S, device=x.device) // K  # (S,) token of each slot
+        xs = x.new_zeros(R, x.shape[1]).index_copy_(0, row, x.index_select(0, tok))  # (R, D) padding rows 0
+        h1 = grouped_mm(xs, w1.transpose(1, 2), offs)  # (R, F)
+        h3 = grouped_mm(xs, w3.transpose(1, 2), offs)  # (R, F)
+        ys = grouped_mm(F.silu(h1).mul_(h3), w2.transpose(1, 2), offs).index_select(0, row)  # (S, D) unweighted
+        ws = weights.reshape(-1)  # (S,) routing weight of each slot
         y = torch.zeros_like(x).index_add_(0, tok, ys * ws[:, None].to(ys.dtype))  # combine the K slots per token
-        ctx.save_for_backward(xs, w1, w3, w2, h1, h3, ys, ws, order, offs)
+        ctx.save_for_backward(xs, w1, w3, w2, h1, h3, ys, ws, row, tok, offs)
         ctx.top_k = K
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xs, w1, w3, w2, h1, h3, ys, ws, order, offs = ctx.saved_tensors
+        xs, w1, w3, w2, h1, h3, ys, ws, row, tok, offs = ctx.saved_tensors
         need_x, need_w, _, need_w1, need_w3, need_w2 = ctx.needs_input_grad
         dx = dweights = dw1 = dw3 = dw2 = None
-        tok = order // ctx.top_k
-        dys = dy.index_select(0, tok)  # (S, D) output gradient of each sorted slot's token
+        dys = dy.index_select(0, tok)  # (S, D) output gradient of each slot's token
         if need_w:  # dw[slot] = <dy[token], ys[slot]>, in fp32 as the weights
-            dws = (dys.float() * ys.float()).sum(1)  # (S,)
-            dweights = torch.empty_like(dws).scatter_(0, order, dws).view(-1, ctx.top_k).to(ws.dtype)
-        g = dys.mul_(ws[:, None].to(dys.dtype))  # (S, D) gradient of ys
-        s = F.silu(h1)  # (S, F)
+            dweights = (dys.float() * ys.float()).sum(1).view(-1, ctx.top_k).to(ws.dtype)
+        g = torch.zeros_like(xs).index_copy_(0, row, dys.mul_(ws[:, None].to(dys.dtype)))  # (R, D) grad of ys
+        s = F.silu(h1)  # (R, F)
         if need_w2:
             dw2 = grouped_mm_wgrad(g, s * h3, offs)  # (E, D, F): g_e^T h_e
         if need_x or need_w1 or need_w3:
-            dh = grouped_mm(g, w2, offs)  # (S, F)
+            dh = grouped_mm(g, w2, offs)  # (R, F)
             dh3 = dh * s
             dh1 = torch.ops.aten.silu_backward(dh.mul_(h3), h1)  # dh * h3 * silu'(h1)
             if need_w1:
@@ -111,8 +121,8 @@ class MoEExpertsTorchFunction(torch.autograd.Function):
             if need_w3:
                 dw3 = grouped_mm_wgrad(dh3, xs, offs)  # (E, F, D)
             if need_x:
-                dxs = grouped_mm(dh1, w1, offs).add_(grouped_mm(dh3, w3, offs))  # (S, D)
-                dx = torch.zeros_like(dy).index_add_(0, tok, dxs)
+                dxs = grouped_mm(dh1, w1, offs).add_(grouped_mm(dh3, w3, offs))  # (R, D)
+                dx = torch.zeros_like(dy).index_add_(0, tok, dxs.index_select(0, row))
         return dx, dweights, None, dw1, dw3, dw2
 
 

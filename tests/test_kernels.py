@@ -335,10 +335,15 @@ def test_moe_experts(triton_backend, N, E, K, skip, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("K", [1, 2, 5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_experts_twin(K, dtype):
+@pytest.mark.parametrize("dtype,group_rows", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, 1),
+                                              (torch.bfloat16, 5)])
+def test_moe_experts_twin(K, dtype, group_rows, monkeypatch):
     """The PyTorch twin (sort + grouped_mm, backward written out) against the loop reference; bf16 is
-    real bf16 arithmetic here (PyTorch's), unlike the interpreted Triton kernels."""
+    real bf16 arithmetic here (PyTorch's), unlike the interpreted Triton kernels. On CPU in bf16 the
+    expert groups are padded with zero rows (to 16 by default; also 1 = none, and 5)."""
+    moe_experts_module = sys.modules[moe_experts_torch.__module__]
+    if group_rows is not None:
+        monkeypatch.setattr(moe_experts_module, "CPU_LOWP_GROUP_ROWS", group_rows)
     inputs = _moe_inputs(19, 6, K, 24, 40, dtype, (4,) if K < 5 else ())
     compare(moe_experts_torch, moe_loop_reference, inputs, dtype, scale=10.0 if dtype == torch.float32 else 2.0)
     if K < 5:
