@@ -54,7 +54,9 @@ def check(actual, expected, dtype, scale=1.0, what=""):
 
 @pytest.fixture(autouse=True, scope="module")
 def scope(one_thread):  # tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core CI machine
+    backend = kernels.get_backend()
     yield
+    kernels.set_backend(backend)  # later test files run the backend they expect, not interpreted Triton
     if _SET_INTERPRET:  # later tests' subprocesses should not inherit the interpreter
         os.environ.pop("TRITON_INTERPRET", None)
 
@@ -83,11 +85,12 @@ def grads_of(fn, inputs, out_grads=None, seed=0):
 
 
 def compare(triton_fn, torch_fn, inputs, dtype, scale=1.0):
+    old = kernels.get_backend()
     kernels.set_backend("triton")
     outs, grads = grads_of(triton_fn, inputs)
     kernels.set_backend("torch")
     ref_outs, ref_grads = grads_of(torch_fn, inputs)
-    kernels.set_backend("triton")
+    kernels.set_backend(old)
     for i, (a, b) in enumerate(zip(outs, ref_outs)):
         assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
         check(a, b, dtype, scale, f"output {i}")
