@@ -40,9 +40,10 @@ tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
 
 # -----------------------------------------------------------------------------
 # PyTorch twin: the S slots sorted by expert (token order kept within an expert; groups padded on
-# CPU in bf16/fp16, see CPU_LOWP_GROUP_ROWS), one GEMM per expert group through F.grouped_mm (on CPU aten runs it as a loop of mm's into slices of one
-# output: measured as fast as a hand-written loop over contiguous slices, without a host sync on
-# CUDA), forward and backward written out (`MoEExpertsTorchFunction`).
+# CPU in bf16/fp16, see CPU_LOWP_GROUP_ROWS), one GEMM per expert group through F.grouped_mm (on CPU
+# aten runs it as a loop of mm's into slices of one output: measured as fast as a hand-written loop
+# over contiguous slices, without a host sync on CUDA), forward and backward written out
+# (`MoEExpertsTorchFunction`).
 
 def _grouped_mm_fake(a, b, offs):
     return a.new_empty(a.shape[0], b.shape[-1])
