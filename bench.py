@@ -544,8 +544,8 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
 
     Ours and MiniMind's each step in turn with the dense model in a phase of their own, `steps`
     rounds (the order alternates), after two warm-up rounds (five in bf16/fp16); medians, each MoE
-    step against the dense steps of its phase. Wall time, and the process's CPU time (at 1 thread: the thread's own, which
-    other jobs on the machine hardly change). Appends to out["moe"] one dict per (pair, optimizer,
+    step against the dense steps of its phase. Wall time, and the process's CPU time (at 1 thread:
+    the thread's own, which other jobs on the machine hardly change). Appends to out["moe"] one dict per (pair, optimizer,
     threads): load (1-minute load average before, after), *_s wall seconds, *_cpu_s, and the ratios
     ours/dense, minimind/dense, ours/minimind (wall and cpu)."""
     rows = out.setdefault("moe", [])
@@ -610,8 +610,7 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                                                                row[f"minimind/dense {kind}ratio"], 3)
                 rows.append(row)
                 print(f"moe {moe_name:15s}/{dense_name:11s} {row['dtype']:8s} {row['optimizer']:11s} {n_threads} thr, "
-                      f"load "
-                      f"{row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "
+                      f"load {row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "
                       f"{row['ours/dense ratio']:.2f} (cpu {row['ours/dense cpu_ratio']:.2f}), minimind "
                       f"{row['minimind/dense ratio']:.2f} (cpu {row['minimind/dense cpu_ratio']:.2f})", flush=True)
             del opts

@@ -2,7 +2,6 @@
 that MFU is measured against."""
 import contextlib
 import ctypes
-import ctypes.util
 import sys
 import time
 import warnings
@@ -78,9 +77,8 @@ def keep_freed_memory() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
+    except AttributeError:  # a libc without mallopt (musl's returns 0: not applied)
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
