@@ -44,12 +44,12 @@ import torch.nn.functional as F
 from torch import nn
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
-import kernels
+import mmkernels
 from checkpoint import save_checkpoint
-from kernels import moe_experts, moe_route, rms_norm, rope
-from kernels.rms_norm import rms_norm_torch
-from kernels.rope import rope_torch
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
+from mmkernels import moe_experts, moe_route, rms_norm, rope
+from mmkernels.rms_norm import rms_norm_torch
+from mmkernels.rope import rope_torch
 from optim import make_optimizer
 from runtime import autocast, keep_freed_memory, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
@@ -257,12 +257,12 @@ def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=T
 
 @contextlib.contextmanager
 def kernel_backend(name: str):
-    old = kernels.get_backend()
-    kernels.set_backend(name)
+    old = mmkernels.get_backend()
+    mmkernels.set_backend(name)
     try:
         yield
     finally:
-        kernels.set_backend(old)
+        mmkernels.set_backend(old)
 
 
 def time_and_peak(fn, device: str):
@@ -773,7 +773,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512, help="training sequence length")
     p.add_argument("--steps", type=int, default=3, help="timed training steps per configuration (>= 1)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile configurations")
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS, help="kernel implementation for the model")
+    p.add_argument("--kernels", default=None, choices=mmkernels.BACKENDS, help="kernel implementation for the model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; moe: 1 and 2)")
     p.add_argument("--moe-pairs", default="tiny:tiny-moe,minimind-3:minimind-3-moe",
                    help="moe section: comma-separated dense:moe preset pairs")
@@ -798,10 +798,10 @@ def main(argv=None):
     if device == "cpu":
         keep_freed_memory()  # as train.py does on a CPU
     if args.kernels:
-        kernels.set_backend(args.kernels)
+        mmkernels.set_backend(args.kernels)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
            "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d"), "kernels": kernels.get_backend()}
+           "date": time.strftime("%Y-%m-%d"), "kernels": mmkernels.get_backend()}
     print(f"bench on {out['device']} ({device}, {out['threads']} threads), torch {torch.__version__}")
     bench_peak(device, out)  # every ratio below is against these
     if "train" in sections:

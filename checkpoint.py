@@ -31,10 +31,10 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-import kernels
 import lora
+import mmkernels
 from minimind import MiniMind, ModelConfig
-from runtime import pick_device, pick_dtype
+from runtime import pick_device, pick_dtype, publish_modes
 from tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 2048
@@ -132,6 +132,7 @@ def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=
             (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": hashes}, indent=2))
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+            publish_modes(tmp)
             _fsync_tree(tmp)
             final = out_dir / name
             if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
@@ -300,12 +301,12 @@ def parse_rope_scaling(spec: str, trained_len: Optional[int] = None) -> Optional
 def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
          context: int = 0, rope_scaling: Optional[str] = None):
     """(model, tokenizer, device, context) ready for inference. `kernel_backend` goes to
-    kernels.set_backend; `rope_scaling` (a --rope-scaling value) replaces the RoPE scaling of the
+    mmkernels.set_backend; `rope_scaling` (a --rope-scaling value) replaces the RoPE scaling of the
     config. The context window is `context`, else factor x original positions with RoPE scaling, else
     the sequence length the checkpoint was trained at (state.json args.seq_len), else
     DEFAULT_CONTEXT; never beyond config.max_seq_len."""
     if kernel_backend:
-        kernels.set_backend(kernel_backend)
+        mmkernels.set_backend(kernel_backend)
     device = pick_device(device)
     model, state, path = load_checkpoint(ckpt, device)
     trained_len = (state.get("args") or {}).get("seq_len")
@@ -339,8 +340,8 @@ def add_model_args(p):
                    help="context window in tokens (0: factor x original with --rope-scaling, else the training "
                         "seq_len of the checkpoint, else 2048)")
     add_device_args(p)
-    p.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
-                   help="kernel implementation (kernels.set_backend); default: MINIMIND_KERNELS or auto")
+    p.add_argument("--kernels", default=None, choices=mmkernels.BACKENDS,
+                   help="kernel implementation (mmkernels.set_backend); default: MINIMIND_KERNELS or auto")
     p.add_argument("--rope-scaling", default=None, metavar="SPEC", help=ROPE_SCALING_HELP)
 
 

@@ -92,14 +92,21 @@ def load_ckpt(path, args) -> LM:
               state.get("kind"))
 
 
+def check_optional_dependencies(args):
+    """What the flags need beyond requirements.txt, checked before any model is loaded or scored."""
+    if any(kind == "hf" for kind, _ in args.models):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise EvalError("--hf needs transformers: pip install -r requirements-test.txt "
+                            "(or pip install transformers)") from None
+
+
 def load_hf(path, args) -> LM:
     path = Path(path)
     if not (path / "config.json").exists():
         raise EvalError(f"{path}: not a transformers model directory (no config.json)")
-    try:
-        import transformers
-    except ImportError:
-        raise EvalError("--hf needs transformers (pip install transformers)") from None
+    import transformers  # checked by check_optional_dependencies
     tok = Tokenizer(path)  # tokenizer.json: the same encoding as AutoTokenizer's fast tokenizer
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -657,6 +664,7 @@ def run(args, texts: dict, mc: Optional[tuple], prompts: Optional[list]) -> list
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_optional_dependencies(args)
         texts, mc, prompts = read_inputs(args)
         results = run(args, texts, mc, prompts)
     except (EvalError, DataError, FileNotFoundError, CheckpointError) as e:

@@ -1,4 +1,4 @@
-"""Export a minimind checkpoint as a standard Hugging Face `transformers` model, or import one back.
+r"""Export a minimind checkpoint as a standard Hugging Face `transformers` model, or import one back.
 
     python export.py --ckpt out/tiny --out hf/tiny                 # minimind -> transformers directory
     python export.py --ckpt out/tiny --out hf/tiny --dtype bfloat16
@@ -70,6 +70,7 @@ import torch
 
 from checkpoint import load_checkpoint, merge_lora_checkpoint, resolve_checkpoint, save_checkpoint
 from minimind import PRESETS, MiniMind, ModelConfig
+from runtime import publish_modes
 from tokenizer import CHAT_TEMPLATE
 
 LLAMA, QWEN3, QWEN3_MOE, MIXTRAL = "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM"
@@ -248,6 +249,7 @@ def new_output_dir(out: Path, force: bool) -> Path:
 
 
 def finish_output_dir(tmp: Path, out: Path):
+    publish_modes(tmp)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

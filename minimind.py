@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import mmkernels
 
 
 # -----------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return kernels.rms_norm(x, self.weight, self.eps)
+        return mmkernels.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -351,7 +351,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hk, D)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = kernels.rope(q, k, cos, sin)
+        q, k = mmkernels.rope(q, k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, Hk, T_past + T, D)
@@ -399,10 +399,10 @@ class MoE(nn.Module):
     def forward(self, x):
         B, T, D = x.shape
         xf = x.reshape(B * T, D)  # (N, D)
-        weights, experts, probs = kernels.moe_route(self.router(xf), self.top_k, self.norm_topk)  # (N, K), (N, K), (N, E)
+        weights, experts, probs = mmkernels.moe_route(self.router(xf), self.top_k, self.norm_topk)  # (N, K), (N, K), (N, E)
         if self.norm_top1:  # MiniMind-3: p / p, exactly 1.0 (the kernels renormalise only for K > 1)
             weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, 1)
-        y = kernels.moe_experts(xf, weights, experts, self.w1, self.w3, self.w2)  # (N, D)
+        y = mmkernels.moe_experts(xf, weights, experts, self.w1, self.w3, self.w2)  # (N, D)
         for shared in self.shared:
             y = y + shared(xf)
         if self.training:
@@ -425,7 +425,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         a = self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        h, x = kernels.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)  # x += a; h = norm(x), one pass
+        h, x = mmkernels.add_rms_norm(x, a, self.ffn_norm.weight, self.ffn_norm.eps)  # x += a; h = norm(x), one pass
         return x + self.ffn(h)
 
 

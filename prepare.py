@@ -39,6 +39,7 @@ from tqdm import tqdm
 import corpus
 import rl
 from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+from runtime import publish_modes
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
 
 # -----------------------------------------------------------------------------
@@ -197,6 +198,7 @@ def staged_output(out: Path):
     try:
         yield tmp
         mark_written(tmp)
+        publish_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,7 +1,8 @@
 """Where and how tensors run: device and dtype choice, mixed precision, and the matmul peak
-that MFU is measured against."""
+that MFU is measured against; the modes of the files a run publishes."""
 import contextlib
 import ctypes
+import os
 import sys
 import time
 import warnings
@@ -11,6 +12,21 @@ import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+def publish_modes(root) -> None:
+    """Give a staged output directory, before it is renamed into place, the modes the user's umask gives
+    any file they write (0755 directories, 0644 files under the usual 022): mkdtemp makes its directory
+    0700 and safetensors writes 0600, so checkpoints and exports were private while the logs beside them
+    were not."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 def pick_device(name: str = "auto") -> str:

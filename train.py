@@ -52,8 +52,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kernels
 import lora
+import mmkernels
 from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, newest_run, plot_log,
                         resolve_checkpoint, save_checkpoint)
 from data import DPOData, PretrainData, PromptData, SFTData
@@ -228,7 +228,7 @@ def build_parser():
                         "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
                         "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--kernels", default=None, choices=kernels.BACKENDS,
+    g.add_argument("--kernels", default=None, choices=mmkernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
     g.add_argument("--peak-tflops", type=positive(float), default=None,
@@ -535,7 +535,7 @@ def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_to
     print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
           f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
           f"{args.batch_size} x {args.seq_len} | " + (f"{args.max_time:g} minutes" if args.max_time else
-          f"{args.max_iters} steps") + f" ({args.schedule}) | kernels {kernels.get_backend()}")
+          f"{args.max_iters} steps") + f" ({args.schedule}) | kernels {mmkernels.get_backend()}")
     if isinstance(optimizer, Optimizers):
         n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
         print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
@@ -556,7 +556,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, source = resolve_args(build_parser().parse_args(argv), argv)
     if args.kernels:
-        kernels.set_backend(args.kernels)
+        mmkernels.set_backend(args.kernels)
     try:
         ddp, rank, world, local_rank, device = setup_distributed(args.device)
         dtype = pick_dtype(args.dtype, device, training=True)

@@ -128,3 +128,17 @@ def test_bad_input_is_one_clear_line(script, argv, paths, tmp_path, monkeypatch,
     assert code not in (0, None), (code, err)
     message = str(code) if isinstance(code, str) else err
     assert message.strip() and "Traceback" not in message, message
+
+
+def test_eval_checks_transformers_before_scoring_anything(paths, tmp_path, monkeypatch, capsys):
+    """`eval.py --ckpt A --hf B` without transformers stops before loading A, naming the install command."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(__import__("sys").modules, "transformers", None)  # `import transformers` fails
+
+    def loaded(*a, **k):
+        raise AssertionError("a checkpoint was loaded before the dependencies were checked")
+    monkeypatch.setattr(evaluate, "load_for_inference", loaded)
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--ckpt", paths["ckpt"], "--hf", str(tmp_path), "--text", paths["file"]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--hf needs transformers: pip install" in err, err

@@ -12,6 +12,7 @@ with norm_topk_prob=true in MiniMind-3's shapes (scaled down) import with the sa
 Needs `transformers` (a test dependency); builds its own tokenizer and models, downloads nothing.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,13 @@ def test_export_files_and_tokenizer(tmp_path, tok_dir):
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
         assert "lm_head.weight" not in f.keys()  # tied: stored once
     assert load_hf(hf_dir).config.tie_word_embeddings
+    # weights are published like every other file (safetensors writes 0600, mkdtemp makes 0700)
+    mask = os.umask(0)
+    os.umask(mask)
+    for root in (hf_dir, tmp_path / "run"):
+        for p in [root, *root.rglob("*")]:
+            want = (0o777 if p.is_dir() else 0o666) & ~mask
+            assert p.stat().st_mode & 0o777 == want, f"{p.relative_to(tmp_path)}: {oct(p.stat().st_mode & 0o777)}"
 
     # the tokenizer: same ids, same special tokens, same chat rendering
     ours, theirs = Tokenizer(tok_dir), AutoTokenizer.from_pretrained(hf_dir)

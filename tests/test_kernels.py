@@ -4,7 +4,7 @@ gradient, over odd shapes and per-dtype tolerances; the MoE permutation; torch.c
     pytest tests/test_kernels.py -q          # CPU: Triton kernels run in the interpreter (~1-2 min)
 
 On CPU, TRITON_INTERPRET=1 is set below before anything imports triton (the kernel files import it on
-their first launch, so importing `kernels` or `minimind` earlier is fine). The interpreter's bf16
+their first launch, so importing `mmkernels` or `minimind` earlier is fine). The interpreter's bf16
 arithmetic is broken and its fp32 -> bf16 stores truncate instead of rounding: bf16 is tested as
 storage only (kernels do fp32 math), with bf16 tolerances, and not at all in the MoE GEMMs (tl.dot).
 On a CUDA machine the same tests run the compiled kernels on the GPU (the bf16 limits then still hold).
@@ -28,11 +28,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels.moe_experts import GEMM_CONFIG, moe_align, moe_experts, moe_experts_torch  # noqa: E402
-from kernels.moe_route import moe_route, moe_route_torch  # noqa: E402
-from kernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
-from kernels.rope import rope, rope_torch  # noqa: E402
+import mmkernels  # noqa: E402
+from mmkernels.moe_experts import GEMM_CONFIG, moe_align, moe_experts, moe_experts_torch  # noqa: E402
+from mmkernels.moe_route import moe_route, moe_route_torch  # noqa: E402
+from mmkernels.rms_norm import add_rms_norm, add_rms_norm_torch, rms_norm, rms_norm_torch  # noqa: E402
+from mmkernels.rope import rope, rope_torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -54,19 +54,19 @@ def check(actual, expected, dtype, scale=1.0, what=""):
 
 @pytest.fixture(autouse=True, scope="module")
 def scope(one_thread):  # tiny tensors: one thread avoids OpenMP oversubscription on a busy 2-core CI machine
-    backend = kernels.get_backend()
+    backend = mmkernels.get_backend()
     yield
-    kernels.set_backend(backend)  # later test files run the backend they expect, not interpreted Triton
+    mmkernels.set_backend(backend)  # later test files run the backend they expect, not interpreted Triton
     if _SET_INTERPRET:  # later tests' subprocesses should not inherit the interpreter
         os.environ.pop("TRITON_INTERPRET", None)
 
 
 @pytest.fixture
 def triton_backend():
-    old = kernels.get_backend()
-    kernels.set_backend("triton")
+    old = mmkernels.get_backend()
+    mmkernels.set_backend("triton")
     yield
-    kernels.set_backend(old)
+    mmkernels.set_backend(old)
 
 
 def grads_of(fn, inputs, out_grads=None, seed=0):
@@ -85,12 +85,12 @@ def grads_of(fn, inputs, out_grads=None, seed=0):
 
 
 def compare(triton_fn, torch_fn, inputs, dtype, scale=1.0):
-    old = kernels.get_backend()
-    kernels.set_backend("triton")
+    old = mmkernels.get_backend()
+    mmkernels.set_backend("triton")
     outs, grads = grads_of(triton_fn, inputs)
-    kernels.set_backend("torch")
+    mmkernels.set_backend("torch")
     ref_outs, ref_grads = grads_of(torch_fn, inputs)
-    kernels.set_backend(old)
+    mmkernels.set_backend(old)
     for i, (a, b) in enumerate(zip(outs, ref_outs)):
         assert a.shape == b.shape and a.dtype == b.dtype, f"output {i}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
         check(a, b, dtype, scale, f"output {i}")
@@ -104,31 +104,31 @@ def compare(triton_fn, torch_fn, inputs, dtype, scale=1.0):
 # backend switch
 
 def test_backend_switch(monkeypatch):
-    """set_backend validates its argument; MINIMIND_KERNELS is read when kernels/backend.py is imported."""
+    """set_backend validates its argument; MINIMIND_KERNELS is read when mmkernels/backend.py is imported."""
     import importlib
-    old = kernels.get_backend()
+    old = mmkernels.get_backend()
     try:
         with pytest.raises(ValueError):
-            kernels.set_backend("cuda")
-        kernels.set_backend("torch")
-        assert not kernels.use_triton(torch.zeros(1, device=DEVICE))
-        kernels.set_backend("auto")
-        assert kernels.use_triton(torch.zeros(1, device=DEVICE)) == (DEVICE == "cuda")
+            mmkernels.set_backend("cuda")
+        mmkernels.set_backend("torch")
+        assert not mmkernels.use_triton(torch.zeros(1, device=DEVICE))
+        mmkernels.set_backend("auto")
+        assert mmkernels.use_triton(torch.zeros(1, device=DEVICE)) == (DEVICE == "cuda")
         monkeypatch.setenv("MINIMIND_KERNELS", "triton")
-        importlib.reload(kernels.backend)
-        assert kernels.get_backend() == "triton"
+        importlib.reload(mmkernels.backend)
+        assert mmkernels.get_backend() == "triton"
         monkeypatch.setenv("MINIMIND_KERNELS", "fast")
         with pytest.raises(ValueError, match="MINIMIND_KERNELS"):
-            importlib.reload(kernels.backend)
+            importlib.reload(mmkernels.backend)
     finally:
         monkeypatch.delenv("MINIMIND_KERNELS")
-        importlib.reload(kernels.backend)
-        kernels.set_backend(old)
+        importlib.reload(mmkernels.backend)
+        mmkernels.set_backend(old)
 
 
 def test_cpu_auto_never_imports_triton():
     """Plain CPU use (auto) runs the twins: a MoE model trains a step without importing triton."""
-    code = ("import sys, torch, kernels; from minimind import MiniMind, PRESETS, ModelConfig\n"
+    code = ("import sys, torch, mmkernels; from minimind import MiniMind, PRESETS, ModelConfig\n"
             "cfg = ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=48,\n"
             "                  n_experts=3, top_k=2)\n"
             "idx = torch.randint(0, 64, (1, 8)); MiniMind(cfg)(idx, idx)[1].backward()\n"
@@ -402,7 +402,7 @@ def test_model_triton_matches_torch(triton_backend):
     pos = torch.cat([torch.arange(6), torch.arange(7)]).to(DEVICE)[None].expand(2, -1).clone()
     pos[1] = torch.arange(13)
     out = _loss_and_grads(model, idx, doc=doc, pos=pos)
-    kernels.set_backend("torch")
+    mmkernels.set_backend("torch")
     ref = _loss_and_grads(model, idx, doc=doc, pos=pos)
     check(out[0], ref[0], torch.float32, 10, "logits")
     check(out[1], ref[1], torch.float32, 10, "loss")
@@ -415,8 +415,8 @@ def test_compile_moe_layer_torch():
     """The twins under torch.compile (inductor): a MoE layer's forward and backward match eager
     (F.grouped_mm's meta function rejects fp32 on CPU: the twin wraps it in a custom op there)."""
     from minimind import MoE
-    old = kernels.get_backend()
-    kernels.set_backend("torch")
+    old = mmkernels.get_backend()
+    mmkernels.set_backend("torch")
     try:
         torch.manual_seed(0)
         layer = MoE(_small_moe_config()).to(DEVICE)
@@ -426,7 +426,7 @@ def test_compile_moe_layer_torch():
         ref = _loss_and_grads(layer, x)
         out = _loss_and_grads(layer, x, torch.compile(layer))
     finally:
-        kernels.set_backend(old)
+        mmkernels.set_backend(old)
     for a, b, name in zip(out, ref, ("output", "x grad", "grads")):
         if isinstance(b, dict):
             assert a.keys() == b.keys()
@@ -461,7 +461,7 @@ def test_kernels_compile_for_sm90():
     """Every launch the ops make (bf16, GPU configurations) compiles to a cubin for sm_90: catches
     what the interpreter lets through (e.g. a block size that is not a power of two)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "kernels.aot_check", "--dtype", "bf16"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "mmkernels.aot_check", "--dtype", "bf16"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "compiled" in r.stdout

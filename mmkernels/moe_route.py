@@ -14,7 +14,7 @@ One fused kernel, fp32 math:
 
 Layers: kernels `_moe_route_fwd_kernel`, `_moe_route_bwd_kernel` (+ helper `_top1`) -> launchers
 (custom ops minimind::moe_route_fwd / moe_route_bwd) -> `MoERouteFunction` -> `moe_route`.
-PyTorch twin: `moe_route_torch`. The experts that consume the routing: kernels/moe_experts.py.
+PyTorch twin: `moe_route_torch`. The experts that consume the routing: mmkernels/moe_experts.py.
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ from typing import Optional
 
 import torch
 
-from kernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2
-from kernels.backend import use_triton
+from mmkernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2
+from mmkernels.backend import use_triton
 
-tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
+tl = None  # triton.language, bound on the first launch (mmkernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------

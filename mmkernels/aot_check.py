@@ -1,6 +1,6 @@
 """Compile every Triton kernel for a GPU, without a GPU:
 
-    python -m kernels.aot_check [--arch 90]      # sm_90 = H100/H200; 80 = A100
+    python -m mmkernels.aot_check [--arch 90]      # sm_90 = H100/H200; 80 = A100
 
 The interpreter that runs the tests on CPU accepts code the GPU compiler rejects (and never uses the
 GPU launch configurations), so this drives each op forward and backward on CPU tensors with the
@@ -16,11 +16,11 @@ import time
 
 import torch
 
-from kernels import _triton, backend
-from kernels.moe_experts import moe_experts
-from kernels.moe_route import moe_route
-from kernels.rms_norm import add_rms_norm, rms_norm
-from kernels.rope import rope
+from mmkernels import _triton, backend
+from mmkernels.moe_experts import moe_experts
+from mmkernels.moe_route import moe_route
+from mmkernels.rms_norm import add_rms_norm, rms_norm
+from mmkernels.rope import rope
 
 _TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
               torch.int32: "i32", torch.int64: "i64"}
@@ -113,7 +113,7 @@ def main():
     ap.add_argument("--dtype", default="bf16,fp16,fp32", help="comma-separated storage dtypes to compile for")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("kernels.aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
+        sys.exit("mmkernels.aot_check: unset TRITON_INTERPRET (the interpreter replaces the compiler)")
     launches = record_launches(tuple(DTYPES[d] for d in args.dtype.split(",")))
     report = compile_launches(launches, args.arch)
     for name, secs in report:

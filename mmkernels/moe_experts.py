@@ -4,7 +4,7 @@ Axes: N = tokens, D = model dim, F = expert hidden dim, E = experts, K = experts
 S = N*K token slots (slot s = n*K + k), R = rows of the padded sorted layout.
 
     y_n     = sum_k w_nk * FFN_{idx_nk}(x_n),   FFN_e(x) = (silu(x W1_e^T) * (x W3_e^T)) W2_e^T
-(w, idx from the router, kernels/moe_route.py) computed as
+(w, idx from the router, mmkernels/moe_route.py) computed as
     1. `moe_align`: sort the S slots by expert into contiguous groups, each padded to a multiple of
        BLOCK_M rows, so that every block of BLOCK_M rows belongs to one expert. Buffers are sized
        for the worst case, R = (cdiv(S, BLOCK_M) + E - 1) * BLOCK_M: no host sync, no token dropped.
@@ -32,10 +32,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import cdiv, dot_precision, gpu, jit, last_contiguous, launcher, next_pow2
-from kernels.backend import use_triton
+from mmkernels._triton import cdiv, dot_precision, gpu, jit, last_contiguous, launcher, next_pow2
+from mmkernels.backend import use_triton
 
-tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
+tl = None  # triton.language, bound on the first launch (mmkernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------

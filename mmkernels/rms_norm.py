@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from kernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, num_workers
-from kernels.backend import use_triton
+from mmkernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, num_workers
+from mmkernels.backend import use_triton
 
-tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
+tl = None  # triton.language, bound on the first launch (mmkernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------

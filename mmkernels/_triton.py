@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 
 
-ASSUME_GPU = False  # set by kernels.aot_check: GPU launch configurations for CPU tensors
-CAPTURE = None  # a list while kernels.aot_check records launches instead of running them
+ASSUME_GPU = False  # set by mmkernels.aot_check: GPU launch configurations for CPU tensors
+CAPTURE = None  # a list while mmkernels.aot_check records launches instead of running them
 
 
 class LazyKernel:

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, prev_pow2
-from kernels.backend import use_triton
+from mmkernels._triton import cdiv, gpu, jit, last_contiguous, launcher, next_pow2, prev_pow2
+from mmkernels.backend import use_triton
 
-tl = None  # triton.language, bound on the first launch (kernels/_triton.py)
+tl = None  # triton.language, bound on the first launch (mmkernels/_triton.py)
 
 
 # -----------------------------------------------------------------------------

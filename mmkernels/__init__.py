@@ -1,11 +1,11 @@
 """Hot-path ops of minimind, each with a Triton kernel and a pure-PyTorch twin.
 
-    from kernels import rms_norm, add_rms_norm, rope, moe_route, moe_experts
+    from mmkernels import rms_norm, add_rms_norm, rope, moe_route, moe_experts
 
-One switch picks the implementation for every op (kernels/backend.py):
+One switch picks the implementation for every op (mmkernels/backend.py):
     --kernels=auto|triton|torch   (scripts)   or   MINIMIND_KERNELS=auto|triton|torch   (environment)
 auto = Triton for CUDA tensors, PyTorch otherwise. triton is imported on the first Triton launch
-only (kernels/_triton.py), so CPU runs never need it. `triton` on CPU tensors runs the kernels in
+only (mmkernels/_triton.py), so CPU runs never need it. `triton` on CPU tensors runs the kernels in
 Triton's interpreter: set TRITON_INTERPRET=1 before triton is imported (by that first launch, or by
 torch.compile, which imports it too); meant for tests.
 
@@ -15,11 +15,11 @@ backend.py (the switch); _triton.py (deferred triton, custom ops, launch helpers
 (compile every kernel for sm_90 on CPU). The benchmarks live in the top-level bench.py
 (`python bench.py --only kernels`). This file only re-exports.
 """
-from kernels.backend import BACKENDS, get_backend, set_backend, use_triton
-from kernels.moe_experts import moe_experts
-from kernels.moe_route import moe_route
-from kernels.rms_norm import add_rms_norm, rms_norm
-from kernels.rope import rope
+from mmkernels.backend import BACKENDS, get_backend, set_backend, use_triton
+from mmkernels.moe_experts import moe_experts
+from mmkernels.moe_route import moe_route
+from mmkernels.rms_norm import add_rms_norm, rms_norm
+from mmkernels.rope import rope
 
 __all__ = ["rms_norm", "add_rms_norm", "rope", "moe_route", "moe_experts", "set_backend", "get_backend",
            "use_triton", "BACKENDS"]
