@@ -24,9 +24,9 @@ from bench import bench_server
 from conftest import ROOT
 from engine import Engine, GenRequest
 from minimind import SamplingParams
+from openai_format import StopText
 from sample import stream_tokens
 import serve
-from serve import StopText
 from tokenizer import TokenDecoder, parse_reply
 
 KEY = "sk-test-key"
