@@ -70,6 +70,7 @@ import argparse
 import asyncio
 import contextlib
 import hmac
+import logging
 import socket
 import sys
 import threading
@@ -101,6 +102,8 @@ from tokenizer import TokenDecoder, render_chat, token_bytes
 MAX_BODY = 4 << 20  # bytes of a request body
 DRAIN_BYTES, DRAIN_SECONDS = 64 << 20, 2.0  # what of an oversized body is read and dropped before the 413
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "chat.html"
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")  # Host names always answered (at the port bound)
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own: its level, format and stream
 
 
 # -----------------------------------------------------------------------------
@@ -240,6 +243,10 @@ class Routes:
                            "request_timeout") from None
         except ClientDisconnect:  # or sent one HTTP could not parse: nobody to answer
             raise APIError(400, "The client went away while sending the body.", None, "client_disconnected") from None
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            # a page of any site may POST text/plain or a form without asking (no CORS preflight): not here
+            raise APIError(415, "The request body must be JSON, sent with 'Content-Type: application/json'.", None,
+                           "unsupported_media_type")
         try:
             return schema.model_validate_json(body)
         except ValidationError as e:
@@ -356,18 +363,22 @@ class Routes:
                 yield chunk(meta, r, {"delta": {"role": "assistant", "content": ""}})
             if prefix:
                 yield chunk(meta, r, {"text": prefix})
-            async for ev in self._answer(req, events, out):
-                if ev[0] == "delta":
-                    yield chunk(meta, r, {"delta": ev[1]} if chat else ev[1])
-                elif ev[0] == "end":
-                    yield chunk(meta, r, {"finish_reason": ev[1], **({"delta": {}} if chat else {})})
-                    if include_usage:
-                        yield usage_chunk(meta, r, len(req.prompt), ev[2])
-                elif ev[0] == "gone":
-                    return
-                else:
-                    yield sse(APIError(500, f"generation failed: {ev[1]}", None, "internal_error",
-                                        "server_error").body())
+            try:
+                async for ev in self._answer(req, events, out):
+                    if ev[0] == "delta":
+                        yield chunk(meta, r, {"delta": ev[1]} if chat else ev[1])
+                    elif ev[0] == "end":
+                        yield chunk(meta, r, {"finish_reason": ev[1], **({"delta": {}} if chat else {})})
+                        if include_usage:
+                            yield usage_chunk(meta, r, len(req.prompt), ev[2])
+                    elif ev[0] == "gone":
+                        return
+                    else:
+                        yield sse(APIError(500, f"generation failed: {ev[1]}", None, "internal_error",
+                                           "server_error").body())
+            except Exception as e:  # a bug past the 200: the stream still ends as OpenAI's do, with [DONE]
+                LOG.exception("%s failed mid-stream", meta["id"])
+                yield sse(bug(e).body())
             yield sse(b"[DONE]")
 
     async def _replay(self, choice: dict, meta: dict, r: CompletionBase, prompt_tokens: int, n: int):
@@ -409,6 +420,44 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def allowed_hosts(bound: str, port: int, more: str = "") -> Optional[frozenset]:
+    """The Host headers HostCheck lets through: "name:port" for the loopback names and the address
+    bound, at the port bound, and the entries of `more` ("a,b:8443": a at any port, b at 8443 only);
+    None (any Host) when `more` has "*"."""
+    extra = {h.strip().lower() for h in more.split(",") if h.strip()}
+    if "*" in extra:
+        return None
+    bound = f"[{bound}]" if ":" in bound else bound  # an IPv6 address is bracketed in Host
+    return frozenset({f"{name}:{port}" for name in (*LOOPBACK, bound.lower())} | extra)
+
+
+def host_allowed(host: str, hosts: frozenset) -> bool:
+    """Whether a Host header is among `hosts` (allowed_hosts'): its "name:port", or its name alone
+    (an entry for any port). A Host without a port is port 80, as HTTP has it."""
+    host = host.strip().lower()
+    name, port = (host, "80") if host.endswith("]") or ":" not in host else host.rsplit(":", 1)
+    return bool(name) and port.isdigit() and (f"{name}:{int(port)}" in hosts or name in hosts)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names another server gets a 400 in OpenAI's
+    shape before anything else runs. A page of any site can have its own name resolve to this
+    address (DNS rebinding) and then call the server as if it were the page's own: its requests
+    carry that name in Host, which is not one the server was started as."""
+
+    def __init__(self, app, hosts: frozenset):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if not host_allowed(host, self.hosts):
+                e = APIError(400, "The Host header does not name this server (serve.py --allowed-hosts adds names).",
+                             None, "invalid_host")
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _drain(receive):
     loop = asyncio.get_running_loop()
     deadline, n = loop.time() + DRAIN_SECONDS, 0
@@ -443,16 +492,21 @@ async def _bad_params(request: Request, exc: RequestValidationError):
     return error_response(APIError(400, f"Invalid request: {exc.errors()[0].get('msg', '')}", None, "invalid_value"))
 
 
+def bug(exc: Exception) -> APIError:
+    """A bug as OpenAI's 500: its type named, its message (which may quote anything) not."""
+    return APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error", "server_error")
+
+
 async def _bug(request: Request, exc: Exception):
-    """A bug: a 500 in OpenAI's shape (the traceback is logged by the server)."""
-    return error_response(APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error",
-                                   "server_error"))
+    """A bug before the response began: a 500 (the traceback is logged by the server)."""
+    return error_response(bug(exc))
 
 
 def make_app(engine: Engine, tok, name: str = "minimind", context: int = 2048, api_key: Optional[str] = None,
              default_max_tokens: int = 512, ui: bool = True, cors: tuple = (), max_body: int = MAX_BODY,
-             read_timeout: float = 30.0) -> FastAPI:
-    """The ASGI app; the engine is started (and stopped) by the caller."""
+             read_timeout: float = 30.0, hosts: Optional[frozenset] = None) -> FastAPI:
+    """The ASGI app; the engine is started (and stopped) by the caller. `hosts`: the Host headers
+    answered (allowed_hosts), None for any."""
     routes = Routes(engine, tok, name, context, api_key, default_max_tokens, read_timeout)
     app = FastAPI(title="minimind", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_api_route("/health", routes.health, methods=["GET", "HEAD"])
@@ -467,6 +521,8 @@ def make_app(engine: Engine, tok, name: str = "minimind", context: int = 2048, a
     app.add_exception_handler(RequestValidationError, _bad_params)
     app.add_exception_handler(Exception, _bug)
     app.add_middleware(BodyLimit, limit=max_body)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
     if cors:  # outermost: errors carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -543,6 +599,10 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
     p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="more names clients may send in the Host header, comma-separated (NAME: any port, "
+                        "NAME:PORT: that one), or * for any; always allowed: localhost, 127.0.0.1, [::1] and --host "
+                        "at the port bound (other names get 400: DNS rebinding)")
     p.add_argument("--model-name", default="minimind", help="model id reported by /v1/models and in responses")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="let pages from ORIGIN (e.g. https://my.site, or *) call the API; repeatable; default none")
@@ -574,10 +634,11 @@ def main(argv=None):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
     sock = listen(args.host, args.port, args.backlog)  # before the model loads: a busy port fails at once
+    hosts = allowed_hosts(args.host, sock.getsockname()[1], args.allowed_hosts)
     model, tok, device, context = load_from_args(args)
     engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue, compile=args.compile).start()
     app = make_app(engine, tok, args.model_name, context, args.api_key, args.max_tokens, not args.no_ui,
-                   tuple(args.cors), args.max_body, args.read_timeout)
+                   tuple(args.cors), args.max_body, args.read_timeout, hosts)
     config = uvicorn.Config(app, http=type("H11", (H11,), {"header_timeout": args.read_timeout}),
                             ws="none", lifespan="off", backlog=args.backlog, limit_concurrency=args.max_connections,
                             timeout_keep_alive=args.keep_alive, timeout_graceful_shutdown=3,
@@ -586,6 +647,9 @@ def main(argv=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_hosts:
+        print("note: requests are answered only when their Host is localhost, 127.0.0.1, [::1] or --host; "
+              "--allowed-hosts NAME,... adds the names clients use (* any)", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     print(f"serving {args.model_name} ({device}, context {context}) on http://{host}:{port}/v1", flush=True)
