@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server for a minimind checkpoint.
 
     python serve.py --ckpt out/sft                          # http://127.0.0.1:8000/v1, chat page at /
-    python serve.py --ckpt out/sft --port 8000 --api-key sk-mine --host 0.0.0.0
+    python serve.py --ckpt out/sft --port 8000 --api-key sk-mine --host 0.0.0.0 --allowed-hosts my.box
     python serve.py --ckpt out/sft --cors https://my.site   # let that site's pages call the API
 
     POST /v1/chat/completions   chat (chat template), JSON or streamed server-sent events
@@ -58,13 +58,19 @@ Design:
   field its type (no "10" for 10), every number finite and in range, nesting bounded, strings valid
   UTF-8 without lone surrogates; unknown fields are ignored, as OpenAI does. Anything else is a 4xx
   with OpenAI's error body {"error": {"message", "type", "param", "code"}}, never a 5xx.
+- Pages of other sites: the Host header must name the server (localhost, 127.0.0.1, [::1] or --host
+  at the port bound; --allowed-hosts adds names), against DNS rebinding (400 otherwise), and an API
+  POST must be application/json (415 otherwise): a page may send text/plain without a preflight.
 - A body is capped while it is read, whatever its framing (Content-Length or chunked); a prompt too
   large for the context is refused by its size before it is tokenized.
 - One engine thread (engine.Engine) owns the model and decodes every active request together
   (continuous batching). The event loop awaits each request's events through an asyncio.Queue fed
   from the engine thread (loop.call_soon_threadsafe). Tokenizing runs in a worker thread;
   detokenizing (whole UTF-8 characters only) and stop strings (held back until they can no longer
-  match) on the loop. A client that disconnects cancels its row at the next decode step.
+  match) on the loop. A client that disconnects cancels its row at the next decode step. A stream
+  that fails past its first chunk ends with OpenAI's error event and [DONE].
+- OpenAI's wire format (schemas, error bodies, stop strings, answer and chunk shapes) is
+  openai_format.py; this file is the routes, the middleware and the server.
 """
 import argparse
 import asyncio
