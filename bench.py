@@ -534,6 +534,48 @@ def minimind_moe_model(model: MiniMind) -> MiniMind:
     return model
 
 
+def _moe_phases(step, steps: int, warmup: int, sync, cpu_clock) -> tuple:
+    """Time `step(label)` for ours and MiniMind's MoE, each in a phase of its own against the dense
+    model: `warmup` rounds, then `steps` rounds in alternating order -> ({label: wall seconds},
+    {label: cpu seconds}), the dense lists holding the ours phase's steps first.
+
+    Separate phases: in bf16/fp16 on CPU oneDNN compiles a GEMM kernel for each shape it meets, and
+    MiniMind's expert GEMMs bring new shapes every step, whose kernels evict ours from its caches (ours
+    1.52x dense interleaved with it, 1.17x in its own phase; the twin pads expert groups to 16 rows so
+    that its shapes repeat: CPU_LOWP_GROUP_ROWS). Warm-up: AdamW's state, the allocator, and in
+    bf16/fp16 those kernels (~5 steps to meet most shapes)."""
+    wall, cpu = {k: [] for k in ("dense", "ours", "minimind")}, {k: [] for k in ("dense", "ours", "minimind")}
+    for phase in (("dense", "ours"), ("dense", "minimind")):
+        for _ in range(warmup):
+            for label in phase:
+                step(label)
+        for r in range(steps):
+            for label in phase[r % 2:] + phase[:r % 2]:
+                sync()
+                t0, c0 = time.perf_counter(), cpu_clock()
+                step(label)
+                sync()
+                wall[label].append(time.perf_counter() - t0)
+                cpu[label].append(cpu_clock() - c0)
+    return wall, cpu
+
+
+def _moe_times(wall: dict, cpu: dict, steps: int) -> dict:
+    """_moe_phases' times -> medians ({label}_s, {label}_cpu_s) and the ratios ours/dense,
+    minimind/dense (each against the dense steps of its own phase) and ours/minimind, wall and cpu."""
+    row = {}
+    for label in wall:
+        row[f"{label}_s"] = round(statistics.median(wall[label]), 3)
+        row[f"{label}_cpu_s"] = round(statistics.median(cpu[label]), 3)
+    for kind, times in (("", wall), ("cpu_", cpu)):
+        for i, label in enumerate(("ours", "minimind")):  # each against the dense steps of its phase
+            dense = statistics.median(times["dense"][i * steps:(i + 1) * steps])
+            row[f"{label}/dense {kind}ratio"] = round(statistics.median(times[label]) / dense, 3)
+        row[f"ours/minimind {kind}ratio"] = round(row[f"ours/dense {kind}ratio"] /
+                                                   row[f"minimind/dense {kind}ratio"], 3)
+    return row
+
+
 def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3", "minimind-3-moe")),
               batch: int = 4, seq_len: int = 256, steps: int = 3, threads=(1, 2)) -> None:
     """MoE/dense training-step time (forward + backward + AdamW step + zero_grad) of each (dense
@@ -576,38 +618,11 @@ def bench_moe(device: str, out: dict, pairs=(("tiny", "tiny-moe"), ("minimind-3"
                 torch.set_num_threads(n_threads)
                 cpu_clock = time.thread_time if n_threads == 1 else time.process_time
                 load = os.getloadavg()[0]
-                # Ours and MiniMind's layer step in separate phases, each against the dense model: in
-                # bf16/fp16 on CPU oneDNN compiles a GEMM kernel for each shape it meets, and MiniMind's
-                # expert GEMMs bring new shapes every step, whose kernels evict ours from its caches (ours
-                # 1.52x dense interleaved with it, 1.17x in its own phase; the twin pads expert groups to
-                # 16 rows so that its shapes repeat: CPU_LOWP_GROUP_ROWS). Warm-up: AdamW's state, the
-                # allocator, and in bf16/fp16 those kernels (~5 steps to meet most shapes).
-                wall, cpu = {k: [] for k in models}, {k: [] for k in models}
-                for phase in (("dense", "ours"), ("dense", "minimind")):
-                    for _ in range(2 if dtype == torch.float32 else 5):
-                        for label in phase:
-                            step(label)
-                    for r in range(steps):
-                        for label in phase[r % 2:] + phase[:r % 2]:
-                            sync()
-                            t0, c0 = time.perf_counter(), cpu_clock()
-                            step(label)
-                            sync()
-                            wall[label].append(time.perf_counter() - t0)
-                            cpu[label].append(cpu_clock() - c0)
+                wall, cpu = _moe_phases(step, steps, 2 if dtype == torch.float32 else 5, sync, cpu_clock)
                 row = {"dense": dense_name, "moe": moe_name, "optimizer": "adamw fused" if fused else "adamw",
                        "dtype": str(dtype).replace("torch.", ""), "threads": n_threads, "batch": batch,
                        "seq_len": seq_len, "steps": steps,
-                       "load": [round(load, 2), round(os.getloadavg()[0], 2)]}
-                for label in models:
-                    row[f"{label}_s"] = round(statistics.median(wall[label]), 3)
-                    row[f"{label}_cpu_s"] = round(statistics.median(cpu[label]), 3)
-                for kind, times in (("", wall), ("cpu_", cpu)):
-                    for i, label in enumerate(("ours", "minimind")):  # each against the dense steps of its phase
-                        dense = statistics.median(times["dense"][i * steps:(i + 1) * steps])
-                        row[f"{label}/dense {kind}ratio"] = round(statistics.median(times[label]) / dense, 3)
-                    row[f"ours/minimind {kind}ratio"] = round(row[f"ours/dense {kind}ratio"] /
-                                                               row[f"minimind/dense {kind}ratio"], 3)
+                       "load": [round(load, 2), round(os.getloadavg()[0], 2)], **_moe_times(wall, cpu, steps)}
                 rows.append(row)
                 print(f"moe {moe_name:15s}/{dense_name:11s} {row['dtype']:8s} {row['optimizer']:11s} {n_threads} thr, "
                       f"load {row['load'][0]:.1f}-{row['load'][1]:.1f}: dense {row['dense_s']:6.2f} s | MoE/dense ours "

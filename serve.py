@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server for a minimind checkpoint.
 
     python serve.py --ckpt out/sft                          # http://127.0.0.1:8000/v1, chat page at /
-    python serve.py --ckpt out/sft --port 8000 --api-key sk-mine --host 0.0.0.0
+    python serve.py --ckpt out/sft --port 8000 --api-key sk-mine --host 0.0.0.0 --allowed-hosts my.box
     python serve.py --ckpt out/sft --cors https://my.site   # let that site's pages call the API
 
     POST /v1/chat/completions   chat (chat template), JSON or streamed server-sent events
@@ -58,19 +58,25 @@ Design:
   field its type (no "10" for 10), every number finite and in range, nesting bounded, strings valid
   UTF-8 without lone surrogates; unknown fields are ignored, as OpenAI does. Anything else is a 4xx
   with OpenAI's error body {"error": {"message", "type", "param", "code"}}, never a 5xx.
+- Pages of other sites: the Host header must name the server (localhost, 127.0.0.1, [::1] or --host
+  at the port bound; --allowed-hosts adds names), against DNS rebinding (400 otherwise), and an API
+  POST must be application/json (415 otherwise): a page may send text/plain without a preflight.
 - A body is capped while it is read, whatever its framing (Content-Length or chunked); a prompt too
   large for the context is refused by its size before it is tokenized.
 - One engine thread (engine.Engine) owns the model and decodes every active request together
   (continuous batching). The event loop awaits each request's events through an asyncio.Queue fed
   from the engine thread (loop.call_soon_threadsafe). Tokenizing runs in a worker thread;
   detokenizing (whole UTF-8 characters only) and stop strings (held back until they can no longer
-  match) on the loop. A client that disconnects cancels its row at the next decode step.
+  match) on the loop. A client that disconnects cancels its row at the next decode step. A stream
+  that fails past its first chunk ends with OpenAI's error event and [DONE].
+- OpenAI's wire format (schemas, error bodies, stop strings, answer and chunk shapes) is
+  openai_format.py; this file is the routes, the middleware and the server.
 """
 import argparse
 import asyncio
 import contextlib
 import hmac
-import json
+import logging
 import socket
 import sys
 import threading
@@ -78,7 +84,7 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Optional
 
 import h11
 import uvicorn
@@ -86,7 +92,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -94,359 +100,20 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from checkpoint import add_model_args, load_from_args
 from engine import Engine, GenRequest
-from minimind import SamplingParams
+from openai_format import (APIError, ChatCompletionRequest, ChatOut, CompletionBase, CompletionRequest, TextOut,
+                           chat_message, chunk, conversation, invalid, sse, usage, usage_chunk)
 from scoring import openai_logprobs, token_logprobs
-from tokenizer import ReplyParser, TokenDecoder, render_chat, token_bytes
+from tokenizer import TokenDecoder, render_chat, token_bytes
 
 MAX_BODY = 4 << 20  # bytes of a request body
 DRAIN_BYTES, DRAIN_SECONDS = 64 << 20, 2.0  # what of an oversized body is read and dropped before the 413
-MAX_STOP, MAX_STOP_CHARS = 16, 256  # stop strings per request, characters per stop string
-MAX_TOOLS, MAX_NAME = 128, 64  # tools (and tool calls) per message, characters of a function name (OpenAI's)
-MAX_LOGPROBS = 20  # /v1/completions logprobs: most alternatives per token (OpenAI's legacy limit was 5)
 UI_PAGE = Path(__file__).resolve().parent / "ui" / "chat.html"
-
-
-# -----------------------------------------------------------------------------
-# errors: OpenAI's body, a 4xx for anything the client sent
-
-class APIError(Exception):
-    """An error answered as OpenAI's JSON."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error", headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _param(loc: tuple) -> Optional[str]:
-    """("messages", 0, "role") -> "messages[0].role"."""
-    out = ""
-    for p in loc:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or None
-
-
-RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number", "too_short",
-                "too_long", "literal_error", "value_error"}
-
-
-def invalid(e: ValidationError) -> APIError:
-    """A pydantic validation error -> 400 naming the first offending field (never echoing its value)."""
-    err = e.errors(include_url=False, include_input=False, include_context=True)[0]
-    kind, param = err["type"], _param(err["loc"])
-    if kind == "json_invalid":
-        return APIError(400, f"We could not parse the JSON body of your request ({err['msg']}).", None,
-                        "invalid_json")
-    if param is None:
-        return APIError(400, f"The request body must be a JSON object ({err['msg']}).", None, "invalid_json")
-    msg = str(err["ctx"]["error"]) if kind == "value_error" else err["msg"]
-    code = ("missing_required_parameter" if kind == "missing" else
-            "invalid_value" if kind in RANGE_ERRORS else "invalid_type")
-    return APIError(400, f"Invalid '{param}': {msg}.", param, code)
-
-
-# -----------------------------------------------------------------------------
-# the request schema (OpenAI's, with vLLM's top_k, repetition_penalty and ignore_eos)
-
-class Schema(BaseModel):
-    """Types are strict (no "10" for 10, no 1 for true), numbers finite, unknown fields ignored, and a
-    null field is a field not given."""
-    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_not_given(cls, data):
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
-
-
-class StreamOptions(Schema):
-    include_usage: bool = False
-
-
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-
-
-def _text_parts(c):
-    """A message's content: a string, or OpenAI's list of text parts joined by newlines."""
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                   and isinstance(p.get("text"), str) for p in c):
-        return "\n".join(p["text"] for p in c)
-    raise ValueError('must be a string or a list of text parts, {"type": "text", "text": "..."}')
-
-
-class CalledFunction(Schema):
-    name: str = Field(min_length=1, max_length=MAX_NAME)
-    arguments: Any = "{}"  # OpenAI sends JSON text; MiniMind's data an object
-
-    @field_validator("arguments")
-    @classmethod
-    def _text_or_object(cls, a):
-        if not isinstance(a, (str, dict)):
-            raise ValueError("must be a string (JSON text) or an object")
-        return a
-
-
-class ToolCall(Schema):
-    """A call the assistant made, as a client sends it back in the conversation."""
-    id: Optional[str] = None
-    type: Literal["function"] = "function"
-    function: CalledFunction
-
-
-class Message(Schema):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Any = Field(None, validate_default=True)  # a string or a list of text parts; assistant: null too
-    reasoning_content: Optional[str] = None  # assistant: its thinking, rendered in the think block
-    tool_calls: Optional[list[ToolCall]] = Field(None, max_length=MAX_TOOLS)  # assistant only
-    tool_call_id: Optional[str] = None  # tool: the call answered (the template does not show it)
-
-    @field_validator("content")
-    @classmethod
-    def _text(cls, c, info):
-        if c is None and info.data.get("role") == "assistant":
-            return ""
-        return _text_parts(c)
-
-    @field_validator("tool_calls")
-    @classmethod
-    def _assistant_calls(cls, calls, info):
-        if calls and info.data.get("role") != "assistant":
-            raise ValueError("only assistant messages have tool calls")
-        return calls
-
-
-class FunctionSpec(Schema):
-    name: str = Field(min_length=1, max_length=MAX_NAME)
-    description: Optional[str] = None
-    parameters: Optional[dict] = None  # a JSON schema, shown to the model as it is
-    strict: Optional[bool] = None
-
-
-class Tool(Schema):
-    type: Literal["function"]
-    function: FunctionSpec
-
-
-class FunctionName(Schema):
-    name: str
-
-
-class NamedToolChoice(Schema):
-    type: Literal["function"]
-    function: FunctionName
-
-
-class ChatTemplateKwargs(Schema):
-    """vLLM's and SGLang's way to pass template switches; others are ignored."""
-    open_thinking: bool = False  # MiniMind-3's name
-    enable_thinking: bool = False  # Qwen3's name
-
-
-class CompletionBase(Schema):
-    """What both endpoints accept."""
-    model: Optional[str] = None
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=-1)  # -1 and 0: off; more than the vocabulary: off
-    repetition_penalty: float = Field(1.0, ge=0.01, le=10)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    seed: Optional[int] = Field(None, ge=-2 ** 63, le=2 ** 63 - 1)
-    stop: Any = Field(None, validate_default=True)
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1)
-    ignore_eos: bool = False  # generate max_tokens whatever comes (benchmarks)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, stop):
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-            raise ValueError("must be a string or a list of strings")
-        if stop and (len(stop) > MAX_STOP or max(map(len, stop)) > MAX_STOP_CHARS):
-            raise ValueError(f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters each")
-        return [s for s in stop or [] if s]
-
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty, frequency_penalty=self.frequency_penalty,
-                              presence_penalty=self.presence_penalty, seed=self.seed)
-
-
-class ChatCompletionRequest(CompletionBase):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    logprobs: bool = False
-    tools: Optional[list[Tool]] = Field(None, max_length=MAX_TOOLS)
-    tool_choice: Any = "auto"  # "none", "auto", "required" or a NamedToolChoice
-    parallel_tool_calls: bool = True  # accepted; the model may write several calls either way
-    open_thinking: bool = False  # MiniMind's own server's switch
-    chat_template_kwargs: Optional[ChatTemplateKwargs] = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("not supported by this server for chat (see /v1/completions)")
-        return v
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _tool_choice(cls, c):
-        if c in ("none", "auto", "required"):
-            return c
-        try:
-            return NamedToolChoice.model_validate(c)
-        except ValidationError:
-            raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}'
-                             ) from None
-
-    @field_validator("tools", mode="wrap")
-    @classmethod
-    def _tools_as_sent(cls, tools, check):
-        """Checked against the schema, kept as sent: the template shows each tool's JSON with the
-        client's keys in the client's order (and fields this schema does not name)."""
-        check(tools)
-        return tools
-
-    def thinking(self) -> bool:
-        kw = self.chat_template_kwargs
-        return self.open_thinking or bool(kw and (kw.open_thinking or kw.enable_thinking))
-
-
-class CompletionRequest(CompletionBase):
-    prompt: Any  # a string or a list of token ids (one prompt, possibly wrapped in a list)
-    max_tokens: Optional[int] = Field(None, ge=0)  # 0: with echo, only the prompt (scored with logprobs)
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)  # the top-n alternatives per token
-    echo: bool = False
-    best_of: int = Field(1, ge=1, le=1)
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, p):
-        if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
-            p = p[0]
-        if isinstance(p, str) or (isinstance(p, list) and p and all(type(t) is int for t in p)):
-            return p
-        raise ValueError("must be a string or a list of token ids (one prompt per request)")
-
-
-# -----------------------------------------------------------------------------
-# stop strings
-
-class StopText:
-    """Text in, text out, cut at the first stop string; text that may still become a stop string
-    is held back until it cannot."""
-
-    def __init__(self, stops: list):
-        self.stops, self.buf, self.stopped = stops, "", False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        self.buf += text
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf, self.stopped = self.buf[:min(hits)], "", True
-            return out
-        hold = 0  # longest tail of buf that begins some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.buf)), hold, -1):
-                if self.buf.endswith(s[:n]):
-                    hold = n
-                    break
-        out = self.buf[:len(self.buf) - hold]
-        self.buf = self.buf[len(out):]
-        return out
-
-    def flush(self) -> str:
-        out, self.buf = ("" if self.stopped else self.buf), ""
-        return out
-
-
-class TextOut:
-    """/v1/completions: the generated text, cut at the first stop string, as {"text"} deltas."""
-
-    def __init__(self, stops: list):
-        self.cut = StopText(stops)
-
-    @property
-    def stopped(self) -> bool:
-        return self.cut.stopped
-
-    def feed(self, text: str) -> list:
-        text = self.cut.feed(text)
-        return [{"text": text}] if text else []
-
-    def finish(self) -> list:
-        text = self.cut.flush()
-        return [{"text": text}] if text else []
-
-    def finish_reason(self, reason: str) -> str:
-        return reason
-
-
-class ChatOut:
-    """/v1/chat/completions: the reply as OpenAI's deltas, as vLLM's reasoning and tool parsers
-    give them: {"reasoning_content"} (the think block), {"content"} (cut at the first stop string:
-    stop strings apply to the content only) and {"tool_calls": [{index, id, type, function}]}, one
-    per <tool_call> block, whole. `thinking`: the prompt ended inside a think block."""
-
-    def __init__(self, stops: list, thinking: bool):
-        self.parser, self.cut, self.calls = ReplyParser(thinking), StopText(stops), 0
-
-    @property
-    def stopped(self) -> bool:
-        return self.cut.stopped
-
-    def feed(self, text: str) -> list:
-        return self._deltas(self.parser.feed(text))
-
-    def finish(self) -> list:
-        return self._deltas(self.parser.finish() + [("content", "")])
-
-    def finish_reason(self, reason: str) -> str:
-        """The engine's reason -> OpenAI's: a reply that called a tool and ended there is "tool_calls"."""
-        return "tool_calls" if reason == "stop" and self.calls else reason
-
-    def _deltas(self, events: list) -> list:
-        out = []
-        for kind, value in events:
-            if self.cut.stopped:
-                break
-            if kind == "reasoning":
-                out.append({"reasoning_content": value})
-                continue
-            text = self.cut.feed(value) if kind == "content" and value else self.cut.flush()  # a call ends the text
-            if text:
-                out.append({"content": text})
-            if kind == "tool_call":
-                out.append({"tool_calls": [{"index": self.calls, **value}]})
-                self.calls += 1
-        return out
+LOOPBACK = ("localhost", "127.0.0.1", "[::1]")  # Host names always answered (at the port bound)
+LOG = logging.getLogger("uvicorn.error")  # uvicorn's own: its level, format and stream
 
 
 # -----------------------------------------------------------------------------
 # HTTP: routes, body cap, errors
-
-def _sse(obj) -> bytes:
-    return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj, ensure_ascii=False).encode()) + b"\n\n"
-
-
-def _usage(prompt_tokens: int, n: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}
-
 
 class Routes:
     """The endpoints, and what they share: engine, tokenizer, model name and context, limits."""
@@ -492,7 +159,7 @@ class Routes:
     async def chat(self, request: Request):
         self._authorize(request)
         r = await self._parse(request, ChatCompletionRequest)
-        messages, tools = self._conversation(r)
+        messages, tools = conversation(r)
         thinking = r.thinking()
         text = render_chat(messages, tools=tools, add_generation_prompt=True, open_thinking=thinking)
         self._fits(len(text.encode()), 1, "messages")
@@ -508,37 +175,8 @@ class Routes:
             got, finish, n, _ = await self._collect(req, events, out)
         if got is None:
             return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
-        calls = [{k: c[k] for k in ("id", "type", "function")} for c in got.get("tool_calls", [])]
-        message = {"role": "assistant", "content": got.get("content") or (None if calls else "")}
-        if got.get("reasoning_content"):
-            message["reasoning_content"] = got["reasoning_content"]
-        if calls:
-            message["tool_calls"] = calls
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return {**meta, "object": "chat.completion", "choices": [choice], "usage": _usage(len(prompt), n)}
-
-    @staticmethod
-    def _conversation(r: ChatCompletionRequest):
-        """(messages, tools) as tokenizer.render_chat takes them; tools None when tool_choice is "none"."""
-        names = [t["function"]["name"] for t in r.tools or []]
-        if r.tool_choice != "auto" and r.tool_choice != "none" and not names:
-            raise APIError(400, "Invalid 'tool_choice': a tool choice other than 'none' or 'auto' needs 'tools'.",
-                           "tool_choice", "invalid_value")
-        if isinstance(r.tool_choice, NamedToolChoice) and r.tool_choice.function.name not in names:
-            raise APIError(400, "Invalid 'tool_choice': the function named is not in 'tools'.", "tool_choice",
-                           "invalid_value")
-        messages = []
-        for i, m in enumerate(r.messages):
-            if m.role == "tool" and not (i and (r.messages[i - 1].tool_calls or r.messages[i - 1].role == "tool")):
-                raise APIError(400, f"Invalid 'messages[{i}]': a message with role 'tool' must answer a preceding "
-                               "assistant message with 'tool_calls'.", f"messages[{i}].role", "invalid_value")
-            msg = {"role": ROLE_ALIASES[m.role], "content": m.content}
-            if m.role == "assistant" and m.reasoning_content is not None:
-                msg["reasoning_content"] = m.reasoning_content
-            if m.tool_calls:
-                msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-            messages.append(msg)
-        return messages, (r.tools if names and r.tool_choice != "none" else None)
+        choice = {"index": 0, "message": chat_message(got), "logprobs": None, "finish_reason": finish}
+        return {**meta, "object": "chat.completion", "choices": [choice], "usage": usage(len(prompt), n)}
 
     async def completions(self, request: Request):
         self._authorize(request)
@@ -577,7 +215,7 @@ class Routes:
         if r.stream:  # scored (or nothing generated): the whole answer in one chunk
             return StreamingResponse(self._replay(choice, meta, r, len(prompt), n), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return {**meta, "object": "text_completion", "choices": [choice], "usage": _usage(len(prompt), n)}
+        return {**meta, "object": "text_completion", "choices": [choice], "usage": usage(len(prompt), n)}
 
     async def _logprobs(self, prompt: list, ids: list, top_n: int, echo: bool, prompt_chars: int) -> dict:
         """The choice's `logprobs` for the completion's tokens `ids` (eos too when it ended there),
@@ -611,6 +249,10 @@ class Routes:
                            "request_timeout") from None
         except ClientDisconnect:  # or sent one HTTP could not parse: nobody to answer
             raise APIError(400, "The client went away while sending the body.", None, "client_disconnected") from None
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            # a page of any site may POST text/plain or a form without asking (no CORS preflight): not here
+            raise APIError(415, "The request body must be JSON, sent with 'Content-Type: application/json'.", None,
+                           "unsupported_media_type")
         try:
             return schema.model_validate_json(body)
         except ValidationError as e:
@@ -678,7 +320,7 @@ class Routes:
         req.cancelled.set()
         events.put_nowait(("gone",))
 
-    async def _deltas(self, req: GenRequest, events: asyncio.Queue, out):
+    async def _answer(self, req: GenRequest, events: asyncio.Queue, out):
         """("delta", dict) pieces of the answer as `out` (TextOut, ChatOut) shapes them, then
         ("end", finish_reason, completion_tokens, token ids) -- the ids counted, eos included when
         the completion ended there --, ("error", message), or ("gone",) when the client left."""
@@ -706,7 +348,7 @@ class Routes:
         """The whole answer -> (deltas merged: strings joined, tool calls listed; finish_reason,
         completion_tokens, token ids), or None first when the client left."""
         got = {}
-        async for ev in self._deltas(req, events, out):
+        async for ev in self._answer(req, events, out):
             if ev[0] == "delta":
                 for k, v in ev[1].items():
                     got[k] = got.get(k, [] if k == "tool_calls" else "") + v
@@ -717,18 +359,6 @@ class Routes:
             else:
                 raise APIError(500, f"generation failed: {ev[1]}", None, "internal_error", "server_error")
 
-    @staticmethod
-    def _chunk(meta: dict, r: CompletionBase, choice: dict) -> bytes:
-        chat = isinstance(r, ChatCompletionRequest)
-        kind = "chat.completion.chunk" if chat else "text_completion"
-        return _sse({**meta, "object": kind, "choices": [{"index": 0, "logprobs": None, "finish_reason": None,
-                                                          **({} if chat else {"text": ""}), **choice}]})
-
-    @staticmethod
-    def _usage_chunk(meta: dict, r: CompletionBase, prompt_tokens: int, n: int) -> bytes:
-        kind = "chat.completion.chunk" if isinstance(r, ChatCompletionRequest) else "text_completion"
-        return _sse({**meta, "object": kind, "choices": [], "usage": _usage(prompt_tokens, n)})
-
     async def _stream(self, req, events, watcher, out, meta, r: CompletionBase, prefix: str = ""):
         """Server-sent events: a chunk per delta as it comes (chat: the role first; completions with
         echo: the prompt first), the finish reason, usage when asked, [DONE]."""
@@ -736,31 +366,35 @@ class Routes:
                                                                          r.stream_options.include_usage)
         with self._finally(req, watcher):
             if chat:
-                yield self._chunk(meta, r, {"delta": {"role": "assistant", "content": ""}})
+                yield chunk(meta, r, {"delta": {"role": "assistant", "content": ""}})
             if prefix:
-                yield self._chunk(meta, r, {"text": prefix})
-            async for ev in self._deltas(req, events, out):
-                if ev[0] == "delta":
-                    yield self._chunk(meta, r, {"delta": ev[1]} if chat else ev[1])
-                elif ev[0] == "end":
-                    yield self._chunk(meta, r, {"finish_reason": ev[1], **({"delta": {}} if chat else {})})
-                    if include_usage:
-                        yield self._usage_chunk(meta, r, len(req.prompt), ev[2])
-                elif ev[0] == "gone":
-                    return
-                else:
-                    yield _sse(APIError(500, f"generation failed: {ev[1]}", None, "internal_error",
-                                        "server_error").body())
-            yield _sse(b"[DONE]")
+                yield chunk(meta, r, {"text": prefix})
+            try:
+                async for ev in self._answer(req, events, out):
+                    if ev[0] == "delta":
+                        yield chunk(meta, r, {"delta": ev[1]} if chat else ev[1])
+                    elif ev[0] == "end":
+                        yield chunk(meta, r, {"finish_reason": ev[1], **({"delta": {}} if chat else {})})
+                        if include_usage:
+                            yield usage_chunk(meta, r, len(req.prompt), ev[2])
+                    elif ev[0] == "gone":
+                        return
+                    else:
+                        yield sse(APIError(500, f"generation failed: {ev[1]}", None, "internal_error",
+                                           "server_error").body())
+            except Exception as e:  # a bug past the 200: the stream still ends as OpenAI's do, with [DONE]
+                LOG.exception("%s failed mid-stream", meta["id"])
+                yield sse(bug(e).body())
+            yield sse(b"[DONE]")
 
     async def _replay(self, choice: dict, meta: dict, r: CompletionBase, prompt_tokens: int, n: int):
         """A finished /v1/completions choice as a stream: its text and logprobs in one chunk, then
         the finish reason (usage when asked), [DONE]."""
-        yield self._chunk(meta, r, {**choice, "finish_reason": None})
-        yield self._chunk(meta, r, {"finish_reason": choice["finish_reason"]})
+        yield chunk(meta, r, {**choice, "finish_reason": None})
+        yield chunk(meta, r, {"finish_reason": choice["finish_reason"]})
         if r.stream_options and r.stream_options.include_usage:
-            yield self._usage_chunk(meta, r, prompt_tokens, n)
-        yield _sse(b"[DONE]")
+            yield usage_chunk(meta, r, prompt_tokens, n)
+        yield sse(b"[DONE]")
 
 
 class BodyLimit:
@@ -792,6 +426,44 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+def allowed_hosts(bound: str, port: int, more: str = "") -> Optional[frozenset]:
+    """The Host headers HostCheck lets through: "name:port" for the loopback names and the address
+    bound, at the port bound, and the entries of `more` ("a,b:8443": a at any port, b at 8443 only);
+    None (any Host) when `more` has "*"."""
+    extra = {h.strip().lower() for h in more.split(",") if h.strip()}
+    if "*" in extra:
+        return None
+    bound = f"[{bound}]" if ":" in bound else bound  # an IPv6 address is bracketed in Host
+    return frozenset({f"{name}:{port}" for name in (*LOOPBACK, bound.lower())} | extra)
+
+
+def host_allowed(host: str, hosts: frozenset) -> bool:
+    """Whether a Host header is among `hosts` (allowed_hosts'): its "name:port", or its name alone
+    (an entry for any port). A Host without a port is port 80, as HTTP has it."""
+    host = host.strip().lower()
+    name, port = (host, "80") if host.endswith("]") or ":" not in host else host.rsplit(":", 1)
+    return bool(name) and port.isdigit() and (f"{name}:{int(port)}" in hosts or name in hosts)
+
+
+class HostCheck:
+    """ASGI middleware: a request whose Host header names another server gets a 400 in OpenAI's
+    shape before anything else runs. A page of any site can have its own name resolve to this
+    address (DNS rebinding) and then call the server as if it were the page's own: its requests
+    carry that name in Host, which is not one the server was started as."""
+
+    def __init__(self, app, hosts: frozenset):
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), "")
+            if not host_allowed(host, self.hosts):
+                e = APIError(400, "The Host header does not name this server (serve.py --allowed-hosts adds names).",
+                             None, "invalid_host")
+                return await error_response(e)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 async def _drain(receive):
     loop = asyncio.get_running_loop()
     deadline, n = loop.time() + DRAIN_SECONDS, 0
@@ -805,8 +477,12 @@ async def _drain(receive):
             return
 
 
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
 async def _api_error(request: Request, exc: APIError):
-    return exc.response()
+    return error_response(exc)
 
 
 async def _http_error(request: Request, exc: HTTPException):
@@ -815,22 +491,28 @@ async def _http_error(request: Request, exc: HTTPException):
     message, code = {404: (f"Unknown request URL: {what}.", "not_found"),
                      405: (f"Method not allowed: {what}.", "method_not_allowed")}.get(
         exc.status_code, (str(exc.detail), None))
-    return APIError(exc.status_code, message, None, code, headers=exc.headers).response()
+    return error_response(APIError(exc.status_code, message, None, code, headers=exc.headers))
 
 
 async def _bad_params(request: Request, exc: RequestValidationError):
-    return APIError(400, f"Invalid request: {exc.errors()[0].get('msg', '')}", None, "invalid_value").response()
+    return error_response(APIError(400, f"Invalid request: {exc.errors()[0].get('msg', '')}", None, "invalid_value"))
+
+
+def bug(exc: Exception) -> APIError:
+    """A bug as OpenAI's 500: its type named, its message (which may quote anything) not."""
+    return APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error", "server_error")
 
 
 async def _bug(request: Request, exc: Exception):
-    """A bug: a 500 in OpenAI's shape (the traceback is logged by the server)."""
-    return APIError(500, f"internal error: {type(exc).__name__}", None, "internal_error", "server_error").response()
+    """A bug before the response began: a 500 (the traceback is logged by the server)."""
+    return error_response(bug(exc))
 
 
 def make_app(engine: Engine, tok, name: str = "minimind", context: int = 2048, api_key: Optional[str] = None,
              default_max_tokens: int = 512, ui: bool = True, cors: tuple = (), max_body: int = MAX_BODY,
-             read_timeout: float = 30.0) -> FastAPI:
-    """The ASGI app; the engine is started (and stopped) by the caller."""
+             read_timeout: float = 30.0, hosts: Optional[frozenset] = None) -> FastAPI:
+    """The ASGI app; the engine is started (and stopped) by the caller. `hosts`: the Host headers
+    answered (allowed_hosts), None for any."""
     routes = Routes(engine, tok, name, context, api_key, default_max_tokens, read_timeout)
     app = FastAPI(title="minimind", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_api_route("/health", routes.health, methods=["GET", "HEAD"])
@@ -845,6 +527,8 @@ def make_app(engine: Engine, tok, name: str = "minimind", context: int = 2048, a
     app.add_exception_handler(RequestValidationError, _bad_params)
     app.add_exception_handler(Exception, _bug)
     app.add_middleware(BodyLimit, limit=max_body)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
     if cors:  # outermost: errors carry the CORS headers too
         app.add_middleware(CORSMiddleware, allow_origins=list(cors), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
@@ -921,6 +605,10 @@ def build_parser():
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only; 0.0.0.0 = all)")
     p.add_argument("--port", type=port_number, default=8000, help="port (0: any free port, printed at start)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--allowed-hosts", default="", metavar="NAMES",
+                   help="more names clients may send in the Host header, comma-separated (NAME: any port, "
+                        "NAME:PORT: that one), or * for any; always allowed: localhost, 127.0.0.1, [::1] and --host "
+                        "at the port bound (other names get 400: DNS rebinding)")
     p.add_argument("--model-name", default="minimind", help="model id reported by /v1/models and in responses")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="let pages from ORIGIN (e.g. https://my.site, or *) call the API; repeatable; default none")
@@ -952,10 +640,11 @@ def main(argv=None):
         if not getattr(args, flag) > 0:
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
     sock = listen(args.host, args.port, args.backlog)  # before the model loads: a busy port fails at once
+    hosts = allowed_hosts(args.host, sock.getsockname()[1], args.allowed_hosts)
     model, tok, device, context = load_from_args(args)
     engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue, compile=args.compile).start()
     app = make_app(engine, tok, args.model_name, context, args.api_key, args.max_tokens, not args.no_ui,
-                   tuple(args.cors), args.max_body, args.read_timeout)
+                   tuple(args.cors), args.max_body, args.read_timeout, hosts)
     config = uvicorn.Config(app, http=type("H11", (H11,), {"header_timeout": args.read_timeout}),
                             ws="none", lifespan="off", backlog=args.backlog, limit_concurrency=args.max_connections,
                             timeout_keep_alive=args.keep_alive, timeout_graceful_shutdown=3,
@@ -964,6 +653,9 @@ def main(argv=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_hosts:
+        print("note: requests are answered only when their Host is localhost, 127.0.0.1, [::1] or --host; "
+              "--allowed-hosts NAME,... adds the names clients use (* any)", file=sys.stderr)
     host, port = sock.getsockname()[:2]
     host = f"[{host}]" if ":" in host else host
     print(f"serving {args.model_name} ({device}, context {context}) on http://{host}:{port}/v1", flush=True)

@@ -24,10 +24,10 @@ from bench import bench_server
 from conftest import ROOT
 from engine import Engine, GenRequest
 from minimind import SamplingParams
+from openai_format import StopText
 from sample import stream_tokens
 import serve
-from serve import StopText
-from tokenizer import TokenDecoder, parse_reply
+from tokenizer import ReplyParser, TokenDecoder, parse_reply
 
 KEY = "sk-test-key"
 DEFAULT_MAX_TOKENS = 20
@@ -150,7 +150,8 @@ def test_chat_stream_equals_non_stream(client):
 def test_stream_wire_format_ends_with_done(server):
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
     body = {"messages": USER, "max_tokens": 5, "stream": True, "temperature": 0}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}",
+                                                                   "Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream")
     events = [e for e in r.read().decode().split("\n\n") if e]
@@ -353,7 +354,8 @@ def test_disconnect_frees_the_slot(server, stream):
     before = health(server)["tokens"]
     conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
     body = {"messages": MSG, "max_tokens": CONTEXT - 60, "stream": stream, "ignore_eos": True}
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}",
+                                                                   "Content-Type": "application/json"})
     deadline = time.time() + 30
     while health(server)["active"] == 0 and time.time() < deadline:  # wait until it is decoding
         time.sleep(0.02)
@@ -533,3 +535,50 @@ def test_bench_server_reports_rates(tokenizer_dir):
     for mode in ("batched", "sequential"):
         assert s[mode]["requests"] == 2 and s[mode]["req_s"] > 0
         assert s[mode]["tok_s"] > 0 and s[mode]["ttft_ms"] >= 0
+
+
+def test_a_failure_mid_stream_ends_with_an_error_event_and_done(loaded, monkeypatch):
+    """A bug while the reply is parsed (ReplyParser.feed raising on a request's third piece, for the
+    requests that think): the stream ends with OpenAI's error event and [DONE], not a cut connection;
+    unstreamed, a 500 in OpenAI's shape; a stream beside it, and the next request, go on untouched."""
+    model, tok = loaded
+    init, feed = ReplyParser.__init__, ReplyParser.feed
+
+    def flaky(self, text):
+        self.pieces = getattr(self, "pieces", 0) + 1
+        if self.pieces == 3 and getattr(self, "doomed", False):
+            raise ValueError("a parser bug")
+        return feed(self, text)
+
+    def doomed_if_thinking(self, thinking=False):
+        init(self, thinking)
+        self.doomed = thinking
+
+    monkeypatch.setattr(ReplyParser, "feed", flaky)
+    monkeypatch.setattr(ReplyParser, "__init__", doomed_if_thinking)
+    engine = Engine(model, tok.eos_id).start()
+    try:
+        with TestClient(serve.make_app(engine, tok), raise_server_exceptions=False) as http:
+            body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 12, "ignore_eos": True,
+                    "temperature": 0, "stream": True}
+            healthy = []
+            beside = threading.Thread(target=lambda: healthy.append(http.post("/v1/chat/completions", json=body)))
+            beside.start()
+            r = http.post("/v1/chat/completions", json={**body, "open_thinking": True})
+            beside.join(timeout=60)
+            events = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+            assert r.status_code == 200 and events[-1] == "[DONE]", events[-3:]
+            err = json.loads(events[-2])["error"]
+            assert (err["type"], err["code"]) == ("server_error", "internal_error") and "ValueError" in err["message"]
+            assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+            # unstreamed: a clean 500
+            r = http.post("/v1/chat/completions", json={**body, "open_thinking": True, "stream": False})
+            assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+            # the stream beside it, and the next request, as if nothing had happened
+            events = [e.removeprefix("data: ") for e in healthy[0].text.split("\n\n") if e]
+            assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+            r = http.post("/v1/chat/completions", json={**body, "stream": False})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+            assert engine.load() == {"active": 0, "queued": 0}
+    finally:
+        engine.stop()

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import ROOT
+import serve
 from test_serve import CONTEXT, KEY, start_server
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
@@ -247,7 +248,8 @@ def test_protocol_garbage_is_refused_and_the_server_goes_on(port):
 def stream_text(port, body: dict, out: list, i: int):
     """Stream a chat completion; out[i] = (text, finish_reason, saw [DONE])."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    conn.request("POST", CHAT, json.dumps({**body, "stream": True}), {"Authorization": f"Bearer {KEY}"})
+    conn.request("POST", CHAT, json.dumps({**body, "stream": True}),
+                 {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     r = conn.getresponse()
     text, finish, done = [], None, False
     for line in r:
@@ -303,7 +305,7 @@ def test_poison_among_live_streams_changes_nothing(port):
             statuses.append(post(port, CHAT, body)[0])
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # a client that goes away
         conn.request("POST", CHAT, json.dumps({**BASE[CHAT], "max_tokens": 500, "stream": True}),
-                     {"Authorization": f"Bearer {KEY}"})
+                     {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
         conn.getresponse().fp.readline()
         conn.sock.shutdown(socket.SHUT_RDWR)
         conn.close()
@@ -328,7 +330,7 @@ def test_64_simultaneous_streams_complete(port):
 def test_trickling_connections_do_not_delay_others_and_are_closed(port):
     """200 clients sending their headers a byte at a time, 10 more their body: a normal request is
     answered as fast as ever, and they are cut off after --read-timeout (the body ones with a 408)."""
-    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode()
     socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(200)]
     bodies = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(10)]
     for s in bodies:
@@ -401,3 +403,48 @@ def test_busy_port_is_one_clear_line(random_ckpt):
                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr == f"error: cannot listen on 127.0.0.1:{busy}: Address already in use\n"
+
+
+# -----------------------------------------------------------------------------
+# pages of other sites: DNS rebinding and simple cross-site POSTs
+
+def test_a_host_that_is_not_the_server_is_refused(port):
+    """A page of evil.example whose name is rebound to 127.0.0.1 reaches the server with its own name
+    in Host: refused unless Host names the address bound (loopback names here) at its port."""
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1:{port + 1}", "localhost", f"127.0.0.2:{port}",
+                 f"localhost.evil.example:{port}"):
+        for method, path, body in (("GET", "/v1/models", b""), ("GET", "/", b""), ("GET", "/health", b""),
+                                   ("POST", CHAT, json.dumps(BASE[CHAT]).encode())):
+            status, _, data = request(port, method, path, body, headers={"Host": host})
+            assert status == 400 and openai_error(data)["code"] == "invalid_host", (host, path, status, data[:200])
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"LocalHost:{port}", f"[::1]:{port}"):
+        assert request(port, "GET", "/v1/models", headers={"Host": host})[0] == 200, host
+
+
+def test_api_posts_must_be_json(port):
+    """A page of any site may POST text/plain, a form or multipart without a CORS preflight (a
+    "simple" request): the API answers 415 to any body not sent as application/json."""
+    for path in (CHAT, COMP):
+        body = json.dumps({**BASE[path], "max_tokens": 1}).encode()
+        for ctype in ("text/plain", "text/plain; charset=utf-8", "application/x-www-form-urlencoded",
+                      "multipart/form-data; boundary=x", "application/jsonx", None):
+            status, _, data = request(port, "POST", path, body, headers={"Content-Type": ctype})
+            assert status == 415 and openai_error(data)["code"] == "unsupported_media_type", (ctype, status)
+        for ctype in ("application/json; charset=utf-8", "Application/JSON"):
+            assert request(port, "POST", path, body, headers={"Content-Type": ctype})[0] == 200, ctype
+
+
+def test_allowed_hosts():
+    """--allowed-hosts adds names (any port; a name:port entry that port only); * turns the check off.
+    A Host without a port is port 80."""
+    hosts = serve.allowed_hosts("0.0.0.0", 8000, "my.box, 10.0.0.5:9000")
+    ok = ["localhost:8000", "127.0.0.1:8000", "[::1]:8000", "0.0.0.0:8000", "my.box", "my.box:8000", "MY.BOX:1",
+          "10.0.0.5:9000"]
+    bad = ["localhost", "localhost:8001", "10.0.0.5", "10.0.0.5:8000", "evil.example:8000", "my.box.evil.example",
+           "", "[::1]", "my.box:x"]
+    assert [h for h in ok if not serve.host_allowed(h, hosts)] == []
+    assert [h for h in bad if serve.host_allowed(h, hosts)] == []
+    assert serve.host_allowed("localhost", serve.allowed_hosts("127.0.0.1", 80, ""))
+    assert serve.host_allowed("[::]:8000", serve.allowed_hosts("::", 8000, ""))
+    assert serve.allowed_hosts("127.0.0.1", 8000, "*") is None  # any Host
+    assert "--allowed-hosts" in serve.build_parser().format_help()

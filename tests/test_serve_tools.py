@@ -18,7 +18,7 @@ import pytest
 
 from checkpoint import load_for_inference
 from conftest import ANSWERS, ONE_THREAD, prepare_data, qa, run
-from serve import ChatOut
+from openai_format import ChatOut
 from test_serve import greedy, openai_client, start_server
 from tokenizer import parse_reply
 
