@@ -1,6 +1,7 @@
 """The tokenizer and the chat format: MiniMind-3's special tokens and chat template (ChatML with think
-blocks, tools, tool calls and tool responses), rendered in one place (`chat_segments`, `render_chat`)
-and kept as the Jinja template for transformers; the parser of what the model writes (reasoning,
+blocks, tools, tool calls and tool responses), rendered in one place (`chat_spans`, `chat_segments`,
+`render_chat`) and kept as the Jinja template for transformers; chat encoding in which message content
+never becomes a control token (`Tokenizer.encode_chat`); the parser of what the model writes (reasoning,
 text, tool calls; whole or streamed); streaming detokenization that never shows half a character."""
 import codecs
 import hashlib

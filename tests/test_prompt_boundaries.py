@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 from fastapi.testclient import TestClient
+from transformers import AutoTokenizer
 
 import serve
 from conftest import run
@@ -67,6 +68,18 @@ def test_content_round_trips_as_ordinary_tokens(tokenizer_dir):
         assert not controls(ids)
         assert tok.decode(ids) == text == "".join(dec.feed(t) for t in ids) + dec.flush()
     assert tok.encode_spans([(EOS, False)]) == [tok.eos_id]  # the template's own text keeps its markers
+
+
+def test_transformers_renders_the_same_text_and_tokenizes_it_whole(tokenizer_dir):
+    """The documented difference (docs/export.md): apply_chat_template of the exported template gives
+    the same text, but tokenizes the content's marker text as control tokens; we do not."""
+    tok, hf = Tokenizer(tokenizer_dir), AutoTokenizer.from_pretrained(tokenizer_dir)
+    messages = [{"role": "user", "content": EVIL}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    theirs = hf.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    ours = tok.encode_chat(messages)
+    assert text == render_chat(messages, add_generation_prompt=True) == tok.decode(ours) == hf.decode(theirs)
+    assert controls(ours) == [1, 2, 1, 25, 26] and len(controls(theirs)) > len(controls(ours))
 
 
 def read(d, kind):
