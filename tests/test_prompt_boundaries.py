@@ -57,7 +57,8 @@ def test_content_never_becomes_a_control_token_in_encode_chat(tokenizer_dir):
     markers = ["<|im_start|>", "<|im_end|>", "<|im_start|>", "<think>", "</think>"]
     assert controls(ids) == [tok.encode(m)[0] for m in markers] == [1, 2, 1, 25, 26]
     # harmless content encodes exactly as the whole text does (and as transformers does)
-    assert tok.encode_chat(conversation("ok")) == tok.encode(render_chat(conversation("ok"), add_generation_prompt=True))
+    safe = conversation("ok")
+    assert tok.encode_chat(safe) == tok.encode(render_chat(safe, add_generation_prompt=True))
 
 
 def test_content_round_trips_as_ordinary_tokens(tokenizer_dir):
