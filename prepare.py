@@ -40,7 +40,7 @@ import corpus
 import rl
 from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from runtime import publish_modes
-from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
+from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_spans
 
 # -----------------------------------------------------------------------------
 # reading documents
@@ -378,9 +378,10 @@ def cmd_pretrain(args):
 
 
 def encode_segments(tok, pieces):
-    """[[(text, trained), ...] per sequence] -> [(ids uint16, mask uint8)] (one encode_batch call)."""
-    flat = [t for segs in pieces for t, _ in segs]
-    ids = iter(tok.encode_batch(flat))
+    """[[(spans, trained), ...] per sequence] -> [(ids uint16, mask uint8)] (one encode_batch call);
+    the spans' literal text never becomes a control token (`Tokenizer.encode_spans`)."""
+    flat = [spans for segs in pieces for spans, _ in segs]
+    ids = iter(tok.encode_spans_batch(flat))
     out = []
     for segs in pieces:
         toks, mask = [], []
@@ -407,16 +408,17 @@ SYSTEM_PROMPTS = [
 
 
 def conversation_segments(obj, key: str, augment: Optional[dict] = None, rng=None) -> list:
-    """(text, trained) pieces of the conversation obj[key] as it is stored (`chat_segments`); the
+    """(spans, trained) pieces of the conversation obj[key] as it is stored (`chat_spans`); the
     newline after the last <|im_end|> is left out: nothing is learned from it. `augment`: the
     fractions {"system_prompt", "drop_empty_think"}, drawn with `rng`."""
     msgs, tools = check_conversation(obj.get(key), obj.get("tools"))
     # MiniMind leaves the tool-use conversations as they are
     if augment and not tools and msgs[0]["role"] != "system" and rng.random() < augment["system_prompt"]:
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}, *msgs]
-    segs = chat_segments(msgs, tools=tools)
-    if augment and rng.random() < augment["drop_empty_think"]:
-        segs = [(t.replace(EMPTY_THINK, "") if trained else t, trained) for t, trained in segs]
+    segs = chat_spans(msgs, tools=tools)
+    if augment and rng.random() < augment["drop_empty_think"]:  # the template's empty think block, not content
+        segs = [([(t if literal or not trained else t.replace(EMPTY_THINK, ""), literal) for t, literal in spans],
+                 trained) for spans, trained in segs]
     return segs if segs[-1][1] else segs[:-1]
 
 
@@ -464,7 +466,7 @@ def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
         if k == len(c) and k == len(r):
             results[i] = ("identical",)
             continue
-        prompt = [("".join(t for t, _ in c[:k]), False)] if k else []
+        prompt = [([s for spans, _ in c[:k] for s in spans], False)] if k else []
         pieces += [prompt, c[k:], r[k:]]
         where.append(i)
     enc = encode_segments(_worker_tok, pieces)

@@ -163,7 +163,7 @@ class Routes:
         thinking = r.thinking()
         text = render_chat(messages, tools=tools, add_generation_prompt=True, open_thinking=thinking)
         self._fits(len(text.encode()), 1, "messages")
-        prompt = await run_in_threadpool(self.tok.encode, text)
+        prompt = await run_in_threadpool(self.tok.encode_chat, messages, tools=tools, open_thinking=thinking)
         name = "max_completion_tokens" if r.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._budget(r, len(prompt), "messages", name, self.default_max_tokens)
         req, events, watcher = self._start(request, r, prompt, max_tokens)

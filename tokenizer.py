@@ -1,10 +1,12 @@
 """The tokenizer and the chat format: MiniMind-3's special tokens and chat template (ChatML with think
-blocks, tools, tool calls and tool responses), rendered in one place (`chat_segments`, `render_chat`)
-and kept as the Jinja template for transformers; the parser of what the model writes (reasoning,
+blocks, tools, tool calls and tool responses), rendered in one place (`chat_spans`, `chat_segments`,
+`render_chat`) and kept as the Jinja template for transformers; chat encoding in which message content
+never becomes a control token (`Tokenizer.encode_chat`); the parser of what the model writes (reasoning,
 text, tool calls; whole or streamed); streaming detokenization that never shows half a character."""
 import codecs
 import hashlib
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -126,17 +128,35 @@ def _text(x) -> str:
     return x if isinstance(x, str) else ""
 
 
-def _tool_call_text(call) -> str:
+# A span is (text, literal): literal text is the caller's (message content, reasoning, tool names,
+# arguments and specs) and never becomes a control token (`Tokenizer.encode_spans`); the rest is the
+# template's own, whose markers (<|im_start|>, <think>, <tool_call>, ...) do.
+
+def _merged(spans) -> list:
+    """Spans with the empty ones left out and neighbours of the same kind joined."""
+    out = []
+    for text, literal in spans:
+        if not text:
+            continue
+        if out and out[-1][1] == literal:
+            out[-1] = (out[-1][0] + text, literal)
+        else:
+            out.append((text, literal))
+    return out
+
+
+def _tool_call_spans(call) -> list:
     """One assistant tool call as the template writes it: a <tool_call> block of {"name", "arguments"}.
     `call` is OpenAI's {"function": {"name", "arguments"}} or just {"name", "arguments"}; string
     arguments (OpenAI sends JSON text) are written as they are, objects as JSON."""
     call = call.get("function") or call
     args = call.get("arguments", {})
     args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return f'{TOOL_CALL}\n{{"name": "{call.get("name", "")}", "arguments": {args}}}\n{TOOL_CALL_END}'
+    return [(f'{TOOL_CALL}\n{{"name": "', False), (str(call.get("name", "")), True), ('", "arguments": ', False),
+            (args, True), (f"}}\n{TOOL_CALL_END}", False)]
 
 
-def _assistant_text(m) -> str:
+def _assistant_spans(m) -> list:
     """What the assistant wrote in message `m`: its think block (empty when it has no reasoning),
     its text, its tool calls. Reasoning comes from `reasoning_content`, else out of the content's
     <think>...</think>."""
@@ -146,11 +166,48 @@ def _assistant_text(m) -> str:
         if THINK_END in content:
             reasoning = content.split(THINK_END)[0].rstrip("\n").split(THINK)[-1].lstrip("\n")
             content = content.split(THINK_END)[-1].lstrip("\n")
-    reasoning, shown = reasoning.strip("\n"), content.lstrip("\n")
-    text = f"{THINK}\n{reasoning}\n{THINK_END}\n\n{shown}"
+    spans = [(f"{THINK}\n", False), (reasoning.strip("\n"), True), (f"\n{THINK_END}\n\n", False),
+             (content.lstrip("\n"), True)]
     for i, call in enumerate(m.get("tool_calls") or []):
-        text += ("\n" if i or content else "") + _tool_call_text(call)
-    return text
+        spans += [("\n" if i or content else "", False), *_tool_call_spans(call)]
+    return spans
+
+
+def chat_spans(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
+               enable_thinking: bool = False) -> list:
+    """The chat-template text of a conversation cut into (spans, trained) pieces, spans [(text,
+    literal)] (above): `chat_segments` with the caller's text told apart from the template's, so
+    that `Tokenizer.encode_spans` can keep content from forging turns. Arguments as in `chat_segments`."""
+    segs, prompt = [], []
+    first_system = bool(messages) and messages[0].get("role") == "system"
+    if tools:
+        prompt += [(f"{BOS}system\n", False)]
+        if first_system:
+            prompt += [(_text(messages[0].get("content")), True), ("\n\n", False)]
+        prompt += [(TOOLS_HEADER, False)]
+        for t in tools:
+            prompt += [("\n", False), (json.dumps(t, ensure_ascii=False), True)]
+        prompt += [(TOOLS_FOOTER + f"{EOS}\n", False)]
+    elif first_system:
+        prompt += [(f"{BOS}system\n", False), (_text(messages[0].get("content")), True), (f"{EOS}\n", False)]
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), _text(m.get("content"))
+        if role == "user" or (role == "system" and i > 0):
+            prompt += [(f"{BOS}{role}\n", False), (content, True), (f"{EOS}\n", False)]
+        elif role == "assistant":
+            segs += [(prompt + [(f"{BOS}assistant\n", False)], False), (_assistant_spans(m) + [(EOS, False)], True)]
+            prompt = [("\n", False)]
+        elif role == "tool":  # tool results go back as a user turn, consecutive ones in the same turn
+            if i == 0 or messages[i - 1].get("role") != "tool":
+                prompt += [(f"{BOS}user", False)]
+            prompt += [("\n<tool_response>\n", False), (content, True), ("\n</tool_response>", False)]
+            if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
+                prompt += [(f"{EOS}\n", False)]
+    if add_generation_prompt:
+        prompt += [(f"{BOS}assistant\n" + (f"{THINK}\n" if open_thinking or enable_thinking else EMPTY_THINK), False)]
+    if prompt:
+        segs.append((prompt, False))
+    return [(_merged(spans), trained) for spans, trained in segs]
 
 
 def chat_segments(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
@@ -166,33 +223,11 @@ def chat_segments(messages, *, tools=None, add_generation_prompt: bool = False, 
     with an empty one. Roles the template does not know are left out, as the template does.
 
     Cuts fall right after "<|im_start|>assistant\\n" and right after <|im_end|> (a special token),
-    so encoding the pieces one by one gives the tokens of the whole text."""
-    segs, prompt = [], ""
-    first_system = bool(messages) and messages[0].get("role") == "system"
-    if tools:
-        prompt = f"{BOS}system\n" + (_text(messages[0].get("content")) + "\n\n" if first_system else "")
-        prompt += TOOLS_HEADER + "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
-        prompt += TOOLS_FOOTER + f"{EOS}\n"
-    elif first_system:
-        prompt = f"{BOS}system\n{_text(messages[0].get('content'))}{EOS}\n"
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), _text(m.get("content"))
-        if role == "user" or (role == "system" and i > 0):
-            prompt += f"{BOS}{role}\n{content}{EOS}\n"
-        elif role == "assistant":
-            segs += [(prompt + f"{BOS}assistant\n", False), (_assistant_text(m) + EOS, True)]
-            prompt = "\n"
-        elif role == "tool":  # tool results go back as a user turn, consecutive ones in the same turn
-            if i == 0 or messages[i - 1].get("role") != "tool":
-                prompt += f"{BOS}user"
-            prompt += f"\n<tool_response>\n{content}\n</tool_response>"
-            if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
-                prompt += f"{EOS}\n"
-    if add_generation_prompt:
-        prompt += f"{BOS}assistant\n" + (f"{THINK}\n" if open_thinking or enable_thinking else EMPTY_THINK)
-    if prompt:
-        segs.append((prompt, False))
-    return segs
+    so encoding the pieces one by one gives the tokens of the whole text. To encode, use the spans
+    (`chat_spans`, `Tokenizer.encode_chat`): this text alone cannot tell content from markers."""
+    return [("".join(t for t, _ in spans), trained)
+            for spans, trained in chat_spans(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                             open_thinking=open_thinking, enable_thinking=enable_thinking)]
 
 
 def render_chat(messages, *, tools=None, add_generation_prompt: bool = False, open_thinking: bool = False,
@@ -322,7 +357,12 @@ def parse_reply(text: str, thinking: bool = False):
 
 
 class Tokenizer:
-    """The byte-level BPE tokenizer written by `prepare.py tokenizer` (a `tokenizers` JSON file)."""
+    """The byte-level BPE tokenizer written by `prepare.py tokenizer` (a `tokenizers` JSON file).
+
+    `encode` turns the text of an added token (<|im_end|>, <think>, ...) into its control token;
+    `encode_chat` and `encode_spans` do so only for the template's own markers: the caller's text
+    (message content, reasoning, tool calls, tool specs) becomes the ordinary tokens of its
+    characters, whatever it holds, so a message cannot close its turn and open a forged one."""
 
     def __init__(self, directory):
         self.dir = Path(directory)
@@ -332,6 +372,13 @@ class Tokenizer:
         self.tok = HFTokenizer.from_file(str(path))
         self.vocab_size = self.tok.get_vocab_size()
         self.pad_id, self.bos_id, self.eos_id = (self.tok.token_to_id(t) for t in SPECIAL_TOKENS)
+        self.control = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}  # text -> id
+        longest_first = "|".join(re.escape(t) for t in sorted(self.control, key=len, reverse=True))
+        self.markers = re.compile(f"({longest_first or '(?!)'})")  # leftmost-longest, as the tokenizer matches
+        # the same tokenizer without its added tokens: literal text only ever meets the bytes and merges
+        spec = json.loads(self.tok.to_str())
+        spec["added_tokens"] = []
+        self.plain = HFTokenizer.from_str(json.dumps(spec))
 
     def encode(self, text: str) -> list:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -342,9 +389,37 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def _runs(self, spans) -> list:
+        """Spans [(text, literal)] -> [str | int]: the control token ids of the markers in the template's
+        text and, between them, the text to encode without added tokens (literal text joins the run)."""
+        runs, run = [], ""
+        for text, literal in spans:
+            parts = [text] if literal else self.markers.split(text)  # text, marker, text, ..., marker, text
+            for j, part in enumerate(parts):
+                if j % 2 == 0:
+                    run += part
+                    continue
+                runs += [run, self.control[part]] if run else [self.control[part]]
+                run = ""
+        return runs + [run] if run else runs
+
+    def encode_spans_batch(self, batch) -> list:
+        """[spans per sequence] -> [token ids per sequence] (one encode_batch call). A sequence without
+        literal text encodes as `encode` of its text; the template's markers are cut points of the
+        whole-text encoding too, so literal text free of added-token text encodes as there."""
+        runs = [self._runs(spans) for spans in batch]
+        plain = iter(self.plain.encode_batch([r for rs in runs for r in rs if isinstance(r, str)],
+                                             add_special_tokens=False))
+        return [[i for r in rs for i in ([r] if isinstance(r, int) else next(plain).ids)] for rs in runs]
+
+    def encode_spans(self, spans) -> list:
+        return self.encode_spans_batch([spans])[0]
+
     def encode_chat(self, messages, add_generation_prompt: bool = True, **template) -> list:
-        """Token ids of `render_chat(messages, add_generation_prompt=..., **template)` (tools, thinking)."""
-        return self.encode(render_chat(messages, add_generation_prompt=add_generation_prompt, **template))
+        """Token ids of `render_chat(messages, add_generation_prompt=..., **template)` (tools, thinking),
+        content kept to ordinary tokens (`chat_spans`, `encode_spans`)."""
+        segs = chat_spans(messages, add_generation_prompt=add_generation_prompt, **template)
+        return self.encode_spans([s for spans, _ in segs for s in spans])
 
     def hash(self) -> str:
         return hashlib.sha256((self.dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
