@@ -705,5 +705,4 @@ def test_a_long_streamed_reply_is_not_redrawn_every_frame(browser, stub):
         return {late, span: b[b.length - 1][0] - b[0][0]};""")
     assert js(d, "return minimind.state.convs.find(c => c.id === minimind.state.currentId).messages[1].content") == LONG
     assert len(all_by(d, "#thread .content > p")) == 2000  # all of it drawn at the end
-    print(r)
     assert r["span"] > 2000 and r["late"] < 0.6 * r["span"], r
