@@ -102,6 +102,8 @@ QUICKSORT = (
     "- this version is short, not in place: it builds new lists\n\n"
     "需要原地排序的版本吗？")
 TOOL_CALL = {"name": "get_weather", "arguments": '{"city": "Beijing", "unit": "celsius"}'}
+LONG = "A paragraph with **bold**, `code` and a [link](https://example.com).\n\n- an item\n- another\n\n" * 2000
+LONG_PIECES, LONG_PAUSE = 500, 0.008  # ~180 KB in 500 events, 4+ s: the page sees it grow frame by frame
 
 
 class Stub(BaseHTTPRequestHandler):
@@ -149,7 +151,13 @@ class Stub(BaseHTTPRequestHandler):
 
         pieces = lambda s, n: [s[i:i + n] for i in range(0, len(s), n)]
         event({"role": "assistant", "content": ""})
-        if "quicksort" in question:
+        if question == "a long reply":
+            size = -(-len(LONG) // LONG_PIECES)
+            for p in pieces(LONG, size):
+                event({"content": p})
+                time.sleep(LONG_PAUSE)
+            event({}, "stop")
+        elif "quicksort" in question:
             for p in pieces("Quicksort: pivot, partition, recurse on both sides; show a short Python version.", 9):
                 event({"reasoning_content": p})
                 time.sleep(0.15)  # thinking takes a while
@@ -578,3 +586,123 @@ def test_screenshots_of_a_scripted_reply(browser, stub, tmp_path):
     if os.environ.get("MINIMIND_DOCS_SCREENSHOT"):
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copy(desktop, ROOT / "docs" / "chat.png")
+
+
+# -----------------------------------------------------------------------------
+# hostile replies: rendering is linear in the reply and bounded in depth; one bad message stops nothing
+
+HOSTILE = {  # up to ~1 MB each; what each did before
+    "nested quotes": "> " * 500_000 + "x",  # RangeError: Maximum call stack size exceeded
+    "nested lists": "- " * 500_000 + "x",  # the same
+    "indented lists": "\n".join(" " * (i % 600) + "- x" for i in range(3_000)),  # n² line copies
+    "a URL and its parens": "http://a" + ")" * 1_000_000,  # trimUrl: n² (7.6 s for 32,000)
+    "unclosed bold": "**a " * 250_000,  # each "**" scanned to the end of the text
+    "unclosed strikethrough and underscores": "~~a __b _c " * 90_000,
+    "em with strong pairs": "*a **b " * 140_000,
+    "unclosed links": "[" * 500_000 + "](" * 250_000,
+    "blank lines in a list": "- a\n" + "\n" * 1_000_000 + "  b",
+    "a heading with blanks": "# a" + " " * 1_000_000 + "b",
+    "a fence with blanks": "```" + " " * 1_000_000 + "`",
+    "a wide table": "a" + "|a" * 10_000 + "\n" + "|-" * 10_000 + "\n" + "|\n" * 50_000,  # 500 M cells
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_reply_renders_fast_and_bounded(browser, stub, name):
+    """The page's renderer on up to 1 MB of hostile markdown: under 2 s on a busy 2-core machine (most take
+    under 0.5 s), no exception, the text still shown, at most 16 quotes or lists deep."""
+    d = browser
+    open_page(d, stub)
+    src = HOSTILE[name]
+    r = js(d, """
+        const t0 = performance.now(), box = document.createElement('div');
+        try { box.append(minimind.renderMarkdown(arguments[0])); } catch (e) { return {error: String(e)}; }
+        let depth = 0;
+        for (let n = box.querySelector('blockquote, ul, ol'), k = 1; n; n = n.querySelector('blockquote, ul, ol'), k++)
+          depth = k;
+        return {ms: performance.now() - t0, depth, text: box.textContent.length, cells: box.querySelectorAll('td').length};
+    """, src)
+    assert "error" not in r, r
+    assert r["ms"] < 2000, r
+    assert r["depth"] <= 16, r
+    assert r["text"] >= len(src.replace(" ", "").replace("\n", "")) * 0.25, r  # the text is there, not dropped
+    assert r["cells"] <= 20_000, r
+
+
+def test_the_reported_url_renders_fast_and_right(browser, stub):
+    """The probe's reply: a URL with 32,000 ")" took 7.6 s to render; the link still ends where it should."""
+    d = browser
+    open_page(d, stub)
+    r = js(d, """
+        const t0 = performance.now(), box = document.createElement('div');
+        box.append(minimind.renderMarkdown(arguments[0]));
+        return {ms: performance.now() - t0, links: [...box.querySelectorAll('a')].map(a => a.textContent),
+                text: box.textContent};""", "see http://a/(b)" + ")" * 32_000 + ".")
+    assert r["ms"] < 500, r["ms"]
+    assert r["links"] == ["http://a/(b)"]
+    assert r["text"] == "see http://a/(b)" + ")" * 32_000 + "."
+
+
+def conversation(cid, title, reply, **extra):
+    return {"id": cid, "title": title, "created": 1, "updated": 1,
+            "messages": [{"role": "user", "content": f"question {cid}"}, {"role": "assistant", "content": reply, **extra}]}
+
+
+def test_a_poisoned_conversation_does_not_stop_the_page(browser, stub):
+    """Stored replies that used to throw on every load (or hang it for seconds) are shown, and so is
+    everything else; a message the page cannot draw at all shows its raw text, as text."""
+    d = browser
+    raw = "**not drawn** <img src=x onerror=\"window.__pwned = 1\">"
+    convs = [conversation("ok", "fine", "a **fine** answer"),
+             conversation("deep", "deep", "> " * 16_000 + "x"),
+             conversation("url", "url", "http://a" + ")" * 32_000),
+             {**conversation("bad", "broken", "never drawn"),
+              "messages": [{"role": "user", "content": "q"}, None,
+                           {"role": "assistant", "content": raw, "tool_calls": "not a list"}]}]
+    t0 = time.monotonic()
+    open_page(d, stub, {"minimind.conversations": convs, "minimind.current": "deep"})
+    wait(lambda: js(d, "return document.querySelector('#model').value") == "stub-model", 10, "the page to load")
+    assert time.monotonic() - t0 < 8  # 11 s for the URL alone before
+    assert sorted(c.text for c in all_by(d, "#conv-list .conv")) == ["broken", "deep", "fine", "url"]
+    depth = js(d, "let k = 0; for (let n = document.querySelector('#thread .content'); "
+                  "(n = n.querySelector('blockquote')); ) k++; return k;")
+    assert depth == 16 and by(d, "#thread .msg.assistant .content").text.endswith("x")
+
+    for cid, title, want in [("url", "url", "http://a" + ")" * 32_000), ("ok", "fine", "a fine answer")]:
+        t0 = time.monotonic()
+        by(d, f"#conv-list .conv[data-id={cid}] .conv-title").click()
+        wait(lambda: by(d, "#conv-title").text == title, 5, "the conversation")
+        assert time.monotonic() - t0 < 3
+        assert by(d, "#thread .msg.assistant .content").text == want
+    assert by(d, "#thread .content strong").text == "fine"
+
+    by(d, "#conv-list .conv[data-id=bad] .conv-title").click()
+    wait(lambda: by(d, "#conv-title").text == "broken", 5, "the broken conversation")
+    msgs = all_by(d, "#thread .msg")
+    assert len(msgs) == 2 and by(d, "#thread .msg.user .bubble").text == "q"  # the null message is dropped
+    assert by(d, "#thread .msg.raw .bubble").text == raw  # its text, as text
+    assert "could not be shown" in by(d, "#thread .msg.raw .error").text
+    assert not all_by(d, "#thread img, #thread .msg.raw strong") and js(d, "return window.__pwned") is None
+
+
+def test_a_long_streamed_reply_is_not_redrawn_every_frame(browser, stub):
+    """A ~180 KB reply streamed over 4+ s: redrawing all of it on every frame kept the page busy the whole
+    time (n² work in all); now the redraws are spaced by their cost, so the page is mostly free while the
+    reply streams. Busy = a 10 ms heartbeat late by more than 50 ms."""
+    d = browser
+    open_page(d, stub)
+    wait(lambda: js(d, "return document.querySelector('#model').value") == "stub-model", 10, "the model name")
+    js(d, """
+        window.__beats = [];  // [time, still streaming]
+        window.__beat = setInterval(() => window.__beats.push([performance.now(), minimind.state.busy]), 10);""")
+    type_and_send(d, "a long reply")
+    wait(lambda: idle(d) and all_by(d, "#thread .msg.assistant .stats"), 60, "the reply")
+    r = js(d, """
+        clearInterval(window.__beat);
+        const b = window.__beats.filter(([t, busy]) => busy);  // while it streamed (not the last drawing)
+        let late = 0;
+        for (let k = 1; k < b.length; k++) if (b[k][0] - b[k - 1][0] > 50) late += b[k][0] - b[k - 1][0];
+        return {late, span: b[b.length - 1][0] - b[0][0]};""")
+    assert js(d, "return minimind.state.convs.find(c => c.id === minimind.state.currentId).messages[1].content") == LONG
+    assert len(all_by(d, "#thread .content > p")) == 2000  # all of it drawn at the end
+    assert r["span"] > 2000 and r["late"] < 0.6 * r["span"], r
