@@ -28,8 +28,8 @@ from rl.rollout import Rollout, rollout, rollout_messages, select_tools
 from rl.tasks import TASKS, TOOL_TASKS, demonstration, is_val_key, make_task, prompt_messages, tool_solution, write_task
 from rl.tools import (CAPITALS, ELEMENTS, MAX_EXPONENT, MAX_EXPR_LEN, MAX_MAGNITUDE, MAX_TOOL_OUTPUT, TOOL_CALL_END,
                       TOOL_CALL_START, TOOLS, SandboxTool, ToolError, calculator, check_tool_call, find_tool_calls,
-                      format_number, lookup, run_tool_call, schemas_of, tool_response_message, tools_system_prompt,
-                      unit_convert, validate_arguments)
+                      format_number, lookup, record_tools, run_tool_call, schemas_of, tool_response_message,
+                      tools_system_prompt, unit_convert, validate_arguments)
 
 __all__ = [
     # answers
@@ -48,6 +48,6 @@ __all__ = [
     # tools
     "CAPITALS", "ELEMENTS", "MAX_EXPONENT", "MAX_EXPR_LEN", "MAX_MAGNITUDE", "MAX_TOOL_OUTPUT", "TOOL_CALL_END",
     "TOOL_CALL_START", "TOOLS", "SandboxTool", "ToolError", "calculator", "check_tool_call", "find_tool_calls",
-    "format_number", "lookup", "run_tool_call", "schemas_of", "tool_response_message", "tools_system_prompt",
-    "unit_convert", "validate_arguments",
+    "format_number", "lookup", "record_tools", "run_tool_call", "schemas_of", "tool_response_message",
+    "tools_system_prompt", "unit_convert", "validate_arguments",
 ]

@@ -30,10 +30,13 @@ def normalize(text: str) -> str:
     return unicodedata.normalize("NFKC", text).replace("\u2212", "-")
 
 
+# Linear on model output: no two `\s*` are separated by optional items only (`\s*(?:是)?\s*:?\s*` took
+# cubic time on a marker followed by newlines), so a failed match at a marker backtracks over one
+# whitespace run once.
 _MARKERS = [
     re.compile(r"\\boxed\{([^{}]*)\}"),
-    re.compile(r"(?:最终答案|答案|结果)\s*(?:是|为)?\s*:?\s*([^\n]+)"),
-    re.compile(r"answer\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE),
+    re.compile(r"(?:最终答案|答案|结果)\s*(?:[是为]\s*)?(?::\s*)?([^\n]+)"),
+    re.compile(r"answer\s*(?:is|:)\s*(?::\s*)?([^\n]+)", re.IGNORECASE),
 ]
 
 

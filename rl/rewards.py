@@ -45,10 +45,11 @@ def repetition_penalty(text: str, n: int = 3, cap: float = 0.5) -> float:
     """Share of repeated n-grams, scaled: min(cap, 2 * cap * repeated / total) in [0, cap] (MiniMind's
     rule). Tokens are words, single CJK characters and punctuation marks, lowercased."""
     toks = _TOKENS.findall(text.lower())
-    grams = [tuple(toks[i:i + n]) for i in range(len(toks) - n + 1)]
-    if not grams:
+    total = len(toks) - n + 1
+    if total <= 0:
         return 0.0
-    return min(cap, (len(grams) - len(set(grams))) * cap * 2 / len(grams))
+    distinct = len(set(zip(*(toks[i:] for i in range(n)))))  # n-grams (toks[j], ..., toks[j+n-1]), built in C
+    return min(cap, (total - distinct) * cap * 2 / total)
 
 
 def reward_repetition(prompt, completion: str, record=None, n: int = 3, cap: float = 0.5) -> float:

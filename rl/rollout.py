@@ -4,7 +4,6 @@ tools fed back between turns in agentic rollouts.
     from rl.rollout import rollout
     ro = rollout(model, tok, prompt_ids, 256, generator=g, tools=select_tools("all"), max_turns=3)
 """
-import json
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,7 +12,7 @@ import torch
 from minimind import left_pad
 from rl.answers import split_think
 from rl.tasks import prompt_messages
-from rl.tools import TOOLS, find_tool_calls, tool_response_message, tools_system_prompt
+from rl.tools import TOOLS, find_tool_calls, record_tools, tool_response_message, tools_system_prompt
 from tokenizer import render_chat
 
 
@@ -37,9 +36,8 @@ def rollout_messages(record: dict) -> list:
     record["tools"] (tools_system_prompt) when the record has tools but no system message (MiniMind's
     agent records keep the schemas apart; its chat template renders them into the system turn)."""
     msgs = prompt_messages(record)
-    tools = record.get("tools")
+    tools = record_tools(record)
     if tools and msgs[0]["role"] != "system":
-        tools = json.loads(tools) if isinstance(tools, str) else tools
         msgs.insert(0, {"role": "system", "content": tools_system_prompt(tools, record.get("lang", "en"))})
     return msgs
 

@@ -17,7 +17,8 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from rl.tools import CAPITALS, ELEMENTS, TOOL_CALL_END, TOOL_CALL_START, TOOLS, tool_response_message, tools_system_prompt
+from rl.tools import (CAPITALS, ELEMENTS, TOOL_CALL_END, TOOL_CALL_START, TOOLS, tool_response_message,
+                      tools_system_prompt)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ import ast
 import json
 import math
 import operator
-import re
+import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -26,7 +27,6 @@ from rl.answers import normalize, split_think
 # tool sandbox
 
 TOOL_CALL_START, TOOL_CALL_END = "<tool_call>", "</tool_call>"
-_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 MAX_TOOL_OUTPUT = 2048  # characters of a tool response given back to the model
 
 
@@ -59,6 +59,9 @@ MAX_MAGNITUDE = 10 ** 100  # any intermediate result beyond this is refused (bou
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARYOPS = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+# superscript digits, signs and brackets: a run of them is a power (NFKC alone would read 2² as 22)
+_SUPERSCRIPTS = "\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079\u207a\u207b\u207d\u207e"
+_FROM_SUPERSCRIPT = str.maketrans(_SUPERSCRIPTS, "0123456789+-()")
 
 
 def format_number(x) -> str:
@@ -100,16 +103,36 @@ def _eval_node(node):
     raise ToolError(f"unsupported expression: {type(node).__name__} (only numbers, + - * / // % ** and parentheses)")
 
 
+def _powers(expression: str) -> str:
+    """2² -> 2**(2), 10⁻³ -> 10**(-3): each run of superscripts is the exponent it shows. Any other
+    superscript or subscript character (ⁿ, ₂) raises ToolError: NFKC would make it a plain digit or
+    letter, and 2₂ silently 22."""
+    out, run = [], []
+    for c in expression + " ":  # a sentinel ends the last run
+        if c in _SUPERSCRIPTS:
+            run.append(c)
+            continue
+        if run:
+            out.append("**(" + "".join(run).translate(_FROM_SUPERSCRIPT) + ")")
+            run = []
+        if unicodedata.decomposition(c).startswith(("<super>", "<sub>")):
+            raise ToolError(f"{c!r} is not arithmetic (write powers as 2**3)")
+        out.append(c)
+    return "".join(out)[:-1]
+
+
 def calculator(expression: str) -> str:
-    """Evaluate arithmetic: numbers, + - * / // % ** (or ^), unary +/-, parentheses; × ÷ and full-width
-    brackets accepted. Anything else - names, calls, attributes, strings, lambdas - raises ToolError,
-    as do expressions over MAX_EXPR_LEN characters, exponents over MAX_EXPONENT and results beyond
-    MAX_MAGNITUDE. The expression is parsed with `ast` and walked here; nothing is executed."""
+    """Evaluate arithmetic: numbers, + - * / // % ** (or ^, or superscripts: 2³ is 2**3), unary +/-,
+    parentheses; × ÷ and full-width brackets accepted. Anything else - names, calls, attributes, strings,
+    lambdas, subscripts - raises ToolError, as do expressions over MAX_EXPR_LEN characters (after NFKC),
+    exponents over MAX_EXPONENT and results beyond MAX_MAGNITUDE. The expression is parsed with `ast` and
+    walked here; nothing is executed."""
     if not isinstance(expression, str):
         raise ToolError("expression must be a string")
-    if len(expression) > MAX_EXPR_LEN:
-        raise ToolError(f"expression too long (at most {MAX_EXPR_LEN} characters)")
-    expr = (normalize(expression).replace("×", "*").replace("÷", "/").replace("^", "**"))
+    # the limit holds after normalisation too: NFKC writes the one character ⒇ as (20)
+    if len(expression) > MAX_EXPR_LEN or len(normalize(expression)) > MAX_EXPR_LEN:
+        raise ToolError(f"expression too long (at most {MAX_EXPR_LEN} characters after Unicode normalisation)")
+    expr = normalize(_powers(expression)).replace("×", "*").replace("÷", "/").replace("^", "**")
     try:
         with warnings.catch_warnings():  # "3d4" from a sampled call: a SyntaxWarning on stderr, then the error
             warnings.simplefilter("ignore")
@@ -167,7 +190,8 @@ def unit_convert(value, from_unit: str, to_unit: str) -> str:
             value = float(value.strip())
         except ValueError:
             raise ToolError(f"value must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # `not abs <= max`: nan, infinities and ints beyond float's range (math.isfinite would overflow on them)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
         raise ToolError("value must be a finite number")
     units = []
     for u in (from_unit, to_unit):
@@ -230,41 +254,72 @@ _JSON_TYPES = {"string": (str,), "number": (int, float), "integer": (int,), "boo
                "object": (dict,), "array": (list,)}
 
 
+def _properties(parameters) -> dict:
+    """name -> schema (a dict) of the arguments a parameters schema declares; whatever a record's schema
+    holds instead of a dict reads as {} (no constraint)."""
+    props = parameters.get("properties") if isinstance(parameters, dict) else None
+    return {k: v if isinstance(v, dict) else {} for k, v in props.items()} if isinstance(props, dict) else {}
+
+
 def validate_arguments(arguments, parameters: dict) -> Optional[str]:
     """Check a tool call's arguments against its JSON schema (object with properties, required, types).
     Returns an error message, or None when they fit. Unknown argument names are errors."""
     if not isinstance(arguments, dict):
         return "arguments must be a JSON object"
-    props = parameters.get("properties", {})
-    missing = [k for k in parameters.get("required", []) if k not in arguments]
+    props = _properties(parameters)
+    required = parameters.get("required") if isinstance(parameters, dict) else None
+    missing = [k for k in required if isinstance(k, str) and k not in arguments] if isinstance(required, list) else []
     if missing:
         return f"missing argument(s): {', '.join(missing)}"
     for k, v in arguments.items():
         if k not in props:
             return f"unknown argument {k!r} (expected: {', '.join(props)})"
-        types = _JSON_TYPES.get(props[k].get("type"))
+        kind = props[k].get("type")
+        types = _JSON_TYPES.get(kind) if isinstance(kind, str) else None
         if types and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            return f"argument {k!r} must be a {props[k]['type']}"
+            return f"argument {k!r} must be a {kind}"
     return None
 
 
 def find_tool_calls(text: str) -> list:
-    """The contents of every <tool_call>...</tool_call> block in a text, in order."""
-    return [m.strip() for m in _TOOL_CALL.findall(text)]
+    """The contents of every <tool_call>...</tool_call> block in a text, in order: each opening tag with
+    the first closing tag after it. One pass of str.find: a lazy regex rescans the rest of the text from
+    every unclosed opening tag (quadratic)."""
+    blocks, at = [], 0
+    while (start := text.find(TOOL_CALL_START, at)) >= 0:
+        end = text.find(TOOL_CALL_END, start + len(TOOL_CALL_START))
+        if end < 0:  # no opening tag after this one is closed either
+            break
+        blocks.append(text[start + len(TOOL_CALL_START):end].strip())
+        at = end + len(TOOL_CALL_END)
+    return blocks
+
+
+def record_tools(record) -> Optional[list]:
+    """The tool schemas a record offers: record["tools"], a list or its JSON text, keeping the well-formed
+    entries ({"type": "function", "function": {...}} or the function itself, a dict with a string
+    "name"). None when it offers none (no "tools", or an empty list); [] when "tools" does not parse
+    (a record is data: a broken one makes every call invalid, it does not stop the run)."""
+    tools = (record or {}).get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except (ValueError, RecursionError):  # RecursionError: "[" * 5000
+            return []
+    if not tools:
+        return None
+    if not isinstance(tools, list):
+        return []
+    return [t for t in tools if isinstance(t, dict) and isinstance(t.get("function", t), dict)
+            and isinstance(t.get("function", t).get("name"), str)]
 
 
 def schemas_of(record) -> dict:
-    """name -> parameters schema of the tools a record offers (record["tools"]), else of TOOLS."""
-    tools = (record or {}).get("tools")
-    if isinstance(tools, str):
-        tools = json.loads(tools)
-    if not tools:
+    """name -> parameters schema of the tools a record offers (record_tools), else of TOOLS."""
+    tools = record_tools(record)
+    if tools is None:
         return {name: t.parameters for name, t in TOOLS.items()}
-    out = {}
-    for t in tools:
-        f = t.get("function", t)
-        out[f["name"]] = f.get("parameters", {})
-    return out
+    return {t.get("function", t)["name"]: t.get("function", t).get("parameters", {}) for t in tools}
 
 
 def check_tool_call(block: str, schemas: dict):
@@ -274,8 +329,10 @@ def check_tool_call(block: str, schemas: dict):
     text = inner[0] if inner else block.strip()
     try:
         call = json.loads(text)
-    except ValueError as e:
-        return None, f"tool call is not valid JSON ({e.msg})"
+    except RecursionError:
+        return None, "tool call is not valid JSON (nested too deeply)"
+    except ValueError as e:  # a JSONDecodeError, or int()'s refusal of a number of over 4300 digits
+        return None, f"tool call is not valid JSON ({getattr(e, 'msg', str(e).split(':')[0])})"
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
         return None, 'tool call must be {"name": "...", "arguments": {...}}'
     if set(call) - {"name", "arguments"}:
@@ -316,7 +373,7 @@ def tool_response_message(assistant_text: str, registry: dict = None) -> Optiona
 
 
 def _tool_line(f: dict) -> str:
-    args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in f.get("parameters", {}).get("properties", {}).items())
+    args = ", ".join(f"{k}: {v.get('type', 'any')}" for k, v in _properties(f.get("parameters")).items())
     return f"{f['name']}({args}): {f.get('description', '')}"
 
 
