@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import rl
+from rl.tasks import is_val_key, prompt_messages
 from tokenizer import ROLES
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -444,11 +444,11 @@ class DPOData(PackedData):
 
 class PromptData:
     """RLAIF records ({"conversations": [...]} ending with the user turn, or with an assistant turn that
-    is dropped; optional "answer", "tools", ...: see rl.py) as prompt batches for --mode=grpo|ppo.
+    is dropped; optional "answer", "tools", ...: see rl/tasks.py) as prompt batches for --mode=grpo|ppo.
 
     `data_dir` is a directory written by `prepare.py rl-task` (train.jsonl, val.jsonl, meta.json) or one
     JSON Lines file, such as MiniMind's rlaif.jsonl, split by a rule: a record is held out for validation
-    when rl.is_val_key says so of its "key" (the problem, whatever its wording), else of its prompt text
+    when is_val_key says so of its "key" (the problem, whatever its wording), else of its prompt text
     (about 1 in 10). The records are not tokenized here; the objective renders them with the policy's
     tokenizer.
 
@@ -471,7 +471,7 @@ class PromptData:
         elif self.dir.exists():
             self.meta = {"kind": self.kind, "source": str(self.dir)}
             records = self.read([self.dir])
-            held_out = [rl.is_val_key(r.get("key") or json.dumps(rl.prompt_messages(r), ensure_ascii=False))
+            held_out = [is_val_key(r.get("key") or json.dumps(prompt_messages(r), ensure_ascii=False))
                         for r in records]
             self.splits = {"train": [r for r, v in zip(records, held_out) if not v],
                            "val": [r for r, v in zip(records, held_out) if v]}
@@ -488,7 +488,7 @@ class PromptData:
         records = []
         for path, line_no, obj in iter_jsonl(paths):
             try:
-                rl.prompt_messages(obj)
+                prompt_messages(obj)
             except (KeyError, TypeError, ValueError) as e:
                 raise DataError(f"{path}:{line_no}: not an RLAIF record ({e or 'no conversations'})") from None
             records.append(obj)

@@ -37,8 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 import corpus
-import rl
 from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+from rl.tasks import TASKS, TOOL_TASKS, demonstration, write_task
 from runtime import publish_modes
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_spans
 
@@ -660,14 +660,14 @@ def check_args(args):
 # verifiable prompts for RL (--mode=grpo|ppo)
 
 def add_rl_task_parser(sub):
-    p = sub.add_parser("rl-task", help="verifiable prompts for --mode=grpo|ppo (rl.make_task): train.jsonl, "
+    p = sub.add_parser("rl-task", help="verifiable prompts for --mode=grpo|ppo (rl.tasks.make_task): train.jsonl, "
                                        "val.jsonl (disjoint problems), meta.json")
     p.add_argument("--out", default="data/grpo", help="output directory")
     p.add_argument("--n-train", type=int, default=2000, help="training prompts")
     p.add_argument("--n-val", type=int, default=100, help="held-out prompts (problems never in train.jsonl)")
     p.add_argument("--seed", type=int, default=0, help="seeds the problems drawn")
-    p.add_argument("--kinds", default=",".join(k for k in rl.TASKS if k not in rl.TOOL_TASKS),
-                   help=f"comma list of task kinds: {', '.join(rl.TASKS)} (tool tasks need train.py --tools; "
+    p.add_argument("--kinds", default=",".join(k for k in TASKS if k not in TOOL_TASKS),
+                   help=f"comma list of task kinds: {', '.join(TASKS)} (tool tasks need train.py --tools; "
                         "default: the others)")
     p.add_argument("--lang", choices=("zh", "en"), default=None, help="one language (default: both)")
     p.add_argument("--compact-tools", action="store_true",
@@ -677,19 +677,19 @@ def add_rl_task_parser(sub):
 
 
 def cmd_rl_task(args):
-    """Write rl.write_task's records: RLAIF records whose last turn is the reference answer (dropped by
+    """Write write_task's records: RLAIF records whose last turn is the reference answer (dropped by
     the RL reader), with "answer" for the exact reward; and sft.jsonl, the train records solved
-    (rl.demonstration: tool tasks with their tool call and its response), for `prepare.py sft` before RL.
+    (demonstration: tool tasks with their tool call and its response), for `prepare.py sft` before RL.
     Tokenizer-free: train.py renders the prompts with the tokenizer of the checkpoint it trains."""
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     out = Path(args.out)
     try:
         with staged_output(out) as tmp:
-            rl.write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds,
-                          args.compact_tools)
+            write_task(tmp / "train.jsonl", tmp / "val.jsonl", args.n_train, args.n_val, args.seed, args.lang, kinds,
+                       args.compact_tools)
             with open(tmp / "train.jsonl", encoding="utf-8") as f, open(tmp / "sft.jsonl", "w", encoding="utf-8") as dst:
                 for line in f:
-                    demo = rl.demonstration(json.loads(line))
+                    demo = demonstration(json.loads(line))
                     dst.write(json.dumps({"conversations": demo}, ensure_ascii=False) + "\n")
             meta = {"kind": "prompts", "source": "prepare.py rl-task", "kinds": kinds, "lang": args.lang,
                     "seed": args.seed, "compact_tools": args.compact_tools, "train_records": args.n_train,

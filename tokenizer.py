@@ -246,7 +246,7 @@ def _tool_call(body: str) -> Optional[dict]:
     {"name": str, "arguments": ...}. Arguments become JSON text, as OpenAI sends them."""
     try:
         call = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[" * 1000 from the model
         return None
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"]:
         return None
@@ -283,7 +283,7 @@ class ReplyParser:
         self.mode = "reasoning" if thinking else "content"  # or "tool": inside a <tool_call> block
         self.buf = ""  # text not yet handled: the beginning of a tag, an open tool call block
         self.started = False  # past a possible <think> at the very beginning
-        self.held = ""  # whitespace at the end of what the channel has released so far
+        self.held = []  # whitespace at the end of what the channel has released so far, in pieces
         self.spoke = False  # whether the channel has released any text (leading whitespace is dropped)
         self.events = []
 
@@ -304,46 +304,51 @@ class ReplyParser:
 
     def _say(self, text: str):
         """Release text on the current channel (a broken tool call block is content)."""
-        text = self.held + text if self.spoke else text.lstrip()
+        if not self.spoke:
+            text = text.lstrip()
         body = text.rstrip()
-        self.held = text[len(body):]
-        if body:
-            self.events.append(("reasoning" if self.mode == "reasoning" else "content", body))
-            self.spoke = True
+        if not body:  # whitespace only: held in pieces (joining each time is quadratic in their number)
+            self.held.append(text)
+            return
+        self.events.append(("reasoning" if self.mode == "reasoning" else "content", "".join(self.held) + body))
+        self.held, self.spoke = [text[len(body):]], True
 
     def _advance(self):
+        if not self.started:
+            head = self.buf.lstrip()
+            if not head or (THINK.startswith(head) and head != THINK):
+                return  # it may still become <think>
+            self.started = True
+            if head.startswith(THINK):
+                self.mode, self.buf = "reasoning", head[len(THINK):]
+        buf, i = self.buf, 0  # buf[i:] is not handled yet (slicing off each block copied the rest: quadratic)
         while True:
-            if not self.started:
-                head = self.buf.lstrip()
-                if not head or (THINK.startswith(head) and head != THINK):
-                    return  # it may still become <think>
-                self.started = True
-                if head.startswith(THINK):
-                    self.mode, self.buf = "reasoning", head[len(THINK):]
             if self.mode == "tool":
-                end = self.buf.find(TOOL_CALL_END)
+                end = buf.find(TOOL_CALL_END, i)
                 if end < 0:
-                    return
-                block, self.buf = self.buf[:end + len(TOOL_CALL_END)], self.buf[end + len(TOOL_CALL_END):]
-                call = _tool_call(block[len(TOOL_CALL):end])
+                    break
+                stop = end + len(TOOL_CALL_END)
+                call = _tool_call(buf[i + len(TOOL_CALL):end])
                 if call:
                     self.events.append(("tool_call", call))
                 self.mode = "content"
                 if not call:
-                    self._say(block)
+                    self._say(buf[i:stop])
+                i = stop
                 continue
             tag = THINK_END if self.mode == "reasoning" else TOOL_CALL
-            at = self.buf.find(tag)
+            at = buf.find(tag, i)
             if at < 0:
-                keep = len(self.buf) - _partial_tag(self.buf, tag)
-                self._say(self.buf[:keep])
-                self.buf = self.buf[keep:]
-                return
-            self._say(self.buf[:at])
+                keep = max(i, len(buf) - _partial_tag(buf, tag))
+                self._say(buf[i:keep])
+                i = keep
+                break
+            self._say(buf[i:at])
             if self.mode == "reasoning":  # on to the content, a channel of its own
-                self.mode, self.buf, self.held, self.spoke = "content", self.buf[at + len(tag):], "", False
+                self.mode, i, self.held, self.spoke = "content", at + len(tag), [], False
             else:
-                self.mode, self.buf = "tool", self.buf[at:]
+                self.mode, i = "tool", at
+        self.buf = buf[i:]
 
 
 def parse_reply(text: str, thinking: bool = False):

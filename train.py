@@ -202,7 +202,7 @@ def build_parser():
     g.add_argument("--value-lr", type=float, default=1e-3,
                    help="ppo: peak learning rate of the value head (fresh, so faster than the policy's; same schedule)")
     g.add_argument("--tools", nargs="?", const="all", default=None,
-                   help="agentic rollouts with the sandboxed tools of rl.py: all of them, or a comma list "
+                   help="agentic rollouts with the sandboxed tools of rl/tools.py: all of them, or a comma list "
                         "(calculator,unit_convert,lookup)")
     g.add_argument("--max-turns", type=int, default=3, help="with --tools: assistant turns per episode")
     g = p.add_argument_group("distill")

@@ -35,6 +35,7 @@ QUICK_START = ["pip install torch==2.13.0 && pip install -r requirements.txt && 
                "python -m pytest -q"]
 FIRST_SCREEN = 40  # lines
 SCRIPTS = ("prepare", "train", "sample", "serve", "export", "eval", "bench")
+PACKAGES = ("mmkernels", "rl")  # one node each in the import graph
 
 
 def read(path: Path) -> str:
@@ -192,18 +193,19 @@ def test_flags_in_commands_exist(doc, help_flags):
 # the import graph
 
 def import_graph() -> dict:
-    """{module: set of project modules it imports} for the top-level modules and mmkernels/."""
-    files = sorted(ROOT.glob("*.py")) + sorted((ROOT / "mmkernels").glob("*.py"))
-    project = {f.stem for f in ROOT.glob("*.py")} | {"mmkernels"}
+    """{module: set of project modules it imports} for the top-level modules and the packages (mmkernels/,
+    rl/), each package one node."""
+    files = sorted(ROOT.glob("*.py")) + [f for p in PACKAGES for f in sorted((ROOT / p).glob("*.py"))]
+    project = {f.stem for f in ROOT.glob("*.py")} | set(PACKAGES)
     graph = {}
     for f in files:
-        me = "mmkernels" if f.parent.name == "mmkernels" else f.stem
+        me = f.parent.name if f.parent.name in PACKAGES else f.stem
         graph.setdefault(me, set())
         for node in ast.walk(ast.parse(read(f))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                names = ["mmkernels"] if node.level else [node.module or ""]
+                names = [me] if node.level else [node.module or ""]
             else:
                 continue
             graph[me] |= {n.split(".")[0] for n in names if n.split(".")[0] in project} - {me}

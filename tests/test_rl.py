@@ -1,4 +1,4 @@
-"""rl.py: advantages, GRPO / CISPO / PPO losses against hand-computed values and gradients, GAE against
+"""rl/: advantages, GRPO / CISPO / PPO losses against hand-computed values and gradients, GAE against
 a plain loop, rewards on crafted completions, reward specs, the tool sandbox, the task generator and
 the reward-model wrapper.
 
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import rl
+from rl.tasks import _TOOL_UNITS
+from rl.tools import _params
 from tokenizer import render_chat
 from conftest import ROOT
 
@@ -29,7 +31,7 @@ def test_group_advantages_hand_computed():
     assert rl.group_advantages(r, 3, eps=0.5)[2].item() == pytest.approx(1 / (std + 0.5))
 
 
-def test_token_logprobs_fp32_masked():
+def test_gather_logprobs_fp32_masked():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
     targets = torch.randint(0, 11, (2, 5))
@@ -37,13 +39,13 @@ def test_token_logprobs_fp32_masked():
     mask = torch.tensor([[1, 1, 1, 0, 1], [1, 1, 1, 1, 1]])
     want = logits.log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     want = want * mask * (targets >= 0)
-    got = rl.token_logprobs(logits, targets, mask)
+    got = rl.gather_logprobs(logits, targets, mask)
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
     assert got[0, 3] == 0 and got[1, 4] == 0
-    half = rl.token_logprobs(logits.bfloat16(), targets, mask)  # bf16 logits, fp32 result
+    half = rl.gather_logprobs(logits.bfloat16(), targets, mask)  # bf16 logits, fp32 result
     assert half.dtype == torch.float32 and torch.allclose(half, want, atol=0.05)
     logits.requires_grad_(True)  # differentiable
-    rl.token_logprobs(logits, targets, mask).sum().backward()
+    rl.gather_logprobs(logits, targets, mask).sum().backward()
     assert logits.grad[0, 3].abs().sum() == 0 and logits.grad[0, 0].abs().sum() > 0
 
 
@@ -452,13 +454,29 @@ def test_calculator_never_evaluates(monkeypatch):
     assert results == ["9", "refused", "refused", "refused"] and not called
 
 
-def test_rl_source_has_no_eval_exec_or_script_imports():
-    tree = ast.parse((ROOT / "rl.py").read_text())
+@pytest.mark.parametrize("path", sorted((ROOT / "rl").glob("*.py")), ids=lambda p: p.name)
+def test_rl_source_has_no_eval_exec_or_script_imports(path):
+    tree = ast.parse(path.read_text())
     calls = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     assert not calls & {"eval", "exec", "compile", "__import__"}
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not imported & {"train", "sample", "serve", "prepare", "export", "bench"}
+
+
+def test_rl_modules_import_each_other_without_cycles():
+    """rl/'s modules form a DAG with answers and tools at the bottom; prepare and data need only rl.tasks."""
+    deps = {}
+    for path in (ROOT / "rl").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        deps[path.stem] = {n.module.split(".")[1] for n in ast.walk(tree)
+                           if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("rl.")}
+    assert deps["answers"] == set() and deps["tools"] == {"answers"} and deps["policy"] == set()
+    order = []
+    while len(order) < len(deps):  # Kahn: peel the modules whose imports are all placed
+        ready = sorted(m for m, d in deps.items() if m not in order and d <= set(order))
+        assert ready, f"cycle among {sorted(set(deps) - set(order))}"
+        order += ready
 
 
 def test_unit_convert_and_lookup():
@@ -490,7 +508,7 @@ def test_run_tool_call_answers_errors_not_exceptions():
     # the tags may be included; a tool that crashes is reported, not raised
     assert json.loads(rl.run_tool_call('<tool_call>{"name": "lookup", "arguments": {"key": "Egypt"}}</tool_call>')) \
         == {"result": "Cairo"}
-    boom = rl.Tool("boom", "crashes", rl._params([]), lambda: 1 / 0)
+    boom = rl.SandboxTool("boom", "crashes", _params([]), lambda: 1 / 0)
     assert "failed" in json.loads(rl.run_tool_call('{"name": "boom", "arguments": {}}', {"boom": boom}))["error"]
 
 
@@ -540,7 +558,7 @@ def test_tool_tasks_are_solvable_with_the_tools():
         if key[0] == "calc_tool":
             call = {"name": "calculator", "arguments": {"expression": key[1]}}
         elif key[0] == "unit_tool":
-            _, _, _, _, a, b, _ = rl._TOOL_UNITS[key[1]]
+            _, _, _, _, a, b, _ = _TOOL_UNITS[key[1]]
             call = {"name": "unit_convert", "arguments": {"value": key[2], "from_unit": a, "to_unit": b}}
         else:
             call = {"name": "lookup", "arguments": {"key": key[1]}}
