@@ -24,7 +24,7 @@ from rl.policy import (POLICY_LOSSES, approx_kl, cispo_loss, completion_logprobs
                        masked_mean, reduce_tokens, value_loss, whiten)
 from rl.rewards import (REWARDS, RewardModel, compute_rewards, parse_reward_specs, repetition_penalty,
                         reward_exact, reward_length, reward_repetition, reward_think, reward_tool_calls)
-from rl.rollout import Rollout, rollout, rollout_messages, select_tools
+from rl.rollout import Rollout, rollout, rollout_messages, select_tools, tool_turn_ids
 from rl.tasks import TASKS, TOOL_TASKS, demonstration, is_val_key, make_task, prompt_messages, tool_solution, write_task
 from rl.tools import (CAPITALS, ELEMENTS, MAX_EXPONENT, MAX_EXPR_LEN, MAX_MAGNITUDE, MAX_TOOL_OUTPUT, TOOL_CALL_END,
                       TOOL_CALL_START, TOOLS, SandboxTool, ToolError, calculator, check_tool_call, find_tool_calls,
@@ -42,7 +42,7 @@ __all__ = [
     "REWARDS", "RewardModel", "compute_rewards", "parse_reward_specs", "repetition_penalty", "reward_exact",
     "reward_length", "reward_repetition", "reward_think", "reward_tool_calls",
     # rollout
-    "Rollout", "rollout", "rollout_messages", "select_tools",
+    "Rollout", "rollout", "rollout_messages", "select_tools", "tool_turn_ids",
     # tasks
     "TASKS", "TOOL_TASKS", "demonstration", "is_val_key", "make_task", "prompt_messages", "tool_solution", "write_task",
     # tools

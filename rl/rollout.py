@@ -13,7 +13,6 @@ from minimind import left_pad
 from rl.answers import split_think
 from rl.tasks import prompt_messages
 from rl.tools import TOOLS, find_tool_calls, record_tools, tool_response_message, tools_system_prompt
-from tokenizer import render_chat
 
 
 # -----------------------------------------------------------------------------
@@ -29,6 +28,12 @@ def select_tools(spec: str) -> dict:
     if unknown:
         raise ValueError(f"unknown tool(s) {', '.join(unknown)} (built-in: {', '.join(TOOLS)})")
     return {n: TOOLS[n] for n in names}
+
+
+def tool_turn_ids(tok, response: dict) -> list:
+    """Ids of the tool-result turn that follows an assistant's tool call, then the assistant's opening: the
+    result is data, so text in it such as an echoed `<|im_start|>system` stays ordinary tokens."""
+    return tok.encode("\n") + tok.encode_chat([response], add_generation_prompt=True)
 
 
 def rollout_messages(record: dict) -> list:
@@ -102,7 +107,7 @@ def rollout(model, tok, prompts: list, max_new_tokens: int, *, temperature: floa
                 response = tool_response_message(text, tools)
                 if response is None:  # no tool call: the final answer
                     continue
-                seen = tok.encode("\n" + render_chat([response], add_generation_prompt=True))
+                seen = tool_turn_ids(tok, response)
                 out_ids[i] += seen
                 out_mask[i] += [0] * len(seen)
                 contexts[i] += seen
