@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from checkpoint import load_checkpoint, resolve_checkpoint
 import losses
 import train
+from checkpoint import load_checkpoint, resolve_checkpoint
 from minimind import MiniMind, ModelConfig
 from runtime import Processes, grad_scaler
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
