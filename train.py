@@ -290,7 +290,8 @@ def updated(args, values: dict):
 
 def resolve_args(args, argv):
     """The one place the flags get their defaults, -> (args, the checkpoint the run starts from or None).
-    Each rule returns the values it sets; flags given on the command line win over every rule."""
+    Each rule returns the values it sets; flags given on the command line win over every rule. (What
+    the data decides, rows and row length left unset and the steps of --epochs: plan_batches.)"""
     given = given_flags(argv)
     if args.resume and args.force:
         fail("--resume continues the run in --out, --force starts it over: choose one")
