@@ -366,18 +366,26 @@ def newest_run(runs=None) -> Optional[Path]:
     return max(runs, key=lambda p: (p / "latest").stat().st_mtime, default=None)
 
 
-def load_from_args(args):
-    """load_for_inference() from add_model_args' flags; a missing or broken checkpoint exits with its
-    message. Without --ckpt, the newest run under out/ is used, and said so."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    if args.ckpt is None:
-        args.ckpt = newest_run()
-        if args.ckpt is None:
-            sys.exit("error: no --ckpt given and no run under out/ (train one: `python train.py --mode=pretrain`)")
-        print(f"[using {args.ckpt}, the newest run under out/; --ckpt to choose another]", file=sys.stderr)
+def run_or_newest(ckpt) -> Path:
+    """--ckpt, or without it the newest run under out/ (and said so); none: exit with the command that makes one."""
+    if ckpt is not None:
+        return ckpt
+    ckpt = newest_run()
+    if ckpt is None:
+        sys.exit("error: no --ckpt given and no run under out/ (train one: `python train.py --mode=pretrain`)")
+    print(f"[using {ckpt}, the newest run under out/; --ckpt to choose another]", file=sys.stderr)
+    return ckpt
+
+
+def load_or_exit(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
+                 context: int = 0, rope_scaling: Optional[str] = None, threads: int = 0):
+    """load_for_inference() for a script, from add_model_args' flags: `threads` > 0 sets torch's CPU
+    threads; no `ckpt`: the newest run (run_or_newest); a missing or broken checkpoint exits with its message."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    ckpt = run_or_newest(ckpt)
     try:
-        return load_for_inference(args.ckpt, args.device, args.dtype, args.kernels, args.context, args.rope_scaling)
+        return load_for_inference(ckpt, device, dtype, kernel_backend, context, rope_scaling)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
 

@@ -1,15 +1,24 @@
-"""Training objectives: loss_fn(model, batch) -> (loss, extra metrics) for each --mode.
+"""Training objectives, one per --mode, each built from its typed config (train.py fills them from its flags):
 
-An objective may carry more for the training loop (train.py looks for these attributes):
-    updates   optimizer steps per training step (PPO: --ppo-epochs x --ppo-minibatches on one rollout);
-              the batch of each then carries "update", its index
-    stop(kl)  True: skip this update and the rest of the step (PPO's KL early stop); kl is the
-              approx_kl of the update's minibatches averaged over every micro-batch and process
-    module    an nn.Module it trains besides the model (PPO's value head): optimized, clipped,
-              all-reduced and checkpointed (in optim.pt) with the model, never exported with it
+    objective = DPO(model, DPOConfig(beta=0.1, length_norm=False))
+    batch = objective.prepare(batch)           # RL: the episodes are sampled here
+    loss, metrics = objective(model, batch)    # one micro-batch, in training mode
+    loss, metrics = objective.evaluate(model, batch)   # a validation batch, in eval mode
+
+The contract the training loop relies on (Objective, with its defaults):
+    updates      optimizer steps per training step (PPO: --ppo-epochs x --ppo-minibatches on one rollout);
+                 the batch of each carries "update", its index, when there are several
+    stop(kl)     True: skip this update and the rest of the step (PPO's KL early stop); kl is the
+                 approx_kl of the update's minibatches averaged over every micro-batch and process
+    module       an nn.Module it trains besides the model (PPO's value head), at module_lr: optimized,
+                 clipped, all-reduced and checkpointed (in optim.pt) with the model, never exported with it
+    prepare      what a training batch needs before its first update (RL: the rollout, its rewards and
+                 advantages, kept in the batch for every update of the step)
 """
 import contextlib
 import copy
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -19,6 +28,26 @@ import lora
 import rl
 from checkpoint import load_checkpoint
 from tokenizer import Tokenizer
+
+
+class Objective:
+    """The base of every objective: plain language modeling (pretrain, sft: the mask is in the
+    targets, -1 = no loss), one update a step, no early stop, no module of its own."""
+    updates = 1
+    module: Optional[nn.Module] = None
+    module_lr: Optional[float] = None
+
+    def prepare(self, batch: dict) -> dict:
+        return batch
+
+    def stop(self, kl: float) -> bool:
+        return False
+
+    def __call__(self, model, batch: dict):
+        return lm_loss(model, batch)
+
+    def evaluate(self, model, batch: dict):
+        return self(model, batch)
 
 
 def lm_loss(model, batch: dict):
@@ -35,14 +64,14 @@ def moe_aux_loss(model):
     return 0.0
 
 
-def frozen_reference(model, args):
+def frozen_reference(model, checkpoint: Optional[str] = None):
     """The reference of DPO and RL: the starting policy, frozen -> (reference, context to run it in).
-    With LoRA the same model with its adapters switched off; otherwise a copy of the weights the run
-    started from: on --resume those of args.init_from, not of the checkpoint being resumed."""
+    With LoRA the same model with its adapters switched off; otherwise the weights of `checkpoint`
+    (a resumed run: the checkpoint it started from, not the one being resumed), else a copy of the model's."""
     if lora.lora_modules(model):
         return model, lambda: lora.lora_disabled(model)
-    if getattr(args, "resume", False) and getattr(args, "init_from", None):
-        reference, _, _ = load_checkpoint(args.init_from, next(model.parameters()).device)
+    if checkpoint:
+        reference, _, _ = load_checkpoint(checkpoint, next(model.parameters()).device)
     else:
         reference = copy.deepcopy(model)
     return reference.eval().requires_grad_(False), contextlib.nullcontext
@@ -62,85 +91,124 @@ def sequence_logprobs(model, batch: dict):
     return sums, counts
 
 
-def make_dpo_loss(model, args):
+@dataclass
+class DPOConfig:
+    beta: float  # strength of the tie to the reference
+    length_norm: bool = False  # average the completion log-probabilities over tokens instead of summing
+    reference: Optional[str] = None  # checkpoint of the reference (default: a copy of the starting model)
+
+
+class DPO(Objective):
     """DPO (Rafailov et al. 2023): -log sigmoid(beta * [(log pi(c) - log pi(r)) - (log ref(c) - log ref(r))]),
-    log-probabilities summed over the completion tokens (--dpo-length-norm: averaged), mean over pairs.
+    log-probabilities summed over the completion tokens (length_norm: averaged), mean over pairs.
     The reference is the starting model, frozen (frozen_reference). Documents of a DPO batch alternate
     chosen, rejected (DPOData). A MoE policy adds its load-balance loss, as in lm_loss."""
-    reference, ref_mode = frozen_reference(model, args)
 
-    def dpo_loss(policy, batch: dict):
-        with torch.no_grad(), ref_mode():
-            ref_logp, _ = sequence_logprobs(reference, batch)
+    def __init__(self, model, cfg: DPOConfig):
+        self.model, self.cfg = model, cfg
+        self.reference, self.ref_mode = frozen_reference(model, cfg.reference)
+
+    def __call__(self, policy, batch: dict):
+        with torch.no_grad(), self.ref_mode():
+            ref_logp, _ = sequence_logprobs(self.reference, batch)
         logp, n = sequence_logprobs(policy, batch)
-        if args.dpo_length_norm:
+        if self.cfg.length_norm:
             logp, ref_logp = logp / n.clamp(min=1), ref_logp / n.clamp(min=1)
-        reward = args.beta * (logp - ref_logp)  # (S,) implicit rewards
+        reward = self.cfg.beta * (logp - ref_logp)  # (S,) implicit rewards
         margin = reward[0::2] - reward[1::2]  # (S/2,) chosen - rejected, per pair
-        loss = -F.logsigmoid(margin).mean() + moe_aux_loss(model)  # aux: set by the policy's forward, the last one
+        loss = -F.logsigmoid(margin).mean() + moe_aux_loss(self.model)  # aux: set by the policy's forward, the last one
         return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.detach().mean()}
-    return dpo_loss
 
 
 # -----------------------------------------------------------------------------
 # RL on the policy's own samples: grpo (GRPO, CISPO), ppo
 
-class PolicyGradient:
+@dataclass
+class PolicyGradientConfig:
+    """The flags of --mode=grpo|ppo that the objective reads (train.py's help says what each does)."""
+    ppo: bool  # ppo: value head, GAE, KL early stop; else grpo: group-normalised advantages
+    tokenizer_dir: str  # the prompts are text: encoded with this tokenizer
+    seq_len: int  # longest prompt in tokens: a longer one keeps its end
+    num_generations: int  # episodes per prompt (a GRPO group)
+    max_new_tokens: int  # longest reply (per turn with tools)
+    rollout_temperature: float
+    eval_temperature: float  # held-out rollouts: 0 = greedy
+    reward: str  # reward specs, "NAME[k=v,...]:WEIGHT ..." (rl.parse_reward_specs)
+    reward_model: Optional[str]  # a sequence-classification model directory, scored as reward `rm`
+    tools: Optional[str]  # sandboxed tools for multi-turn episodes: "all" or a comma list; None: off
+    max_turns: int  # with tools: assistant turns per episode
+    loss_type: str  # grpo | cispo (grpo mode)
+    beta: float  # weight of the k3 KL to the frozen reference; 0: no reference
+    epsilon: float  # clip range of the ratio: 1 - epsilon .. 1 + epsilon_high
+    epsilon_high: Optional[float]  # None: epsilon (cispo: 4)
+    ppo_epochs: int  # passes over each rollout
+    ppo_minibatches: int  # optimizer steps per pass
+    target_kl: float  # ppo: stop a step's updates past 1.5 x this
+    gamma: float  # ppo: GAE discount
+    lam: float  # ppo: GAE lambda
+    vf_coef: float  # ppo: weight of the value loss
+    value_clip: float  # ppo: clip range of the value update
+    value_lr: float  # ppo: peak learning rate of the value head
+    reference: Optional[str] = None  # checkpoint of the reference (default: a copy of the starting model)
+
+
+class PolicyGradient(Objective):
     """--mode=grpo (GRPO / CISPO) and --mode=ppo on episodes sampled from the policy itself.
 
-    A micro-batch is P prompts (data.PromptData). Each gets G = --num-generations episodes (rl.rollout:
-    the model's batched KV-cache decoder, its samples drawn from the batch's seeded generator; with
-    --tools multi-turn, tool responses fed back and masked out), scored by --reward (rl.compute_rewards):
+    A micro-batch is P prompts (data.PromptData). prepare() gives each G = num_generations episodes
+    (rl.rollout: the model's batched KV-cache decoder, its samples drawn from the batch's seeded
+    generator; with tools multi-turn, tool responses fed back and masked out), scored by the rewards
+    (rl.compute_rewards):
       grpo: one advantage per episode, normalised within its group (rl.group_advantages), and the
-            clipped surrogate (--loss-type grpo: rl.grpo_loss) or CISPO (rl.cispo_loss), each episode's
+            clipped surrogate (loss_type grpo: rl.grpo_loss) or CISPO (rl.cispo_loss), each episode's
             token mean then the batch mean, as MiniMind;
       ppo:  the reward on each episode's last token, values from a linear value head on the policy's
             final hidden states (detached: a probe that never pulls on the policy), GAE advantages
-            (--gamma, --lam) whitened over the micro-batch, the clipped surrogate averaged over all
-            tokens plus --vf-coef x the clipped value loss (--value-clip); the head learns at --value-lr.
-    Both add --beta x the k3 KL to the frozen reference (none at beta 0).
+            (gamma, lam) whitened over the micro-batch, the clipped surrogate averaged over all
+            tokens plus vf_coef x the clipped value loss (value_clip); the head learns at value_lr.
+    Both add beta x the k3 KL to the frozen reference (none at beta 0).
 
-    One training step is one rollout and `updates` = --ppo-epochs x --ppo-minibatches optimizer steps on
-    it (grpo's default is 1: on-policy, ratio 1, the plain policy gradient). The rollout, its log-probs
-    before the first update and its advantages are kept for the step; an update takes one minibatch of
-    the episodes, reshuffled each epoch by a permutation seeded from the batch. PPO skips the rest of a
-    step once an update starts further than 1.5 x --target-kl from the rollout's policy (stop).
+    One training step is one rollout and `updates` = ppo_epochs x ppo_minibatches optimizer steps on it
+    (grpo's default is 1: on-policy, ratio 1, the plain policy gradient). prepare() keeps the rollout, its
+    log-probs before the first update and its advantages in the batch, as batch["episodes"]; an update
+    takes one minibatch of the episodes, reshuffled each epoch by a permutation seeded from the batch.
+    PPO skips the rest of a step once an update starts further than 1.5 x target_kl from the rollout's
+    policy (stop).
 
-    In eval mode: the held-out reward of one episode per prompt, greedy (--eval-temperature 0) or sampled
+    evaluate(): the held-out reward of one episode per prompt, greedy (eval_temperature 0) or sampled
     from the batch's fixed-seed generator; the loss is minus the mean reward, lower is better as for
     every val_loss."""
 
-    def __init__(self, model, args, ppo: bool):
-        self.model, self.args, self.ppo = model, args, ppo
+    def __init__(self, model, cfg: PolicyGradientConfig):
+        self.model, self.cfg, self.ppo = model, cfg, cfg.ppo
         self.device = next(model.parameters()).device
-        self.tok = Tokenizer(args.tokenizer_dir)
-        self.tools = rl.select_tools(args.tools) if args.tools is not None else None
-        registry = {"rm": rl.RewardModel(args.reward_model, str(self.device))} if args.reward_model else {}
-        self.rewards = rl.parse_reward_specs(args.reward, registry)
+        self.tok = Tokenizer(cfg.tokenizer_dir)
+        self.tools = rl.select_tools(cfg.tools) if cfg.tools is not None else None
+        registry = {"rm": rl.RewardModel(cfg.reward_model, str(self.device))} if cfg.reward_model else {}
+        self.rewards = rl.parse_reward_specs(cfg.reward, registry)
         if registry and all(name != "rm" for name, _, _ in self.rewards):
             self.rewards.append(("rm", 1.0, registry["rm"]))
-        self.reference, self.ref_mode = frozen_reference(model, args) if args.beta else (None, None)
-        self.updates = args.ppo_epochs * args.ppo_minibatches
-        self.module, self.module_lr = None, args.value_lr
-        if ppo:
+        self.reference, self.ref_mode = frozen_reference(model, cfg.reference) if cfg.beta else (None, None)
+        self.updates = cfg.ppo_epochs * cfg.ppo_minibatches
+        self.module_lr = cfg.value_lr
+        if cfg.ppo:
             self.module = nn.Linear(model.config.dim, 1).to(self.device)
             nn.init.zeros_(self.module.weight)
             nn.init.zeros_(self.module.bias)
-        self.cache = {}  # (step, index) -> the rollout of that micro-batch, kept for the step's updates
 
     def stop(self, kl: float) -> bool:
-        return self.ppo and rl.kl_early_stop(kl, self.args.target_kl)
+        return self.ppo and rl.kl_early_stop(kl, self.cfg.target_kl)
 
     def encode(self, record) -> list:
-        """Prompt token ids, the last --seq-len of them (a longer prompt loses its start, as in MiniMind)."""
-        return self.tok.encode_chat(rl.rollout_messages(record))[-self.args.seq_len:]
+        """Prompt token ids, the last seq_len of them (a longer prompt loses its start, as in MiniMind)."""
+        return self.tok.encode_chat(rl.rollout_messages(record))[-self.cfg.seq_len:]
 
     def episodes(self, records, group: int, temperature: float, generator):
         """-> (rollout, total rewards (N,), metrics) for `group` episodes of each record."""
-        args = self.args
+        cfg = self.cfg
         prompts = [self.encode(r) for r in records for _ in range(group)]
-        ro = rl.rollout(self.model, self.tok, prompts, args.max_new_tokens, temperature=temperature,
-                        generator=generator, tools=self.tools, max_turns=args.max_turns if self.tools else 1)
+        ro = rl.rollout(self.model, self.tok, prompts, cfg.max_new_tokens, temperature=temperature,
+                        generator=generator, tools=self.tools, max_turns=cfg.max_turns if self.tools else 1)
         messages = [rl.rollout_messages(r) for r in records]
         total, parts = rl.compute_rewards(self.rewards, messages, ro.texts, records, group_size=group)
         metrics = {"reward": total.mean(), "reward_std": total.std(unbiased=False)}
@@ -154,13 +222,11 @@ class PolicyGradient:
         return ro, total.to(self.device), metrics
 
     @torch.no_grad()
-    def rollout_for(self, batch) -> dict:
-        key = (batch["step"], batch["index"])
-        if key in self.cache:
-            return self.cache[key]
-        self.cache = {k: v for k, v in self.cache.items() if k[0] == key[0]}  # a new step drops the last one's
-        args, G = self.args, self.args.num_generations
-        ro, rewards, metrics = self.episodes(batch["records"], G, args.rollout_temperature, batch["generator"])
+    def prepare(self, batch: dict) -> dict:
+        """The batch with its episodes: the rollout, rewards, advantages (ppo: values and returns) and the
+        log-probs the updates compare with, under "episodes"."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        ro, rewards, metrics = self.episodes(batch["records"], G, cfg.rollout_temperature, batch["generator"])
         state = {"ro": ro, "metrics": metrics}
         if self.reference is not None:
             with self.ref_mode():
@@ -169,7 +235,7 @@ class PolicyGradient:
             state["old_logp"], h = rl.completion_logprobs(self.model, ro.prompt, ro.completion, ro.mask, ro.pad,
                                                           hidden=True)
             values = self.module(h.float()).squeeze(-1) * ro.mask  # (N, R)
-            adv, state["returns"] = rl.gae(rl.last_token_rewards(rewards, ro.mask), values, ro.mask, args.gamma, args.lam)
+            adv, state["returns"] = rl.gae(rl.last_token_rewards(rewards, ro.mask), values, ro.mask, cfg.gamma, cfg.lam)
             state["adv"], state["old_values"] = rl.whiten(adv, ro.mask), values
         else:
             if self.updates > 1:
@@ -177,23 +243,19 @@ class PolicyGradient:
             state["adv"] = rl.group_advantages(rewards, G)
             mixed = rewards.view(-1, G).std(dim=1) > 0  # groups whose episodes differ: the only ones with a signal
             metrics["mixed_groups"] = mixed.float().mean()
-        self.cache[key] = state
-        return state
+        return {**batch, "episodes": state}
 
     def minibatch(self, batch, n: int):
         """Episode rows of this update: all of them, or minibatch j of epoch e (update = e * minibatches + j)."""
         if self.updates == 1:
             return torch.arange(n, device=self.device)
-        epoch, j = divmod(batch["update"], self.args.ppo_minibatches)
+        epoch, j = divmod(batch["update"], self.cfg.ppo_minibatches)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(batch["seed"] * 31 + epoch))
-        size = -(-n // self.args.ppo_minibatches)
+        size = -(-n // self.cfg.ppo_minibatches)
         return perm[j * size:(j + 1) * size].to(self.device)
 
     def __call__(self, policy, batch: dict):
-        if not self.model.training:
-            return self.evaluate(batch)
-        args = self.args
-        state = self.rollout_for(batch)
+        cfg, state = self.cfg, batch["episodes"]
         ro = state["ro"]
         rows = self.minibatch(batch, len(ro.texts))
         prompt, pad, completion, mask = ro.prompt[rows], ro.pad[rows], ro.completion[rows], ro.mask[rows]
@@ -205,35 +267,27 @@ class PolicyGradient:
         ref = state["ref_logp"][rows] if "ref_logp" in state else None
         adv = state["adv"][rows]
         if self.ppo:
-            loss, metrics = rl.grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=args.beta, eps=args.epsilon,
-                                         eps_high=args.epsilon_high, token_mean=True)
+            loss, metrics = rl.grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=cfg.beta, eps=cfg.epsilon,
+                                         eps_high=cfg.epsilon_high, token_mean=True)
             values = self.module(h.detach().float()).squeeze(-1)  # (n, R)
-            vloss = rl.value_loss(values, state["old_values"][rows], state["returns"][rows], mask, args.value_clip)
-            loss = loss + args.vf_coef * vloss
+            vloss = rl.value_loss(values, state["old_values"][rows], state["returns"][rows], mask, cfg.value_clip)
+            loss = loss + cfg.vf_coef * vloss
             metrics.update(policy_loss=metrics.pop("loss"), value_loss=vloss.detach(),
                            value=rl.masked_mean(values.detach(), mask))
-        elif args.loss_type == "cispo":
-            loss, metrics = rl.cispo_loss(logp, old, adv, mask, ref_logp=ref, beta=args.beta,
-                                          eps_high=4.0 if args.epsilon_high is None else args.epsilon_high)
+        elif cfg.loss_type == "cispo":
+            loss, metrics = rl.cispo_loss(logp, old, adv, mask, ref_logp=ref, beta=cfg.beta,
+                                          eps_high=4.0 if cfg.epsilon_high is None else cfg.epsilon_high)
         else:
-            loss, metrics = rl.grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=args.beta, eps=args.epsilon,
-                                         eps_high=args.epsilon_high)
+            loss, metrics = rl.grpo_loss(logp, old, adv, mask, ref_logp=ref, beta=cfg.beta, eps=cfg.epsilon,
+                                         eps_high=cfg.epsilon_high)
         metrics.pop("loss", None)  # the loop logs the loss itself
         metrics["approx_kl"] = rl.approx_kl(logp, old, mask)
         return loss + moe_aux_loss(self.model), {**metrics, **state["metrics"]}
 
     @torch.no_grad()
-    def evaluate(self, batch: dict):
-        _, rewards, metrics = self.episodes(batch["records"], 1, self.args.eval_temperature, batch["generator"])
+    def evaluate(self, model, batch: dict):
+        _, rewards, metrics = self.episodes(batch["records"], 1, self.cfg.eval_temperature, batch["generator"])
         return -rewards.mean(), {k: v for k, v in metrics.items() if not k.endswith("_std")}
-
-
-def make_grpo_loss(model, args):
-    return PolicyGradient(model, args, ppo=False)
-
-
-def make_ppo_loss(model, args):
-    return PolicyGradient(model, args, ppo=True)
 
 
 # -----------------------------------------------------------------------------
@@ -248,37 +302,45 @@ def distill_kl(student_logits, teacher_logits, mask, temperature: float):
     return rl.masked_mean(kl, mask)
 
 
-def make_distill_loss(model, args):
+@dataclass
+class DistillConfig:
+    teacher: str  # the teacher checkpoint
+    tokenizer_dir: str  # the student's tokenizer: the teacher's must be the same
+    alpha: float  # weight of the cross-entropy; 1 - alpha: of the KL
+    temperature: float  # softmax temperature of the KL term
+
+
+class Distill(Objective):
     """Knowledge distillation (Hinton et al. 2015) on SFT rows, as MiniMind's train_distillation.py:
 
         loss = alpha * CE(student, targets) + (1 - alpha) * T^2 * KL(teacher_T || student_T)
 
     both over the target tokens (the assistant replies), p_T = softmax(logits / T); T^2 keeps the soft
-    term's gradient the size of the hard one's. The teacher (--teacher, a checkpoint) runs frozen in
-    eval mode and must use the student's tokenizer (same hash) and vocabulary; its size is free. A MoE
-    student adds its balance loss. Metrics: ce and kl, so the student's val_ce compares with the
-    val_loss of an SFT run."""
-    device = next(model.parameters()).device
-    teacher, _, ckpt = load_checkpoint(args.teacher, device)
-    teacher.requires_grad_(False)
-    if not (ckpt / "tokenizer" / "tokenizer.json").exists():
-        raise ValueError(f"--teacher {ckpt}: no tokenizer/ in the checkpoint, cannot check it is the student's")
-    theirs, ours = Tokenizer(ckpt / "tokenizer").hash(), Tokenizer(args.tokenizer_dir).hash()
-    if theirs != ours:
-        raise ValueError(f"--teacher {ckpt} uses another tokenizer (hash {theirs}) than the student ({ours}, "
-                         f"{args.tokenizer_dir}): distillation compares distributions over the same tokens")
-    if teacher.config.vocab_size != model.config.vocab_size:
-        raise ValueError(f"--teacher {ckpt}: vocabulary {teacher.config.vocab_size} != the student's "
-                         f"{model.config.vocab_size}")
-    alpha, T = args.alpha, args.temperature
+    term's gradient the size of the hard one's. The teacher (a checkpoint) runs frozen in eval mode and
+    must use the student's tokenizer (same hash) and vocabulary; its size is free. A MoE student adds
+    its balance loss. Metrics: ce and kl, so the student's val_ce compares with the val_loss of an SFT run."""
 
-    def distill_loss(student, batch: dict):
+    def __init__(self, model, cfg: DistillConfig):
+        self.model, self.cfg = model, cfg
+        teacher, _, ckpt = load_checkpoint(cfg.teacher, next(model.parameters()).device)
+        self.teacher = teacher.requires_grad_(False)
+        if not (ckpt / "tokenizer" / "tokenizer.json").exists():
+            raise ValueError(f"--teacher {ckpt}: no tokenizer/ in the checkpoint, cannot check it is the student's")
+        theirs, ours = Tokenizer(ckpt / "tokenizer").hash(), Tokenizer(cfg.tokenizer_dir).hash()
+        if theirs != ours:
+            raise ValueError(f"--teacher {ckpt} uses another tokenizer (hash {theirs}) than the student ({ours}, "
+                             f"{cfg.tokenizer_dir}): distillation compares distributions over the same tokens")
+        if teacher.config.vocab_size != model.config.vocab_size:
+            raise ValueError(f"--teacher {ckpt}: vocabulary {teacher.config.vocab_size} != the student's "
+                             f"{model.config.vocab_size}")
+
+    def __call__(self, student, batch: dict):
+        alpha, T = self.cfg.alpha, self.cfg.temperature
         idx, targets, pos, doc = batch["idx"], batch["targets"], batch.get("pos"), batch.get("doc")
         logits, _ = student(idx, pos=pos, doc=doc)  # (B, T, V)
         with torch.no_grad():
-            teacher_logits, _ = teacher(idx, pos=pos, doc=doc)
+            teacher_logits, _ = self.teacher(idx, pos=pos, doc=doc)
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         kl = distill_kl(logits, teacher_logits, targets >= 0, T)
-        loss = alpha * ce + (1 - alpha) * T * T * kl + moe_aux_loss(model)
+        loss = alpha * ce + (1 - alpha) * T * T * kl + moe_aux_loss(self.model)
         return loss, {"ce": ce.detach(), "kl": kl.detach()}
-    return distill_loss

@@ -1,5 +1,5 @@
 """Optimizers and the learning-rate schedule: AdamW, Muon for hidden matrices; warmup, then cosine
-or warmup-stable-decay."""
+or warmup-stable-decay; WithModule, an optimizer that also trains an objective's own module."""
 import math
 
 import torch
@@ -126,3 +126,31 @@ def make_optimizer(model, kind: str, lr: float, weight_decay: float, device: str
     ns_dtype = torch.bfloat16 if device == "cpu" and cpu_has_bf16() else None
     return Optimizers(adamw=adamw, muon=Muon([{"params": hidden, "weight_decay": weight_decay}], lr=lr,
                                              ns_dtype=ns_dtype))
+
+
+class WithModule:
+    """An optimizer that also trains an objective's own module (PPO's value head), at lr_scale x the
+    model's learning rate, and keeps its weights in optim.pt beside the optimizer state: training state
+    for --resume, not part of the model."""
+
+    def __init__(self, optimizer, module: torch.nn.Module, lr_scale: float = 1.0):
+        self.optimizer, self.module = optimizer, module
+        adamw = optimizer.optimizers["adamw"] if isinstance(optimizer, Optimizers) else optimizer
+        adamw.add_param_group({"params": list(module.parameters()), "weight_decay": 0.0, "lr_scale": lr_scale})
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def step(self):
+        self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizer": self.optimizer.state_dict(), "module": self.module.state_dict()}
+
+    def load_state_dict(self, state):
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.module.load_state_dict(state["module"])

@@ -1,14 +1,16 @@
-"""Where and how tensors run: device and dtype choice, mixed precision, and the matmul peak
-that MFU is measured against; the modes of the files a run publishes."""
+"""Where and how tensors run: device and dtype choice, the processes of a torchrun run, mixed precision,
+and the matmul peak that MFU is measured against; the modes of the files a run publishes."""
 import contextlib
 import ctypes
 import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -48,6 +50,44 @@ def pick_device(name: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+@dataclass
+class Processes:
+    """This process among the run's: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (one process without)."""
+    ddp: bool = False
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, x: torch.Tensor) -> float:
+        """The mean of a scalar tensor over the processes."""
+        x = x.detach().float().clone()
+        if self.ddp:
+            dist.all_reduce(x)
+            x /= self.world
+        return float(x)
+
+    def barrier(self):
+        if self.ddp:
+            dist.barrier()
+
+
+def setup_distributed(device_flag: str):
+    """-> (Processes, device): the process group joined under torchrun, each process on its own GPU."""
+    device = pick_device(device_flag)
+    if "RANK" not in os.environ:
+        return Processes(), device
+    procs = Processes(True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+    if device.startswith("cuda"):
+        device = f"cuda:{procs.local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return procs, device
 
 
 def cpu_has_bf16() -> bool:

@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint import CHAT_KINDS, add_model_args, load_from_args, trained_kind
+from checkpoint import CHAT_KINDS, add_model_args, load_or_exit, run_or_newest, trained_kind
 from minimind import SamplingParams, left_pad
 from tokenizer import ReplyParser, TokenDecoder
 
@@ -268,7 +268,9 @@ def main(argv=None):
         sampling_params(args)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    model, tok, _, context = load_from_args(args)
+    args.ckpt = run_or_newest(args.ckpt)  # trained_kind reads it below
+    model, tok, _, context = load_or_exit(args.ckpt, args.device, args.dtype, args.kernels, args.context,
+                                          args.rope_scaling, args.threads)
     args.chat_model = trained_kind(args.ckpt) in CHAT_KINDS
     if args.chat:
         run_chat(model, tok, args, context)

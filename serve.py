@@ -98,7 +98,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from checkpoint import add_model_args, load_from_args
+from checkpoint import add_model_args, load_or_exit
 from engine import Engine, GenRequest
 from openai_format import (APIError, ChatCompletionRequest, ChatOut, CompletionBase, CompletionRequest, TextOut,
                            chat_message, chunk, conversation, invalid, sse, usage, usage_chunk)
@@ -641,7 +641,8 @@ def main(argv=None):
             sys.exit(f"error: --{flag.replace('_', '-')} must be positive")
     sock = listen(args.host, args.port, args.backlog)  # before the model loads: a busy port fails at once
     hosts = allowed_hosts(args.host, sock.getsockname()[1], args.allowed_hosts)
-    model, tok, device, context = load_from_args(args)
+    model, tok, device, context = load_or_exit(args.ckpt, args.device, args.dtype, args.kernels, args.context,
+                                               args.rope_scaling, args.threads)
     engine = Engine(model, tok.eos_id, args.max_batch, args.max_queue, compile=args.compile).start()
     app = make_app(engine, tok, args.model_name, context, args.api_key, args.max_tokens, not args.no_ui,
                    tuple(args.cors), args.max_body, args.read_timeout, hosts)

@@ -20,7 +20,11 @@ path prepares it first from the embedded corpus (prepare.py tokenizer + pretrain
 from the embedded dialogs, with the tokenizer of the checkpoint they start from; grpo and ppo from the
 built-in verifiable task (prepare.py rl-task).
 
-RL (grpo, ppo) samples its episodes from the policy at every step (losses.PolicyGradient): a step
+The loop (main) reads top to bottom: setup builds one Run; each step sets the learning rate, trains
+(train_step: the objective prepares each micro-batch, then forward, backward, update), logs, evaluates
+and saves. Each mode's objective is a losses.Objective built from its typed config (make_objective).
+
+RL (grpo, ppo) samples its episodes from the policy at every step (losses.PolicyGradient.prepare): a step
 is one rollout of --batch-size prompts x --num-generations episodes per micro-batch and
 --ppo-epochs x --ppo-minibatches optimizer steps on it (1 x 1 for grpo: on-policy). The rollouts are
 seeded by (seed, step, micro-batch) like every batch, so resume and process counts behave the same.
@@ -47,21 +51,24 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 import mmkernels
 from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, newest_run, plot_log,
                         resolve_checkpoint, save_checkpoint)
 from data import DPOData, PretrainData, PromptData, SFTData
-from losses import lm_loss, make_distill_loss, make_dpo_loss, make_grpo_loss, make_ppo_loss
+from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
-from optim import SCHEDULES, Optimizers, lr_multiplier, make_optimizer
-from runtime import (autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops, pick_device,
-                     pick_dtype)
+from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
+from runtime import (Processes, autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops,
+                     pick_dtype, setup_distributed)
 from scoring import count_bytes, token_byte_lengths
 from tokenizer import Tokenizer
 
@@ -76,13 +83,9 @@ DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
 RL_MODES = ("grpo", "ppo")
 RL_PROMPTS = 4  # RL's default --batch-size: prompts (each with --num-generations episodes), not rows
 
-# mode -> (data class, loss builder: (model, args) -> loss_fn(model, batch) -> (loss, extra metrics))
-MODES = {"pretrain": (PretrainData, lambda model, args: lm_loss),
-         "sft": (SFTData, lambda model, args: lm_loss),  # the mask is in the targets (-1 = no loss)
-         "dpo": (DPOData, make_dpo_loss),
-         "grpo": (PromptData, make_grpo_loss),  # rollouts made inside the objective (losses.PolicyGradient)
-         "ppo": (PromptData, make_ppo_loss),
-         "distill": (SFTData, make_distill_loss)}
+# mode -> its data reader (its objective: make_objective)
+MODES = {"pretrain": PretrainData, "sft": SFTData, "dpo": DPOData, "grpo": PromptData, "ppo": PromptData,
+         "distill": SFTData}
 RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
 
 
@@ -116,6 +119,15 @@ def fail(message: str):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_flags(p)
+    add_optim_flags(p)
+    add_objective_flags(p)
+    add_lora_eval_system_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """Which stage, where it writes and starts from; the model; the data and the batch."""
     g = p.add_argument_group("run")
     g.add_argument("--mode", choices=list(MODES), default="pretrain", help="training stage")
     g.add_argument("--out", default=None, help="run directory: checkpoints, log.jsonl, loss.png (default: out/MODE)")
@@ -140,6 +152,10 @@ def build_parser():
     g.add_argument("--batch-tokens", type=positive(int), default=None,
                    help="tokens per optimizer step over all processes; gradient accumulation makes up the "
                         "difference (default: one micro-batch per process)")
+
+
+def add_optim_flags(p):
+    """Length of the run, optimizer, learning-rate schedule."""
     g = p.add_argument_group("optimization")
     g.add_argument("--max-iters", type=positive(int), default=None,
                    help="optimizer steps (default 300, or from --epochs)")
@@ -166,6 +182,10 @@ def build_parser():
                    help="AdamW weight decay on >=2-D weights")
     g.add_argument("--grad-clip", type=positive(float, zero=True), default=1.0,
                    help="clip the global gradient norm (0: off)")
+
+
+def add_objective_flags(p):
+    """The objectives' own flags: DPO, RL (grpo, ppo), distillation."""
     g = p.add_argument_group("dpo")
     g.add_argument("--beta", type=positive(float, zero=True), default=None,
                    help="strength of the KL tie to the frozen reference: DPO's beta; grpo/ppo: weight of the k3 KL "
@@ -209,6 +229,10 @@ def build_parser():
     g.add_argument("--teacher", default=None, help="the teacher checkpoint (same tokenizer; any size)")
     g.add_argument("--alpha", type=float, default=0.5, help="weight of the cross-entropy; 1 - alpha: of the KL")
     g.add_argument("--temperature", type=float, default=1.5, help="softmax temperature of the KL term")
+
+
+def add_lora_eval_system_flags(p):
+    """LoRA; evaluation, checkpoint and log intervals; device, precision, kernels, seed."""
     g = p.add_argument_group("lora (sft, dpo, grpo, ppo, distill)")
     g.add_argument("--lora-rank", type=positive(int, zero=True), default=0,
                    help="train rank-R LoRA adapters on top of --init-from (frozen) instead of every weight (0: off)")
@@ -233,7 +257,6 @@ def build_parser():
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
     g.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="peak for MFU (default: known GPU or measured)")
-    return p
 
 
 def stage_runs(mode: str) -> list:
@@ -249,6 +272,8 @@ def run_number(run: Path, mode: str) -> int:
     return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
+
+
 def given_flags(argv) -> set:
     """Names of the flags set on the command line (whatever their value)."""
     parser = build_parser()
@@ -258,83 +283,107 @@ def given_flags(argv) -> set:
     return set(vars(parser.parse_args(argv)))
 
 
+def updated(args, values: dict):
+    """A copy of the namespace with these values (the flags keep their order: it is saved as is)."""
+    return argparse.Namespace(**{**vars(args), **values})
+
+
 def resolve_args(args, argv):
-    """Fill defaults: paths from the mode; then what the run being resumed or the checkpoint being
-    fine-tuned used. Flags given on the command line win; flags not given inherit."""
+    """The one place the flags get their defaults, -> (args, the checkpoint the run starts from or None).
+    Each rule returns the values it sets; flags given on the command line win over every rule. (What
+    the data decides, rows and row length left unset and the steps of --epochs: plan_batches.)"""
     given = given_flags(argv)
-    args.data = args.data or DEFAULT_DATA.get(args.mode, f"data/{args.mode}")
     if args.resume and args.force:
         fail("--resume continues the run in --out, --force starts it over: choose one")
     if sum(x is not None for x in (args.epochs, args.max_iters, args.max_time)) > 1:
         fail("give one of --epochs, --max-iters, --max-time")
-    if args.out is None:  # out/MODE; a new run beside an existing one goes to out/MODE-2, -3, ... (nothing replaced)
-        runs = stage_runs(args.mode)
-        if args.resume or args.force or not runs:
-            args.out = str(newest_run(runs) or runs[0] if runs else f"out/{args.mode}")
-        else:
-            args.out = f"out/{args.mode}-{1 + max(run_number(p, args.mode) for p in runs)}"
-            if os.environ.get("RANK", "0") == "0":
-                print(f"{newest_run(runs) or runs[-1]} holds a run: this one goes to {args.out} (--resume continues "
-                      "that one, --out chooses the directory)")
-    if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
-        start = newest_run(stage_runs(STARTS_FROM[args.mode]))
-        if start is None:
-            fail(f"--mode={args.mode} starts from a trained checkpoint, and out/{STARTS_FROM[args.mode]} holds none: "
-                 f"make it with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
-        args.init_from = str(start)
+    args = updated(args, run_paths(args))
     if args.mode == "distill" and not args.teacher and not args.resume:
         fail("--mode=distill needs --teacher CKPT, the model to learn from")
-    source, saved = None, {}
-    try:
-        if args.resume:
-            source = resolve_checkpoint(args.out, fallback=True)
-        elif args.init_from:
-            source = resolve_checkpoint(args.init_from)
-    except (FileNotFoundError, CheckpointError) as e:
-        fail(f"{e}" + ("; nothing to resume: start the run again without --resume (with --force if --out holds "
-                       "its log)" if args.resume else ""))
+    source, saved = start_checkpoint(args)
     if source is not None:
-        saved = json.loads((source / "state.json").read_text()).get("args", {})
-        inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]
-        if args.mode == "dpo" and saved.get("mode") != "dpo":  # DPO rows hold pairs: sized from the data
-            inherit.remove("seq_len")
-            inherit.remove("batch_size")
-        if args.mode in RL_MODES and saved.get("mode") not in RL_MODES and "batch_size" in inherit:
-            inherit.remove("batch_size")  # RL batches are prompts, not rows
-        if args.resume:  # the same run: everything not overridden
-            saved.setdefault("optimizer", "adamw")  # runs from before --optimizer existed used AdamW
-            if "optimizer" in given and args.optimizer != saved["optimizer"]:
-                fail(f"--optimizer {args.optimizer}: {args.out} was trained with {saved['optimizer']}, whose state "
-                     "cannot carry over (start a new run with --init-from instead)")
-            if "batch_tokens_per_step" in saved and "batch_tokens" not in given:  # keep the step across world sizes
-                saved["batch_tokens"] = saved["batch_tokens_per_step"]
-            inherit = [k for k in saved if k not in ("resume", "out", "force")]  # init_from: the reference's
-        for k in inherit:
-            if k in saved and k not in given and hasattr(args, k):
-                setattr(args, k, saved[k])
-        if given & {"max_iters", "epochs", "max_time"}:  # a length given now replaces the run's own
-            for k in {"max_iters", "epochs", "max_time"} - given:
-                setattr(args, k, None)
-    if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
-        args.batch_size = RL_PROMPTS
-    if args.beta is None:
-        args.beta = DEFAULT_BETA.get(args.mode, 0.0)
-    if args.ppo_epochs is None:
-        args.ppo_epochs = 2 if args.mode == "ppo" else 1
-    if args.ppo_minibatches is None:
-        args.ppo_minibatches = 2 if args.mode == "ppo" else 1
-    if args.reward is None:
-        args.reward = "exact" + (" tool:0.5" if args.tools is not None else "")
+        args = updated(args, inherited(args, saved, given))
+    args = updated(args, mode_defaults(args, saved, given))
     if args.mode == "grpo" and args.num_generations < 2:
         fail("--num-generations must be at least 2 for grpo: advantages are relative to the prompt's group")
     if args.mode in RL_MODES and args.ppo_minibatches > args.batch_size * args.num_generations:
         fail(f"--ppo-minibatches {args.ppo_minibatches}: more than the {args.batch_size * args.num_generations} "
              "episodes of a micro-batch (--batch-size x --num-generations)")
-    if args.lr is None:
-        args.lr = DEFAULT_LR[args.mode]
-    if args.optimizer is None:
-        args.optimizer = DEFAULT_OPTIMIZER[args.mode]
     return args, source
+
+
+def run_paths(args) -> dict:
+    """Rule 1, the stage's paths: --data is data/MODE; --out is out/MODE, or out/MODE-N beside a run
+    already there (nothing replaced); --init-from is the newest run of the stage this one starts from."""
+    paths = {"data": args.data or DEFAULT_DATA.get(args.mode, f"data/{args.mode}")}
+    if args.out is None:
+        runs = stage_runs(args.mode)
+        if args.resume or args.force or not runs:
+            paths["out"] = str(newest_run(runs) or runs[0] if runs else f"out/{args.mode}")
+        else:
+            paths["out"] = f"out/{args.mode}-{1 + max(run_number(p, args.mode) for p in runs)}"
+            if os.environ.get("RANK", "0") == "0":
+                print(f"{newest_run(runs) or runs[-1]} holds a run: this one goes to {paths['out']} (--resume "
+                      "continues that one, --out chooses the directory)")
+    if args.init_from is None and args.mode in STARTS_FROM and not args.resume:
+        start = newest_run(stage_runs(STARTS_FROM[args.mode]))
+        if start is None:
+            fail(f"--mode={args.mode} starts from a trained checkpoint, and out/{STARTS_FROM[args.mode]} holds none: "
+                 f"make it with `python train.py --mode={STARTS_FROM[args.mode]}`, or pass --init-from DIR")
+        paths["init_from"] = str(start)
+    return paths
+
+
+def start_checkpoint(args):
+    """-> (the checkpoint the weights come from: the run's latest on --resume, else --init-from's, or
+    None; the flags saved in it, {} if none)."""
+    try:
+        if args.resume:
+            source = resolve_checkpoint(args.out, fallback=True)
+        elif args.init_from:
+            source = resolve_checkpoint(args.init_from)
+        else:
+            return None, {}
+    except (FileNotFoundError, CheckpointError) as e:
+        fail(f"{e}" + ("; nothing to resume: start the run again without --resume (with --force if --out holds "
+                       "its log)" if args.resume else ""))
+    return source, json.loads((source / "state.json").read_text()).get("args", {})
+
+
+def inherited(args, saved: dict, given: set) -> dict:
+    """Rule 2, inheritance from the start checkpoint: a resumed run takes every flag it saved, a new
+    one its model, shapes, precision and seed (DPO and RL size their rows from the data and prompts)."""
+    inherit = ["model", "seq_len", "batch_size", "dtype", "kernels", "seed", "aux_loss_coef"]
+    if args.mode == "dpo" and saved.get("mode") != "dpo":  # DPO rows hold pairs: sized from the data
+        inherit.remove("seq_len")
+        inherit.remove("batch_size")
+    if args.mode in RL_MODES and saved.get("mode") not in RL_MODES and "batch_size" in inherit:
+        inherit.remove("batch_size")  # RL batches are prompts, not rows
+    if args.resume:  # the same run: everything not overridden
+        saved = {"optimizer": "adamw", **saved}  # runs from before --optimizer existed used AdamW
+        if "optimizer" in given and args.optimizer != saved["optimizer"]:
+            fail(f"--optimizer {args.optimizer}: {args.out} was trained with {saved['optimizer']}, whose state "
+                 "cannot carry over (start a new run with --init-from instead)")
+        if "batch_tokens_per_step" in saved and "batch_tokens" not in given:  # keep the step across world sizes
+            saved["batch_tokens"] = saved["batch_tokens_per_step"]
+        inherit = [k for k in saved if k not in ("resume", "out", "force")]  # init_from: the reference's
+    values = {k: saved[k] for k in inherit if k in saved and k not in given and hasattr(args, k)}
+    if given & {"max_iters", "epochs", "max_time"}:  # a length given now replaces the run's own
+        values.update({k: None for k in {"max_iters", "epochs", "max_time"} - given})
+    return values
+
+
+def mode_defaults(args, saved: dict, given: set) -> dict:
+    """Rule 3, what a flag still unset means in this mode (after inheritance)."""
+    ppo = args.mode == "ppo"
+    defaults = {"beta": DEFAULT_BETA.get(args.mode, 0.0), "ppo_epochs": 2 if ppo else 1,
+                "ppo_minibatches": 2 if ppo else 1, "reward": "exact" + (" tool:0.5" if args.tools is not None else ""),
+                "lr": DEFAULT_LR[args.mode], "optimizer": DEFAULT_OPTIMIZER[args.mode],
+                "schedule": "wsd" if args.max_time else "cosine"}
+    values = {k: v for k, v in defaults.items() if getattr(args, k) is None}
+    if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
+        values["batch_size"] = RL_PROMPTS  # RL batches are prompts
+    return values
 
 
 # -----------------------------------------------------------------------------
@@ -367,19 +416,6 @@ class Clock:
         t0 = time.time()
         yield
         self.last[what] = time.time() - t0
-
-
-def setup_distributed(device_flag: str):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -> (ddp, rank, world, local_rank, device)."""
-    if "RANK" not in os.environ:
-        return False, 0, 1, 0, pick_device(device_flag)
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = pick_device(device_flag)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, world, local_rank, device
 
 
 def prepare_run_dir(out: Path, args):
@@ -465,300 +501,377 @@ def check_tokenizer(data, source):
              f"{source} was trained with ({theirs}): prepare the data with --tokenizer {tok_dir}")
 
 
-def setup_data(args, model, world: int):
-    """-> (data, accum, batch_tokens): the data reader, micro-steps per optimizer step, tokens per step."""
-    DataClass = MODES[args.mode][0]
-    if args.seq_len is None:
-        args.seq_len = 256
+def plan_batches(args, model, world: int):
+    """-> (data, sizes, accum, batch_tokens): the data reader; the flags its data decides (rows, row
+    length, steps for --epochs); micro-steps per optimizer step and tokens per step."""
+    seq_len, batch_size, max_iters = args.seq_len, args.batch_size, args.max_iters
+    if seq_len is None:
+        seq_len = 256
         if args.mode == "dpo":  # long enough for the data's pairs, within what the model can attend to
             try:
                 longest = DPOData.longest(args.data)
             except FileNotFoundError:
                 fail(f"{args.data}: no DPO data here (make it with `python prepare.py dpo`)")
-            args.seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
-    if args.batch_size is None:
-        args.batch_size = max(1, 4096 // args.seq_len) if args.mode == "dpo" else 16
-    tokens_per_micro = args.batch_size * args.seq_len
+            seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
+    if batch_size is None:
+        batch_size = max(1, 4096 // seq_len) if args.mode == "dpo" else 16
+    tokens_per_micro = batch_size * seq_len
     batch_tokens = args.batch_tokens or tokens_per_micro * world
     if batch_tokens % (tokens_per_micro * world):
         fail(f"--batch-tokens {batch_tokens} must be a multiple of batch-size x seq-len x processes = "
              f"{tokens_per_micro * world}")
     accum = batch_tokens // (tokens_per_micro * world)
     try:
-        data = DataClass(args.data, args.seq_len, args.seed, micro_batches=accum * world)
+        data = MODES[args.mode](args.data, seq_len, args.seed, micro_batches=accum * world)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if data.meta.get("vocab_size", 0) > model.config.vocab_size:
         fail(f"{args.data}: vocabulary {data.meta['vocab_size']} > model's {model.config.vocab_size}")
     if args.epochs is not None:
-        args.max_iters = max(1, math.ceil(args.epochs * data.epoch_tokens() / batch_tokens))
+        max_iters = max(1, math.ceil(args.epochs * data.epoch_tokens() / batch_tokens))
     elif args.max_time is not None:
-        args.max_iters = None  # as many as fit
-    elif args.max_iters is None:
-        args.max_iters = 300
-    if args.schedule is None:
-        args.schedule = "wsd" if args.max_time else "cosine"
-    return data, accum, batch_tokens
+        max_iters = None  # as many as fit
+    elif max_iters is None:
+        max_iters = 300
+    return data, {"seq_len": seq_len, "batch_size": batch_size, "max_iters": max_iters}, accum, batch_tokens
 
 
-class WithModule:
-    """An optimizer that also trains an objective's own module (PPO's value head), at lr_scale x the
-    model's learning rate, and keeps its weights in optim.pt beside the optimizer state: training state
-    for --resume, not part of the model."""
+# -----------------------------------------------------------------------------
+# objectives: each mode's, built from its flags
 
-    def __init__(self, optimizer, module: torch.nn.Module, lr_scale: float = 1.0):
-        self.optimizer, self.module = optimizer, module
-        adamw = optimizer.optimizers["adamw"] if isinstance(optimizer, Optimizers) else optimizer
-        adamw.add_param_group({"params": list(module.parameters()), "weight_decay": 0.0, "lr_scale": lr_scale})
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    def step(self):
-        self.optimizer.step()
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "module": self.module.state_dict()}
-
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.module.load_state_dict(state["module"])
+def make_objective(args, model) -> Objective:
+    """The objective of --mode (losses.py), its typed config filled from the flags."""
+    reference = args.init_from if args.resume else None  # a resumed run's reference is its start, not itself
+    if args.mode == "dpo":
+        return DPO(model, DPOConfig(beta=args.beta, length_norm=args.dpo_length_norm, reference=reference))
+    if args.mode in RL_MODES:
+        return PolicyGradient(model, policy_gradient_config(args))
+    if args.mode == "distill":
+        return Distill(model, DistillConfig(teacher=args.teacher, tokenizer_dir=args.tokenizer_dir, alpha=args.alpha,
+                                            temperature=args.temperature))
+    return Objective()  # pretrain, sft: the LM loss (sft's mask is in the targets)
 
 
-def describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype):
-    optimizer = getattr(optimizer, "optimizer", optimizer)  # WithModule: the model's
+def policy_gradient_config(args) -> PolicyGradientConfig:
+    return PolicyGradientConfig(
+        ppo=args.mode == "ppo", tokenizer_dir=args.tokenizer_dir, seq_len=args.seq_len,
+        num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
+        rollout_temperature=args.rollout_temperature, eval_temperature=args.eval_temperature, reward=args.reward,
+        reward_model=args.reward_model, tools=args.tools, max_turns=args.max_turns, loss_type=args.loss_type,
+        beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, ppo_epochs=args.ppo_epochs,
+        ppo_minibatches=args.ppo_minibatches, target_kl=args.target_kl, gamma=args.gamma, lam=args.lam,
+        vf_coef=args.vf_coef, value_clip=args.value_clip, value_lr=args.value_lr,
+        reference=args.init_from if args.resume else None)
+
+
+def describe_run(run):
+    a, model, procs = run.args, run.model, run.procs
+    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # WithModule: the model's
     n, n_act = model.num_params(), model.num_params(active=True)
-    print(f"{args.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {world} process(es) on {device} "
-          f"{str(dtype).replace('torch.', '')} | {batch_tokens:,} tokens/step = {world} x {accum} x "
-          f"{args.batch_size} x {args.seq_len} | " + (f"{args.max_time:g} minutes" if args.max_time else
-          f"{args.max_iters} steps") + f" ({args.schedule}) | kernels {mmkernels.get_backend()}")
+    print(f"{a.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {procs.world} process(es) on {run.device} "
+          f"{str(run.dtype).replace('torch.', '')} | {run.batch_tokens:,} tokens/step = {procs.world} x {run.accum} x "
+          f"{a.batch_size} x {a.seq_len} | " + (f"{a.max_time:g} minutes" if a.max_time else
+          f"{a.max_iters} steps") + f" ({a.schedule}) | kernels {mmkernels.get_backend()}")
     if isinstance(optimizer, Optimizers):
         n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
         print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
     else:
-        print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if args.optimizer == "muon" else ""))
-    if lora_spec:
+        print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if a.optimizer == "muon" else ""))
+    if run.lora_spec:
         n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA rank {lora_spec['rank']} on {','.join(lora_spec['targets'])}: {n_lora / 1e6:.3f}M trainable "
-              f"params; base {lora_spec['base']}")
-    print(data.describe())
+        print(f"LoRA rank {run.lora_spec['rank']} on {','.join(run.lora_spec['targets'])}: {n_lora / 1e6:.3f}M "
+              f"trainable params; base {run.lora_spec['base']}")
+    print(run.data.describe())
 
 
 # -----------------------------------------------------------------------------
-# main
+# the run: set up once, then read by the loop's phases
 
-def main(argv=None):
+@dataclass
+class Run:
+    """A training run once set up: what the loop and its phases read (and the few things they update)."""
+    args: argparse.Namespace  # the resolved flags, saved into every checkpoint
+    procs: Processes
+    device: str
+    dtype: torch.dtype
+    out: Path  # the run directory
+    model: MiniMind  # the raw model: evaluated and saved
+    train_model: torch.nn.Module  # what the steps run: the model compiled and/or DDP-wrapped, or itself
+    objective: Objective
+    optimizer: object  # Optimizers or AdamW; WithModule around it when the objective has a module
+    scaler: object  # runtime.grad_scaler: loss scaling for fp16, a no-op otherwise
+    clipped: list  # the parameters whose gradient norm is clipped: the model's and the objective module's
+    data: object  # PretrainData, SFTData, DPOData or PromptData
+    accum: int  # micro-batches per process per optimizer step
+    batch_tokens: int  # tokens per optimizer step over all processes
+    start_step: int  # the checkpoint's step on --resume, else 0
+    warmup: int  # steps of linear lr warmup
+    clock: Clock
+    log: Log
+    lora_spec: Optional[dict]  # LoRA: rank, alpha, targets and base of the adapters; None: every weight trains
+    tok_dir: Path  # the tokenizer saved with each checkpoint
+    eval_batches: int  # validation batches per evaluation
+    val_bytes_per_token: Optional[float]  # pretrain: UTF-8 bytes per token of the val split, for val_bpb
+    flops_per_step: float
+    peak: float  # FLOP/s over all processes that MFU is measured against
+    datasheet: bool  # the peak is a datasheet's or --peak-tflops (else measured, and raised to the best seen)
+    t_start: float = 0.0  # when the loop started
+    t_last: float = 0.0  # when the last progress line was printed
+    tokens_since: int = 0  # tokens trained since then
+
+
+def setup(argv) -> Run:
+    """Everything before the first step: flags resolved, processes joined, run directory (and default
+    data) made; model, data, objective and optimizer built."""
     t_main = time.time()  # --max-time counts from here: start-up is part of the budget
-    argv = sys.argv[1:] if argv is None else argv
     args, source = resolve_args(build_parser().parse_args(argv), argv)
+    procs, device, dtype = setup_process(args)
+    out = Path(args.out)
+    if procs.master:
+        prepare_run_dir(out, args)
+        build_default_data(args, source)
+    procs.barrier()
+
+    model, source_state, start_step, lora_spec = build_model(args, source, device, out)
+    data, sizes, accum, batch_tokens = plan_batches(args, model, procs.world)
+    check_tokenizer(data, source)
+    tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's
+    if not tok_dir.exists() and source is not None:
+        tok_dir = source / "tokenizer"
+    # batch_tokens_per_step: recorded, so a resume with another world size keeps it
+    args = updated(args, {**sizes, "batch_tokens_per_step": batch_tokens, "tokenizer_dir": str(tok_dir)})
+    try:
+        objective = make_objective(args, model)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
+    clipped = list(model.parameters())
+    if objective.module is not None:
+        optimizer = WithModule(optimizer, objective.module, objective.module_lr / args.lr)
+        clipped += list(objective.module.parameters())
+    if args.resume:
+        optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
+    train_model = torch.compile(model) if args.compile else model
+    if procs.ddp:
+        train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+
+    datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
+    run = Run(args=args, procs=procs, device=device, dtype=dtype, out=out, model=model, train_model=train_model,
+              objective=objective, optimizer=optimizer, scaler=grad_scaler(device, dtype), clipped=clipped, data=data,
+              accum=accum, batch_tokens=batch_tokens, start_step=start_step,
+              warmup=args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20),
+              clock=Clock(args.max_time, t_main, source_state.get("train_seconds", 0.0) if args.resume else 0.0,
+                          procs.ddp),
+              log=Log(out, start_step if args.resume else None, enabled=procs.master), lora_spec=lora_spec,
+              tok_dir=tok_dir, eval_batches=data.val_batches(args.batch_size, args.eval_iters),
+              val_bytes_per_token=val_bytes_per_token(args.mode, data, tok_dir),
+              flops_per_step=model.flops_per_token(args.seq_len) * batch_tokens,
+              peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet))
+    if procs.master:
+        describe_run(run)
+    return run
+
+
+def setup_process(args):
+    """-> (Processes, device, dtype): kernels chosen, process group joined, tf32 and the seed set."""
     if args.kernels:
         mmkernels.set_backend(args.kernels)
     try:
-        ddp, rank, world, local_rank, device = setup_distributed(args.device)
+        procs, device = setup_distributed(args.device)
         dtype = pick_dtype(args.dtype, device, training=True)
     except ValueError as e:
         fail(str(e))
-    master = rank == 0
     if device == "cpu":
         keep_freed_memory()  # each step's large tensors come back from the heap, not page faults
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
-    out = Path(args.out)
-    if master:
-        prepare_run_dir(out, args)
-        build_default_data(args, source)
-    if ddp:
-        dist.barrier()
+    return procs, device, dtype
 
-    model, source_state, start_step, lora_spec = build_model(args, source, device, out)
-    data, accum, batch_tokens = setup_data(args, model, world)
-    check_tokenizer(data, source)
-    eval_batches = data.val_batches(args.batch_size, args.eval_iters)
-    args.batch_tokens_per_step = batch_tokens  # recorded, so a resume with another world size keeps it
-    tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's
-    if not tok_dir.exists() and source is not None:
-        tok_dir = source / "tokenizer"
-    args.tokenizer_dir = str(tok_dir)
-    try:
-        loss_fn = MODES[args.mode][1](model, args)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        fail(str(e))
-    updates = getattr(loss_fn, "updates", 1)  # optimizer steps per step (PPO: several on one rollout)
-    objective = getattr(loss_fn, "module", None)  # weights the objective trains besides the model (value head)
-    warmup = args.warmup_iters if args.warmup_iters is not None else max(1, (args.max_iters or 300) // 20)
-    optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
-    if objective is not None:
-        optimizer = WithModule(optimizer, objective, loss_fn.module_lr / args.lr)
-    clipped = list(model.parameters()) + (list(objective.parameters()) if objective is not None else [])
-    if args.resume:
-        optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
-    scaler = grad_scaler(device, dtype)
-    train_model = torch.compile(model) if args.compile else model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model = DDP(train_model, device_ids=[local_rank] if device.startswith("cuda") else None)
 
-    flops_per_step = model.flops_per_token(args.seq_len) * batch_tokens
-    datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
-    peak = (datasheet or measure_matmul_flops(device, dtype)) * world
-    log = Log(out, start_step if args.resume else None, enabled=master)
-    if master:
-        describe_run(args, model, optimizer, data, lora_spec, world, accum, batch_tokens, device, dtype)
+def val_bytes_per_token(mode: str, data, tok_dir: Path) -> Optional[float]:
+    """Pretraining: UTF-8 bytes per token of the val split, for val_bpb (a tokenizer-independent val_loss)."""
+    if mode != "pretrain" or not (tok_dir / "tokenizer.json").exists():
+        return None
+    val_tokens = data.splits["val"]
+    return count_bytes(val_tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(val_tokens)
 
-    # pretrain: UTF-8 bytes per token of the val split, for val_bpb (a tokenizer-independent val_loss)
-    val_bytes_per_token = None
-    if args.mode == "pretrain" and (tok_dir / "tokenizer.json").exists():
-        val_tokens = data.splits["val"]
-        val_bytes_per_token = count_bytes(val_tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(val_tokens)
 
-    @torch.no_grad()
-    def evaluate():
-        """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
-        A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
-        model.eval()
-        mine = [i for i in range(eval_batches) if i % world == rank]
-        totals = {}
-        for i in mine or [rank]:
-            with autocast(device, dtype):
-                loss, extra = loss_fn(model, data.batch("val", 0, i, args.batch_size, device))
+# -----------------------------------------------------------------------------
+# the loop's phases
+
+def learning_rate(run: Run, step: int) -> float:
+    """--lr x the schedule at this step: linear warmup, then cosine or wsd over --max-iters steps, or
+    with --max-time over the fraction of the time budget spent."""
+    a = run.args
+    if a.max_time:
+        multiplier = step / run.warmup if step <= run.warmup else lr_multiplier(
+            int(run.clock.fraction() * 1e6), 0, 10 ** 6, a.min_lr_ratio, a.schedule, a.decay_frac)
+    else:
+        multiplier = lr_multiplier(step - 1, run.warmup, a.max_iters, a.min_lr_ratio, a.schedule, a.decay_frac)
+    return a.lr * multiplier
+
+
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step: accum micro-batches per process, gradients all-reduced on the last.
+    An objective with several updates a step (PPO's epochs x minibatches of one rollout) repeats
+    that per update, on the micro-batches it prepared once (the batch telling which update); it may
+    stop early, deciding on the approx_kl of the coming update averaged over every micro-batch and
+    process (so every process stops together). -> the step's metrics, averaged over the updates done."""
+    a, procs, objective = run.args, run.procs, run.objective
+    batches = [objective.prepare(run.data.batch("train", step, micro * procs.world + procs.rank, a.batch_size,
+                                                run.device)) for micro in range(run.accum)]
+    metrics, done = {}, 0
+    for update in range(objective.updates):
+        sums = {}
+        for micro, batch in enumerate(batches):
+            if objective.updates > 1:
+                batch = {**batch, "update": update}
+            if procs.ddp:
+                run.train_model.require_backward_grad_sync = micro == run.accum - 1
+            with autocast(run.device, run.dtype):
+                loss, extra = objective(run.train_model, batch)
+            run.scaler.scale(loss / run.accum).backward()
             for k, v in {"loss": loss, **extra}.items():
-                totals[k] = totals.get(k, 0.0) + (float(v) if mine else 0.0)
-        keys = sorted(totals)
-        vals = torch.tensor([totals[k] for k in keys] + [len(mine)], dtype=torch.float64)
-        if ddp:
-            dist.all_reduce(vals)
-        model.train()
-        rec = {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
-        if val_bytes_per_token:  # bits per byte: nats per token / ln 2 / bytes per token
-            rec["val_bpb"] = rec["val_loss"] / (math.log(2) * val_bytes_per_token)
-        return rec
+                sums[k] = sums.get(k, 0.0) + v.detach() / run.accum
+        if update > 0 and objective.stop(procs.mean(sums["approx_kl"])):
+            run.optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer_step(run)
+        done += 1
+        for k, v in sums.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    metrics = {k: v / done for k, v in metrics.items()}
+    if objective.updates > 1:
+        metrics["updates"] = torch.tensor(float(done), device=run.device)
+    return metrics
 
-    def checkpoint(step, train_seconds):
-        if master:
-            state = {"kind": args.mode, "args": vars(args), "data": {"dir": str(data.dir), "meta": data.meta},
-                     "train_seconds": round(train_seconds, 3)}
-            if lora_spec:
-                state["lora"] = lora_spec
-            try:
-                save_checkpoint(out, step, model, state, optimizer, tok_dir if tok_dir.exists() else None,
-                                weights=lora.lora_state_dict(model) if lora_spec else None)
-            except CheckpointError as e:
-                fail(str(e))
-        if ddp:
-            dist.barrier()
 
-    def mean_over_processes(x) -> float:
-        x = x.detach().float().clone()
-        if ddp:
-            dist.all_reduce(x)
-            x /= world
-        return float(x)
+def optimizer_step(run: Run):
+    """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, applied."""
+    module = run.objective.module
+    if run.procs.ddp and module is not None:
+        for p in module.parameters():
+            dist.all_reduce(p.grad)
+            p.grad /= run.procs.world
+    run.scaler.unscale_(run.optimizer)
+    if run.args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.clipped, run.args.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
 
-    def train_step(step):
-        """One optimizer step: accum micro-batches per process, gradients all-reduced on the last.
-        An objective with several updates a step (PPO's epochs x minibatches of one rollout) repeats
-        that per update, the batch telling which; it may stop early, deciding on the approx_kl of the
-        coming update averaged over every micro-batch and process (so every process stops together)."""
-        metrics, done = {}, 0
-        for update in range(updates):
-            sums = {}
-            for micro in range(accum):
-                batch = data.batch("train", step, micro * world + rank, args.batch_size, device)
-                if updates > 1:
-                    batch["update"] = update
-                if ddp:
-                    train_model.require_backward_grad_sync = micro == accum - 1
-                with autocast(device, dtype):
-                    loss, extra = loss_fn(train_model, batch)
-                scaler.scale(loss / accum).backward()
-                for k, v in {"loss": loss, **extra}.items():
-                    sums[k] = sums.get(k, 0.0) + v.detach() / accum
-            if update > 0 and loss_fn.stop(mean_over_processes(sums["approx_kl"])):
-                optimizer.zero_grad(set_to_none=True)
-                break
-            if ddp and objective is not None:  # not inside the DDP module: its gradients are averaged here
-                for p in objective.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            scaler.unscale_(optimizer)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(clipped, args.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            done += 1
-            for k, v in sums.items():
-                metrics[k] = metrics.get(k, 0.0) + v
-        metrics = {k: v / done for k, v in metrics.items()}
-        if updates > 1:
-            metrics["updates"] = torch.tensor(float(done), device=device)
-        return metrics
 
-    clock = Clock(args.max_time, t_main, source_state.get("train_seconds", 0.0) if args.resume else 0.0, ddp)
-    t_start = t_last = time.time()
-    tokens_since = 0
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
+    A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
+    model, procs = run.model, run.procs
+    model.eval()
+    mine = [i for i in range(run.eval_batches) if i % procs.world == procs.rank]
+    totals = {}
+    for i in mine or [procs.rank]:
+        with autocast(run.device, run.dtype):
+            loss, extra = run.objective.evaluate(model, run.data.batch("val", 0, i, run.args.batch_size, run.device))
+        for k, v in {"loss": loss, **extra}.items():
+            totals[k] = totals.get(k, 0.0) + (float(v) if mine else 0.0)
+    keys = sorted(totals)
+    vals = torch.tensor([totals[k] for k in keys] + [len(mine)], dtype=torch.float64)
+    if procs.ddp:
+        dist.all_reduce(vals)
     model.train()
-    if args.mode in RL_MODES and not args.resume:  # RL curves start from the held-out reward of the start point
-        rec = evaluate()
-        log.write(step=0, **rec)
-        if master:
-            print("step     0 | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
-    step = start_step
+    rec = {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
+    if run.val_bytes_per_token:  # bits per byte: nats per token / ln 2 / bytes per token
+        rec["val_bpb"] = rec["val_loss"] / (math.log(2) * run.val_bytes_per_token)
+    return rec
+
+
+def log_eval(run: Run, step: int, rec: dict):
+    run.log.write(step=step, **rec)
+    if run.procs.master:
+        print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
+
+
+def log_progress(run: Run, step: int, lr: float, metrics: dict):
+    """The step's metrics averaged over the processes, with lr, tokens/s, MFU and ETA: logged and printed."""
+    a, procs = run.args, run.procs
+    keys = sorted(metrics)
+    vals = torch.stack([metrics[k].float() for k in keys])  # one host sync per logged step
+    if procs.ddp:
+        dist.all_reduce(vals)
+        vals /= procs.world
+    rec = dict(zip(keys, vals.tolist()))
+    now = time.time()
+    tps = run.tokens_since / (now - run.t_last)
+    mfu = tps * run.flops_per_step / run.batch_tokens / run.peak
+    eta = run.clock.left() if a.max_time else (a.max_iters - step) * run.batch_tokens / tps
+    run.t_last, run.tokens_since = now, 0
+    run.log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - run.t_start, 2))
+    if procs.master:
+        shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
+        print(f"step {step:5d}/{a.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+              f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
+
+
+def save(run: Run, step: int):
+    """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0."""
+    a = run.args
+    if run.procs.master:
+        state = {"kind": a.mode, "args": vars(a), "data": {"dir": str(run.data.dir), "meta": run.data.meta},
+                 "train_seconds": round(run.clock.spent(), 3)}
+        if run.lora_spec:
+            state["lora"] = run.lora_spec
+        try:
+            save_checkpoint(run.out, step, run.model, state, run.optimizer, run.tok_dir if run.tok_dir.exists() else None,
+                            weights=lora.lora_state_dict(run.model) if run.lora_spec else None)
+        except CheckpointError as e:
+            fail(str(e))
+    run.procs.barrier()
+
+
+# -----------------------------------------------------------------------------
+# main
+
+def main(argv=None):
+    run = setup(sys.argv[1:] if argv is None else argv)
+    a = run.args
+    run.t_start = run.t_last = time.time()
+    run.model.train()
+    if a.mode in RL_MODES and not a.resume:  # RL curves start from the held-out reward of the start point
+        log_eval(run, 0, evaluate(run))
+    step = run.start_step
     while True:
         step += 1
-        if args.max_time:  # the schedule runs on the fraction of the time budget spent
-            lr = args.lr * (step / warmup if step <= warmup else
-                            lr_multiplier(int(clock.fraction() * 1e6), 0, 10 ** 6, args.min_lr_ratio, args.schedule,
-                                          args.decay_frac))
-        else:
-            lr = args.lr * lr_multiplier(step - 1, warmup, args.max_iters, args.min_lr_ratio, args.schedule,
-                                         args.decay_frac)
-        for group in optimizer.param_groups:
+        # the learning rate of this step
+        lr = learning_rate(run, step)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
-        metrics = train_step(step)
-        tokens_since += batch_tokens
-        last = clock.fraction() >= 1 if args.max_time else step >= args.max_iters
-
-        if step % args.log_interval == 0 or last or step == start_step + 1:
-            keys = sorted(metrics)
-            vals = torch.stack([metrics[k].float() for k in keys])  # one host sync per logged step
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-            rec = dict(zip(keys, vals.tolist()))
-            now = time.time()
-            tps = tokens_since / (now - t_last)
-            mfu = tps * flops_per_step / batch_tokens / peak
-            eta = clock.left() if args.max_time else (args.max_iters - step) * batch_tokens / tps
-            t_last, tokens_since = now, 0
-            log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - t_start, 2))
-            if master:
-                shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
-                print(f"step {step:5d}/{args.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                      f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
-        if step % args.eval_interval == 0 or last:
-            with clock.measure("eval"):
-                rec = evaluate()
-            if master and not datasheet:  # a peak measured while the machine was busy reads low: keep the best
-                peak = max(peak, measure_matmul_flops(device, dtype, seconds=0.2) * world)
-            log.write(step=step, **rec)
-            if master:
-                print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
-                plot_log(out)
-        if step % args.save_interval == 0 or last:
-            with clock.measure("save"):
-                checkpoint(step, clock.spent())
+        # forward, backward, update (RL: the rollout first, then its updates)
+        metrics = train_step(run, step)
+        run.tokens_since += run.batch_tokens
+        last = run.clock.fraction() >= 1 if a.max_time else step >= a.max_iters
+        # log: the step's metrics, speed, ETA
+        if step % a.log_interval == 0 or last or step == run.start_step + 1:
+            log_progress(run, step, lr, metrics)
+        # evaluate on the held-out batches; a measured peak is measured again (a busy machine reads low)
+        if step % a.eval_interval == 0 or last:
+            with run.clock.measure("eval"):
+                rec = evaluate(run)
+            if run.procs.master and not run.datasheet:
+                run.peak = max(run.peak, measure_matmul_flops(run.device, run.dtype, seconds=0.2) * run.procs.world)
+            log_eval(run, step, rec)
+            if run.procs.master:
+                plot_log(run.out)
+        # checkpoint
+        if step % a.save_interval == 0 or last:
+            with run.clock.measure("save"):
+                save(run, step)
         if last:
             break
-    if master:
-        print(f"done in {fmt_time(time.time() - t_start)}; checkpoint in {out}")
-    if ddp:
+    if run.procs.master:
+        print(f"done in {fmt_time(time.time() - run.t_start)}; checkpoint in {run.out}")
+    if run.procs.ddp:
         dist.destroy_process_group()
 
 

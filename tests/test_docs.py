@@ -10,6 +10,7 @@
   markdown file with a #fragment, to one of its headings)
 - every --flag of a command written in a code block (python prepare.py|train.py|... ) is a flag of
   that script's --help
+- every list of modes written `--mode=a|b|...` names train.py's modes, all of them, in its order
 - the import graph drawn in docs/architecture.md is the one in the code
 """
 import ast
@@ -187,6 +188,30 @@ def test_flags_in_commands_exist(doc, help_flags):
             unknown = [f for f in flags if f not in known]
             assert not unknown, f"{doc.relative_to(ROOT)}: `{line.strip()}`: {script}.py " \
                                 f"{sub or ''} has no {', '.join(unknown)}"
+
+
+# -----------------------------------------------------------------------------
+# the modes of train.py
+
+MODE_LIST = re.compile(r"--mode=((?:[a-z]+\\?\|)+[a-z]+)")  # --mode=a|b|c, or a\|b\|c inside a table
+
+
+def mode_lists(text: str) -> list:
+    return [m.replace("\\", "").split("|") for m in MODE_LIST.findall(text)]
+
+
+def test_mode_list_pattern_reads_plain_and_table_lists():
+    assert mode_lists("`--mode=pretrain|sft` and | `--mode=a\\|b\\|c` |") == [["pretrain", "sft"], ["a", "b", "c"]]
+
+
+def test_mode_lists_name_every_mode_of_train():
+    train = importlib.import_module("train")
+    modes = list(train.build_parser()._option_string_actions["--mode"].choices)
+    lists = {doc.relative_to(ROOT).as_posix(): mode_lists(read(doc)) for doc in DOCS}
+    assert lists["README.md"] and lists["docs/architecture.md"], "the script tables list train.py's modes"
+    for doc, found in lists.items():
+        for listed in found:
+            assert listed == modes, f"{doc}: --mode={'|'.join(listed)}, but train.py's modes are {'|'.join(modes)}"
 
 
 # -----------------------------------------------------------------------------

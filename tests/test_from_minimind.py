@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import export
-from checkpoint import add_model_args, load_checkpoint, load_for_inference, load_from_args, parse_rope_scaling
+from checkpoint import add_model_args, load_checkpoint, load_for_inference, load_or_exit, parse_rope_scaling
 from minimind import PRESETS, MiniMind, ModelConfig
 
 
@@ -220,11 +220,16 @@ def minimind_yarn_inv_freq(head_dim, theta, factor, orig, beta_fast=32, beta_slo
     return freqs * (1 - ramp + ramp / factor)
 
 
+def load_from_flags(args):
+    """As sample.py and serve.py load from their model flags."""
+    return load_or_exit(args.ckpt, args.device, args.dtype, args.kernels, args.context, args.rope_scaling, args.threads)
+
+
 def test_rope_scaling_flag_gives_yarn_frequencies_and_a_longer_context(random_ckpt):
     p = argparse.ArgumentParser()
     add_model_args(p)  # sample.py's and serve.py's model flags
     args = p.parse_args(["--ckpt", str(random_ckpt), "--device", "cpu", "--rope-scaling", "yarn:4"])
-    model, _, _, context = load_from_args(args)
+    model, _, _, context = load_from_flags(args)
     cfg = model.config  # trained at seq_len 256 (state.json), head_dim 16
     assert cfg.rope_scaling["factor"] == 4.0 and cfg.rope_scaling["original_max_position_embeddings"] == 256
     assert context == 1024 > 256
@@ -256,7 +261,7 @@ def test_rope_scaling_flag_gives_yarn_frequencies_and_a_longer_context(random_ck
     assert out.shape == (1, 1008)
 
     args = p.parse_args(["--ckpt", str(random_ckpt), "--device", "cpu", "--rope-scaling", "yarn"])
-    assert load_from_args(args)[3] == 16 * 256  # MiniMind's factor 16
+    assert load_from_flags(args)[3] == 16 * 256  # MiniMind's factor 16
     args = p.parse_args(["--ckpt", str(random_ckpt), "--device", "cpu", "--rope-scaling", "factor=x"])
     with pytest.raises(SystemExit, match="--rope-scaling 'factor=x'"):
-        load_from_args(args)
+        load_from_flags(args)

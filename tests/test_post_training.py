@@ -25,7 +25,7 @@ import train
 from checkpoint import load_checkpoint, resolve_checkpoint
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 from data import DataError, PromptData, SFTData
-from losses import PolicyGradient, distill_kl, make_distill_loss
+from losses import Distill, DistillConfig, PolicyGradient, distill_kl
 from minimind import MiniMind, ModelConfig
 from tokenizer import EMPTY_THINK, Tokenizer
 
@@ -149,14 +149,15 @@ def test_a_turn_cut_at_max_new_tokens_ends_the_episode(tok):
 # -----------------------------------------------------------------------------
 # the objective: grpo, cispo, ppo
 
-def rl_args(tok_dir, **kw):
+def rl_config(tok_dir, **kw):
+    """The objective's config as train.py fills it from its flags (their defaults, then these)."""
     args = train.build_parser().parse_args(["--mode", kw.pop("mode", "grpo")])
     args.tokenizer_dir, args.seq_len, args.max_new_tokens, args.num_generations = str(tok_dir), 128, 8, 4
     args.beta, args.ppo_epochs, args.ppo_minibatches = 0.04, 1, 1
     args.reward = "test_post_training:toy_reward"
     for k, v in kw.items():
         setattr(args, k, v)
-    return args
+    return train.policy_gradient_config(args)
 
 
 def episode_logp(model, ro):
@@ -169,12 +170,11 @@ def episode_logp(model, ro):
 @pytest.mark.parametrize("loss_type", ["grpo", "cispo"])
 def test_a_policy_step_moves_probability_toward_the_better_episodes(tok, tokenizer_dir, rl_dir, loss_type, one_thread):
     model = small_model(tok, seed=2)
-    args = rl_args(tokenizer_dir, loss_type=loss_type)
-    objective = PolicyGradient(model, args, ppo=False)
-    batch = PromptData(rl_dir, 128, seed=0).batch("train", 1, 0, 3, "cpu")
+    objective = PolicyGradient(model, rl_config(tokenizer_dir, loss_type=loss_type))
+    batch = objective.prepare(PromptData(rl_dir, 128, seed=0).batch("train", 1, 0, 3, "cpu"))
     loss, metrics = objective(model, batch)
-    ro = objective.cache[(1, 0)]["ro"]
-    adv = objective.cache[(1, 0)]["adv"]
+    ro = batch["episodes"]["ro"]
+    adv = batch["episodes"]["adv"]
     assert adv.abs().sum() > 0 and metrics["mixed_groups"] > 0
     assert metrics["ratio"].item() == pytest.approx(1) and metrics["kl"].item() == pytest.approx(0, abs=1e-6)
     before = episode_logp(model, ro)
@@ -185,7 +185,7 @@ def test_a_policy_step_moves_probability_toward_the_better_episodes(tok, tokeniz
     gain = episode_logp(model, ro) - before
     assert (adv * gain).sum() > 0  # the update favours the episodes with positive advantages
     assert gain[adv > 0].mean() > gain[adv < 0].mean()
-    # the same batch again: the rollout of this (step, micro-batch) is reused, not sampled anew
+    # the same prepared batch again: its rollout is reused, not sampled anew
     again, m2 = objective(model, batch)
     assert m2["reward"] == metrics["reward"] and m2["kl"] > 0
 
@@ -195,8 +195,8 @@ def test_on_policy_grpo_and_cispo_have_the_same_gradient(tok, tokenizer_dir, rl_
     grads = []
     for loss_type in ("grpo", "cispo"):
         model = small_model(tok, seed=4)
-        objective = PolicyGradient(model, rl_args(tokenizer_dir, loss_type=loss_type), ppo=False)
-        loss, _ = objective(model, PromptData(rl_dir, 128, seed=0).batch("train", 1, 0, 3, "cpu"))
+        objective = PolicyGradient(model, rl_config(tokenizer_dir, loss_type=loss_type))
+        loss, _ = objective(model, objective.prepare(PromptData(rl_dir, 128, seed=0).batch("train", 1, 0, 3, "cpu")))
         loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
@@ -204,15 +204,15 @@ def test_on_policy_grpo_and_cispo_have_the_same_gradient(tok, tokenizer_dir, rl_
 
 def test_ppo_gae_wiring(tok, tokenizer_dir, rl_dir, one_thread):
     model = small_model(tok, seed=3)
-    args = rl_args(tokenizer_dir, mode="ppo", gamma=0.9, lam=0.8, ppo_epochs=2, ppo_minibatches=3)
-    objective = PolicyGradient(model, args, ppo=True)
+    objective = PolicyGradient(model, rl_config(tokenizer_dir, mode="ppo", gamma=0.9, lam=0.8, ppo_epochs=2,
+                                                ppo_minibatches=3))
     assert objective.updates == 6 and isinstance(objective.module, nn.Linear)
     with torch.no_grad():  # a value head that says something, so that GAE uses the values
         objective.module.weight.normal_(0, 0.3)
     data = PromptData(rl_dir, 128, seed=0)
-    batch = data.batch("train", 1, 0, 3, "cpu")
+    batch = objective.prepare(data.batch("train", 1, 0, 3, "cpu"))
     loss, metrics = objective(model, {**batch, "update": 0})
-    state = objective.cache[(1, 0)]
+    state = batch["episodes"]
     ro, mask = state["ro"], state["ro"].mask
     rewards = torch.tensor([toy_reward(None, t) for t in ro.texts])
     with torch.no_grad():
@@ -271,10 +271,8 @@ def test_distill_loss_against_a_hand_computation(sft_dir, sft_ckpt, base_ckpt, t
     teacher, _, _ = load_checkpoint(sft_ckpt)
     student, _, _ = load_checkpoint(base_ckpt)
     student.train()
-    args = train.build_parser().parse_args(["--mode", "distill", "--teacher", str(sft_ckpt), "--alpha", "0.3",
-                                            "--temperature", "2.0"])
-    args.tokenizer_dir = str(tokenizer_dir)
-    loss_fn = make_distill_loss(student, args)
+    loss_fn = Distill(student, DistillConfig(teacher=str(sft_ckpt), tokenizer_dir=str(tokenizer_dir), alpha=0.3,
+                                             temperature=2.0))
     batch = SFTData(sft_dir, 128, seed=0).batch("train", 1, 0, 2, "cpu")
     loss, m = loss_fn(student, batch)
     with torch.no_grad():
@@ -300,10 +298,8 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(sft_ckpt, tmp_path, to
     tj = other / "tokenizer" / "tokenizer.json"
     tj.write_text(tj.read_text() + "\n")  # the same tokenizer, another file: another hash
     student, _, _ = load_checkpoint(sft_ckpt)
-    args = train.build_parser().parse_args(["--mode", "distill", "--teacher", str(other)])
-    args.tokenizer_dir = str(tokenizer_dir)
     with pytest.raises(ValueError, match="another tokenizer"):
-        make_distill_loss(student, args)
+        Distill(student, DistillConfig(teacher=str(other), tokenizer_dir=str(tokenizer_dir), alpha=0.5, temperature=1.5))
 
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -23,7 +22,7 @@ from tokenizer import EMPTY_THINK, EOS, Tokenizer, render_chat
 from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
 from data import DPOData, SFTData, pack_rows
-from losses import make_dpo_loss, sequence_logprobs
+from losses import DPO, DPOConfig, sequence_logprobs
 
 
 def write_jsonl(path, records):
@@ -279,7 +278,7 @@ def test_dpo_log_probabilities_match_unpacked_sequences(dpo_dir, random_ckpt):
     assert n.tolist() == expected_n
     # at the start the policy is the reference: loss log 2, no margin; a changed policy moves both
     for length_norm in (False, True):
-        loss_fn = make_dpo_loss(policy, Namespace(beta=0.1, dpo_length_norm=length_norm))
+        loss_fn = DPO(policy, DPOConfig(beta=0.1, length_norm=length_norm))
         loss, extra = loss_fn(policy, batch)
         assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and extra["reward_margin"].item() == 0
         with torch.no_grad():
@@ -299,7 +298,7 @@ def test_dpo_of_a_moe_policy_adds_the_balance_loss(dpo_dir):
     vocab = json.loads((dpo_dir / "meta.json").read_text())["vocab_size"]
     model = MiniMind(ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                  n_experts=4, top_k=1)).train()
-    loss_fn = make_dpo_loss(model, Namespace(beta=0.1, dpo_length_norm=False))
+    loss_fn = DPO(model, DPOConfig(beta=0.1, length_norm=False))
     loss, _ = loss_fn(model, DPOData(dpo_dir, 128, seed=0).batch("train", 1, 0, 2, "cpu"))
     aux = sum(block.ffn.aux_loss for block in model.layers).item()
     assert aux > 0 and loss.item() == pytest.approx(math.log(2) + model.config.aux_loss_coef * aux, abs=1e-6)

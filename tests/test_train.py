@@ -1,5 +1,6 @@
 """train.py tests (pretraining): the loss falls, kill -9 + --resume is bit-identical, DDP with two
-processes follows the single-process loss curve, log.jsonl and checkpoints are well formed.
+processes follows the single-process loss curve, log.jsonl and checkpoints are well formed; in
+process, the rules that default the flags and the learning-rate schedule.
 
     python -m pytest tests/test_train.py -q
 """
@@ -8,11 +9,17 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import losses
+import train
 from checkpoint import load_checkpoint, resolve_checkpoint
+from minimind import MiniMind, ModelConfig
+from runtime import Processes, grad_scaler
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 
 FAST = ["--model", "tiny", "--batch-size", "4", "--seq-len", "64", "--eval-iters", "2", "--log-interval", "1"]
@@ -91,3 +98,80 @@ def test_missing_data_is_a_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "nope" in r.stderr and "prepare.py" in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# in process: flag defaults and the schedule
+
+def test_mode_defaults_fill_only_the_flags_left_unset():
+    args = train.build_parser().parse_args(["--mode", "ppo", "--lr", "0.5", "--beta", "0"])
+    values = train.mode_defaults(args, saved={}, given={"lr", "beta"})
+    assert "lr" not in values and "beta" not in values  # given: kept
+    assert values == {"ppo_epochs": 2, "ppo_minibatches": 2, "reward": "exact", "optimizer": "adamw",
+                      "schedule": "cosine", "batch_size": train.RL_PROMPTS}
+    args = train.build_parser().parse_args(["--mode", "grpo", "--tools", "--max-time", "5", "--batch-size", "3"])
+    values = train.mode_defaults(args, saved={}, given={"tools", "max_time", "batch_size"})
+    assert values["reward"] == "exact tool:0.5" and values["schedule"] == "wsd" and values["beta"] == 0.04
+    assert values["ppo_epochs"] == 1 and "batch_size" not in values
+
+
+def test_inherited_takes_the_start_checkpoints_shapes_but_not_a_given_flag():
+    args = train.build_parser().parse_args(["--mode", "sft", "--seq-len", "64"])
+    saved = {"mode": "pretrain", "model": "tiny-moe", "seq_len": 512, "batch_size": 8, "lr": 0.1, "seed": 7}
+    assert train.inherited(args, saved, given={"mode", "seq_len"}) == {"model": "tiny-moe", "batch_size": 8, "seed": 7}
+    dpo = train.build_parser().parse_args(["--mode", "dpo"])  # DPO rows hold pairs: sized from the data
+    assert train.inherited(dpo, saved, given={"mode"}) == {"model": "tiny-moe", "seed": 7}
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_warms_up_then_decays_to_the_floor(schedule):
+    args = SimpleNamespace(lr=1e-3, max_time=None, max_iters=100, min_lr_ratio=0.1, schedule=schedule, decay_frac=0.2)
+    run_ = SimpleNamespace(args=args, warmup=10, clock=None)
+    lrs = [train.learning_rate(run_, step) for step in range(1, 101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup over 10 steps
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then never up
+    assert 1e-4 <= lrs[-1] < 2e-4  # the last step near min_lr_ratio x lr, never below it
+    if schedule == "wsd":  # stable until the last 20%
+        assert lrs[79] == pytest.approx(1e-3) and lrs[85] < 1e-3
+
+
+class CountingObjective(losses.Objective):
+    """LM loss, two updates a step; records what the loop asks of it."""
+    updates = 2
+
+    def __init__(self, stop_after_first: bool = False):
+        self.prepared, self.calls, self.stop_after_first = [], [], stop_after_first
+
+    def prepare(self, batch):
+        self.prepared.append(batch["index"])
+        return {**batch, "prepared": True}
+
+    def stop(self, kl):
+        return self.stop_after_first
+
+    def __call__(self, model, batch):
+        self.calls.append((batch["index"], batch["update"], batch["prepared"]))
+        loss, _ = losses.lm_loss(model, batch)
+        return loss, {"approx_kl": torch.tensor(0.0)}
+
+
+@pytest.mark.parametrize("stop_after_first", [False, True])
+def test_train_step_prepares_each_micro_batch_once_for_all_its_updates(stop_after_first):
+    torch.manual_seed(0)
+    model = MiniMind(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64))
+    data = SimpleNamespace(batch=lambda split, step, index, rows, device: {
+        "idx": torch.randint(0, 64, (rows, 8), generator=torch.Generator().manual_seed(index)),
+        "targets": torch.randint(0, 64, (rows, 8), generator=torch.Generator().manual_seed(100 + index)),
+        "index": index})
+    objective = CountingObjective(stop_after_first)
+    run_ = SimpleNamespace(args=SimpleNamespace(batch_size=2, grad_clip=1.0), procs=Processes(), objective=objective,
+                           data=data, device="cpu", dtype=torch.float32, accum=2, model=model, train_model=model,
+                           scaler=grad_scaler("cpu", torch.float32), clipped=list(model.parameters()),
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    before = model.embed.weight.clone()
+    metrics = train.train_step(run_, step=1)
+    assert objective.prepared == [0, 1]  # once per micro-batch, not once per update
+    done = 1 if stop_after_first else 2
+    assert objective.calls == [(i, u, True) for u in range(2) for i in range(2)]  # the second update still runs...
+    assert metrics["updates"].item() == done  # ...but with a stop its gradients are dropped, not applied
+    assert not torch.equal(model.embed.weight, before) and all(p.grad is None for p in model.parameters())
