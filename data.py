@@ -23,6 +23,12 @@ class DataError(ValueError):
     """A malformed input record; the message names the file and line."""
 
 
+class EmptyTurn(ValueError):
+    """A well-formed conversation with a turn that says nothing: an empty user message, or an empty
+    assistant reply with neither reasoning nor tool calls (public Alpaca-style sets have them).
+    Not an error in the data: `prepare.py` leaves such a record out and counts it."""
+
+
 def _json_list(value, what: str) -> list:
     """A list given as it is or, as MiniMind stores `tools` and `tool_calls`, as JSON text."""
     if isinstance(value, str):
@@ -57,10 +63,11 @@ def check_conversation(msgs, tools=None):
     [{"name", "arguments"}]). The function specs come as `tools` (the record's field) or, where
     MiniMind keeps them, as "tools" on the system message; MiniMind's JSON-text `tools` and
     `tool_calls` are parsed. Content may be empty or null in a system message, a tool result and an
-    assistant turn that only calls tools. Raises ValueError naming the first problem."""
+    assistant turn that reasons or calls tools. Raises ValueError naming the first problem; EmptyTurn
+    (a ValueError) when the only problem is an empty user message or assistant reply."""
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("expected a non-empty list of messages")
-    out = []
+    out, empty = [], None
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
@@ -81,12 +88,17 @@ def check_conversation(msgs, tools=None):
             m["tool_calls"] = _json_list(m["tool_calls"], f"message {i}: tool_calls")
             for j, call in enumerate(m["tool_calls"]):
                 _check_tool_call(call, f"message {i}: tool call {j}")
-        if not (content or "").strip() and (role == "user" or (role == "assistant" and not m.get("tool_calls"))):
-            raise ValueError(f"message {i}: empty content")
+        said = (content or "").strip() or (role == "assistant" and (m.get("tool_calls") or
+                                                                    (m.get("reasoning_content") or "").strip()))
+        if not said and role in ("user", "assistant") and empty is None:
+            empty = i
         out.append(m)
     if out[-1]["role"] != "assistant":
         raise ValueError("the conversation does not end with an assistant turn")
-    return out, (_json_list(tools, "tools") if tools else None)
+    tools = _json_list(tools, "tools") if tools else None
+    if empty is not None:  # raised last: a malformed record is reported as malformed, not as empty
+        raise EmptyTurn(f"message {empty}: empty content")
+    return out, tools
 
 
 def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import corpus
 import rl
-from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+from data import SPLITS, DataError, EmptyTurn, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
 from runtime import publish_modes
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
 
@@ -421,7 +421,7 @@ def conversation_segments(obj, key: str, augment: Optional[dict] = None, rng=Non
 
 
 def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optional[dict] = None):
-    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad", message) | ("overlong",)].
+    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad" | "empty", message) | ("overlong",)].
     `augment` (conversation_segments) also holds a seed: a record's draws depend on it and on the
     record's file name and line only, not on how records are split among workers."""
     results, pieces = [None] * len(chunk), []
@@ -430,7 +430,7 @@ def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optiona
         try:
             pieces.append((i, conversation_segments(obj, "conversations", augment, rng)))
         except ValueError as e:
-            results[i] = ("bad", f"{path}:{line}: {e}")
+            results[i] = ("empty" if isinstance(e, EmptyTurn) else "bad", f"{path}:{line}: {e}")
     for (i, _), (ids, mask) in zip(pieces, encode_segments(_worker_tok, [s for _, s in pieces])):
         truncated = len(ids) > max_len
         if truncated:
@@ -444,18 +444,18 @@ def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optiona
 
 def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
     """[(path, line, obj)] -> [("ok", ids, mask, (prompt, chosen, rejected lengths), truncated) |
-    ("bad", message) | ("overlong",) | ("identical",)]."""
+    ("bad" | "empty", message) | ("overlong",) | ("identical",)]."""
     results, pieces, where = [None] * len(chunk), [], []
     for i, (path, line, obj) in enumerate(chunk):
-        try:
-            segs = {}
-            for key in ("chosen", "rejected"):
-                try:
-                    segs[key] = conversation_segments(obj, key)
-                except ValueError as e:
-                    raise ValueError(f"\"{key}\": {e}") from None
-        except ValueError as e:
-            results[i] = ("bad", f"{path}:{line}: {e}")
+        segs, problems = {}, []
+        for key in ("chosen", "rejected"):
+            try:
+                segs[key] = conversation_segments(obj, key)
+            except ValueError as e:
+                problems.append((isinstance(e, EmptyTurn), f"{path}:{line}: \"{key}\": {e}"))
+        if problems:
+            empty, message = min(problems)  # a malformed side is reported before an empty one
+            results[i] = ("empty" if empty else "bad", message)
             continue
         c, r = segs["chosen"], segs["rejected"]
         k = 0  # the shared prompt: the pieces both begin with (up to the header of the first reply that differs)
@@ -494,7 +494,8 @@ def cmd_chat(args):
     split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=args.quiet)
-    dropped = {"overlong": 0, "identical": 0}
+    dropped = {"overlong": 0, "identical": 0, "empty": 0}
+    first_empty = []  # where the first record with an empty turn is (the summary names it)
     truncated = 0
     t0 = time.time()
 
@@ -534,6 +535,8 @@ def cmd_chat(args):
                     continue
                 if res[0] in dropped:
                     dropped[res[0]] += 1
+                    if res[0] == "empty" and not first_empty:
+                        first_empty.append(res[1])
                     continue
                 truncated += res[-1]
                 writer.add(split_of(n_kept), res[1], res[2], res[3] if kind == "dpo" else None)
@@ -547,19 +550,26 @@ def cmd_chat(args):
         meta = writer.finish({
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
-            "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
+            "dropped_overlong": dropped["overlong"], "dropped_empty": dropped["empty"], "skipped_bad": bad.get("bad", 0),
             "inputs": [str(p) for p in args.input] or ["<default chat corpus: chatterbot-corpus>"],
             **({"dropped_identical": dropped["identical"]} if kind == "dpo" else
                {k: vars(args)[k] for k in ("system_prompt_fraction", "drop_empty_think_fraction", "seed")}),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
+    print(chat_summary(kind, meta, first_empty, f"; {time.time() - t0:.1f}s -> {out}"))
+
+
+def chat_summary(kind: str, meta: dict, first_empty: list, tail: str) -> str:
+    """The closing line of `prepare.py sft|dpo`: what was kept, cut and left out (with where the first
+    record left out for an empty turn is, so it can be looked at)."""
     what = "conversations" if kind == "sft" else "pairs"
-    print(f"{kind}: {meta['train_records']:,} train / {meta['val_records']:,} val {what}, "
-          f"{meta['train_tokens']:,} train tokens ({meta['train_trained_tokens']:,} trained); "
-          f"{truncated:,} truncated, {dropped['overlong']:,} dropped at --max-len {args.max_len}"
-          + (f", {dropped['identical']:,} identical pairs dropped" if kind == "dpo" else "")
-          + f"; {time.time() - t0:.1f}s -> {out}")
+    empty = meta["dropped_empty"]
+    return (f"{kind}: {meta['train_records']:,} train / {meta['val_records']:,} val {what}, "
+            f"{meta['train_tokens']:,} train tokens ({meta['train_trained_tokens']:,} trained); "
+            f"{meta['truncated']:,} truncated, {meta['dropped_overlong']:,} dropped at --max-len {meta['max_len']}"
+            + (f", {meta['dropped_identical']:,} identical pairs dropped" if kind == "dpo" else "")
+            + (f", {empty:,} left out for an empty turn (first: {first_empty[0]})" if empty else "") + tail)
 
 
 # -----------------------------------------------------------------------------

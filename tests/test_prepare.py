@@ -204,3 +204,40 @@ def test_tokenizer_refuses_tiny_vocab_and_empty_input(tmp_path, corpus):
     r = prepare(["tokenizer", "--input", empty, "--out", tmp_path / "t", "--quiet"])
     one_line_error(r, "empty")
     assert not (tmp_path / "t").exists()
+
+
+def jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+QA = [{"role": "user", "content": "小明喜欢什么？"}, {"role": "assistant", "content": "数学。"}]
+EMPTY_REPLY = [{"role": "user", "content": "写一个简单的数学方程来计算 200 的 10%。"}, {"role": "assistant", "content": ""}]
+REASONING_ONLY = [{"role": "user", "content": "想一想"}, {"role": "assistant", "content": "", "reasoning_content": "嗯。"}]
+
+
+def test_empty_turns_are_left_out_and_counted_not_fatal(tmp_path, tokenizer_dir):
+    """An empty reply (public Alpaca-style data has them) is legal: the record is left out, counted, and
+    the first one named; a reply with reasoning only (MiniMind-3's reasoning data) is trained."""
+    src = jsonl(tmp_path / "sft.jsonl", [{"conversations": QA}, {"conversations": EMPTY_REPLY},
+                                         {"conversations": REASONING_ONLY}, {"conversations": [QA[0], *EMPTY_REPLY]}])
+    r = prepare(["sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "s", "--quiet",
+                 "--val-fraction", "0"])
+    assert r.returncode == 0, r.stderr
+    assert f"2 left out for an empty turn (first: {src}:2: message 1: empty content)" in r.stdout
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert (meta["train_records"], meta["dropped_empty"], meta["skipped_bad"]) == (2, 2, 0)
+    tok = Tokenizer(tokenizer_dir)
+    text = tok.decode(np.fromfile(tmp_path / "s" / "train.bin", dtype=np.uint16).tolist(), skip_special_tokens=False)
+    assert "嗯。" in text and "200" not in text
+    # DPO: a pair with an empty reply is left out the same way
+    pairs = [{"chosen": QA, "rejected": [QA[0], {"role": "assistant", "content": "不知道。"}]},
+             {"chosen": QA, "rejected": [QA[0], {"role": "assistant", "content": " "}]}]
+    r = prepare(["dpo", "--input", jsonl(tmp_path / "dpo.jsonl", pairs), "--tokenizer", tokenizer_dir,
+                 "--out", tmp_path / "d", "--quiet", "--val-fraction", "0"])
+    assert r.returncode == 0 and '1 left out for an empty turn' in r.stdout and '"rejected": message 1' in r.stdout
+    # malformed data stays an error, also when the record has an empty turn too
+    broken = [QA[0], {"role": "assistant", "content": ""}, {"role": "robot", "content": "x"}, QA[1]]
+    src = jsonl(tmp_path / "bad.jsonl", [{"conversations": QA}, {"conversations": broken}])
+    r = prepare(["sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "b", "--quiet"])
+    assert r.returncode != 0 and f"{src}:2: message 2: unknown role 'robot'" in r.stderr
