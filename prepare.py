@@ -154,6 +154,21 @@ def foreign_entries(out: Path) -> list:
     return names
 
 
+def output_path(out: Path) -> Path:
+    """--out with every symbolic link resolved: a link to a directory is written through (the directory
+    is what check_output judges and staged_output replaces; the link stays); a link that names nothing,
+    or a loop, is refused in one line."""
+    try:
+        return Path(os.path.realpath(out, strict=True))
+    except FileNotFoundError:
+        if os.path.islink(out):
+            raise DataError(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist "
+                            "(create that directory, or remove the link)") from None
+        return output_path(out.parent) / out.name  # not there yet: its parent may still be a link
+    except OSError as e:  # a loop of links, a file where a directory should be
+        raise DataError(f"--out {out}: {e.strerror}") from None
+
+
 def check_output(out: Path, inputs, force: bool):
     """Refuse an --out whose replacement would delete what prepare did not write (unless --force)
     or anything it reads (even with --force): the input files, the tokenizer, the working directory."""
@@ -192,23 +207,28 @@ def mark_written(directory: Path):
 def staged_output(out: Path):
     """Yield a temporary directory beside `out`; on success it is marked (mark_written) and replaces
     `out` (renames only), on any error it is removed, so `out` is always either the previous or the
-    new complete output. check_output has said that `out` may be replaced."""
+    new complete output. check_output has said that `out` may be replaced; `out` has no symbolic links
+    (output_path)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         yield tmp
         mark_written(tmp)
         publish_modes(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the previous output back in place
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone already once renamed into place)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 # -----------------------------------------------------------------------------
@@ -715,6 +735,7 @@ def main(argv=None):
         check_args(args)
         inputs = getattr(args, "input", [])
         check_inputs(inputs)
+        args.out = str(output_path(Path(args.out)))
         check_output(Path(args.out), inputs + ([args.tokenizer] if hasattr(args, "tokenizer") else []), args.force)
         args.func(args)
     except DataError as e:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import prepare as prepare_script
 from tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat
 from conftest import ROOT
 import subprocess
@@ -241,3 +242,40 @@ def test_empty_turns_are_left_out_and_counted_not_fatal(tmp_path, tokenizer_dir)
     src = jsonl(tmp_path / "bad.jsonl", [{"conversations": QA}, {"conversations": broken}])
     r = prepare(["sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "b", "--quiet"])
     assert r.returncode != 0 and f"{src}:2: message 2: unknown role 'robot'" in r.stderr
+
+
+def in_process(argv) -> str:
+    """prepare.main in this process (no interpreter start-up): "" on success, else its one-line error."""
+    try:
+        prepare_script.main([str(a) for a in argv])
+    except SystemExit as e:
+        return str(e.code)
+    return ""
+
+
+def test_out_as_a_symbolic_link(tmp_path, tokenizer_dir):
+    """A link to a directory prepare.py wrote is written through (the link kept); a link that names
+    nothing or loops is one line; nothing is deleted that prepare did not write, no temporary left."""
+    small = jsonl(tmp_path / "small.jsonl", [{"text": "小明喜欢数学。"}] * 3)
+    common = ["pretrain", "--input", small, "--tokenizer", tokenizer_dir, "--quiet", "--workers", "1"]
+    real = tmp_path / "disk" / "pretrain"
+    assert in_process([*common, "--out", real]) == ""
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "pretrain"
+    link.symlink_to(real)
+    (real / "train.bin").write_bytes(b"")  # so the rewrite shows
+    assert in_process([*common, "--out", link]) == ""
+    assert link.is_symlink() and (link / "train.bin").stat().st_size > 0 and (real / "meta.json").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "data" / "foreign").symlink_to(foreign)
+    assert "--force" in in_process([*common, "--out", tmp_path / "data" / "foreign"])
+    assert (foreign / "notes.txt").read_text() == "mine"
+    (tmp_path / "data" / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data" / "loop")
+    for name, needle in (("dangling", "which does not exist"), ("loop", "symbolic links")):
+        message = in_process([*common, "--out", tmp_path / "data" / name])  # a traceback would escape
+        assert needle in message and "\n" not in message, message
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dangling", "foreign", "loop", "pretrain"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["pretrain"] and not (tmp_path / "nowhere").exists()
