@@ -101,11 +101,33 @@ def check_conversation(msgs, tools=None):
     return out, tools
 
 
-def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
-    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not UTF-8
-    or not a JSON object raises DataError naming file:line, or is counted in bad_counter["bad"]
-    with skip_bad. Lines are decoded one by one (binary read), so the line named is the line at
-    fault; a UTF-8 byte order mark is accepted."""
+MAX_RECORD_BYTES = 4 << 20  # the longest input line (or text paragraph); MiniMind's records are kilobytes
+
+
+def read_lines(f, limit: int):
+    """Yield each line of binary file `f` (its newline included), or None for a line over `limit`
+    bytes: that one is read past in 64 KiB pieces, never held whole (memory stays bounded)."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def overlong(path, line_no: int, limit: int) -> DataError:
+    return DataError(f"{path}:{line_no}: a record over {limit:,} bytes (the limit: prepare.py --max-record-bytes)")
+
+
+def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None, max_bytes: int = MAX_RECORD_BYTES):
+    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not UTF-8,
+    not a JSON object or over `max_bytes` raises DataError naming file:line, or is counted in
+    bad_counter["bad"] with skip_bad. Lines are decoded one by one (binary read), so the line named
+    is the line at fault; a UTF-8 byte order mark is accepted."""
     for path in paths:
         if os.path.isdir(path):
             raise DataError(f"{path}: a directory, expected a JSON Lines file")
@@ -114,7 +136,13 @@ def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
         except OSError as e:
             raise DataError(f"{path}: {e.strerror}") from None
         with f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in enumerate(read_lines(f, max_bytes), 1):
+                if raw is None:
+                    if not skip_bad:
+                        raise overlong(path, line_no, max_bytes)
+                    if bad_counter is not None:
+                        bad_counter["bad"] = bad_counter.get("bad", 0) + 1
+                    continue
                 if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 if not raw.strip():

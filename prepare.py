@@ -17,7 +17,8 @@ per assistant turn, chosen = the real reply, rejected = a seeded draw from a dia
 in the same language (`--seed`). They demonstrate the pipeline, they do not make a useful model.
 
 Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
-constant memory. Outputs are written under a temporary name and renamed only when complete; --out
+bounded memory: a record (a line, a text paragraph) over --max-record-bytes is an error naming its
+line (or skipped with --skip-bad), never read whole. Outputs are written under a temporary name and renamed only when complete; --out
 is replaced only if prepare.py wrote it (else refused unless --force), never if it holds an input.
 """
 import argparse
@@ -38,7 +39,8 @@ from tqdm import tqdm
 
 import corpus
 import rl
-from data import SPLITS, DataError, EmptyTurn, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+from data import (MAX_RECORD_BYTES, SPLITS, DataError, EmptyTurn, TokenFileWriter, check_conversation, fit_pair,
+                  iter_jsonl, overlong, read_lines)
 from runtime import publish_modes
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_segments
 
@@ -63,21 +65,29 @@ def default_documents():
     yield from corpus.text_documents()
 
 
-def iter_text(path, skip_bad=False, bad=None, progress=None):
+def iter_text(path, skip_bad=False, bad=None, progress=None, max_bytes=MAX_RECORD_BYTES):
     """Yield (path, line, paragraph) of a plain text file: blank-line-separated paragraphs. Lines
-    are decoded one by one: one that is not UTF-8 raises DataError naming it (or is counted in
-    bad["bad"] and skipped with skip_bad); a UTF-8 byte order mark is accepted."""
+    are decoded one by one: one that is not UTF-8, or a paragraph over `max_bytes`, raises DataError
+    naming it (or is counted in bad["bad"] and skipped with skip_bad); a UTF-8 byte order mark is
+    accepted."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from None
     with f:
-        buf, start = [], 1
-        for line_no, raw in enumerate(f, 1):
-            if progress is not None:
+        buf, start, size = [], 1, 0  # the paragraph so far: its lines, first line, bytes
+        for line_no, raw in enumerate(read_lines(f, max_bytes), 1):
+            if progress is not None and raw is not None:
                 progress.update(len(raw))
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if raw is not None and line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if raw is None or (size + len(raw) > max_bytes and raw.strip()):  # the paragraph is too long
+                if size <= max_bytes:  # (reported once)
+                    if not skip_bad:
+                        raise overlong(path, start if buf else line_no, max_bytes)
+                    bad["bad"] = bad.get("bad", 0) + 1
+                buf, size = [], max_bytes + 1  # what is left of it is skipped up to the next blank line
+                continue
             try:
                 line = raw.decode("utf-8").replace("\r\n", "\n")
             except UnicodeDecodeError as e:
@@ -89,25 +99,28 @@ def iter_text(path, skip_bad=False, bad=None, progress=None):
                 if not buf:
                     start = line_no
                 buf.append(line)
-            elif buf:
-                yield path, start, "".join(buf).strip()
-                buf = []
+                size += len(raw)
+            else:
+                if buf:
+                    yield path, start, "".join(buf).strip()
+                buf, size = [], 0
         if buf:
             yield path, start, "".join(buf).strip()
 
 
-def iter_documents(paths, skip_bad=False, bad=None, progress=None):
+def iter_documents(paths, skip_bad=False, bad=None, progress=None, max_bytes=MAX_RECORD_BYTES):
     """Yield (path, line, text) of every document. jsonl: the "text" field of each line;
-    other files: blank-line-separated paragraphs. `progress` (a tqdm) is advanced by bytes read."""
+    other files: blank-line-separated paragraphs; either at most `max_bytes` long. `progress` (a
+    tqdm) is advanced by bytes read."""
     if not paths:
         yield from default_documents()
         return
     check_inputs(paths)
     for path in paths:
         if not str(path).endswith((".jsonl", ".json")):
-            yield from iter_text(path, skip_bad, bad, progress)
+            yield from iter_text(path, skip_bad, bad, progress, max_bytes)
             continue
-        for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
+        for p, line_no, obj in iter_jsonl([path], skip_bad, bad, max_bytes):
             text = obj.get("text")
             if not isinstance(text, str) or not text:
                 if skip_bad:
@@ -237,7 +250,7 @@ def staged_output(out: Path):
 
 def require_documents(args):
     """An empty input is an error (a tokenizer trained on nothing has no merges)."""
-    if next(iter_documents(args.input, args.skip_bad, {}), None) is None:
+    if next(iter_documents(args.input, args.skip_bad, {}, None, args.max_record_bytes), None) is None:
         raise DataError("no documents read: the input is empty")
 
 
@@ -255,7 +268,8 @@ def cmd_tokenizer(args):
 
     def texts():
         n = 0
-        for _, _, text in iter_documents(args.input, args.skip_bad, bad, progress if args.input else None):
+        for _, _, text in iter_documents(args.input, args.skip_bad, bad, progress if args.input else None,
+                                         args.max_record_bytes):
             if not args.input:
                 progress.update(len(text.encode("utf-8")))
             yield text
@@ -359,7 +373,8 @@ def cmd_pretrain(args):
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=args.quiet)
     t0 = time.time()
-    texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None))
+    texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None,
+                                             args.max_record_bytes))
     with staged_output(out) as tmp:
         writer = TokenFileWriter(tmp, "pretrain")
         with Pool(args.workers or os.cpu_count(), initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
@@ -526,7 +541,7 @@ def cmd_chat(args):
             yield from corpus.sft_records() if kind == "sft" else corpus.dpo_records(args.seed)
             return
         try:
-            for rec in iter_jsonl(args.input, args.skip_bad, bad):
+            for rec in iter_jsonl(args.input, args.skip_bad, bad, args.max_record_bytes):
                 # progress in input bytes, estimated from the contents (the raw line is not kept)
                 convs = [rec[2].get(k) for k in ("conversations", "chosen", "rejected")]
                 progress.update(40 + sum(len(m["content"].encode("utf-8")) + 40 for c in convs if isinstance(c, list)
@@ -604,6 +619,9 @@ def add_input_flags(p, chat: bool = False):
         p.add_argument("--input", nargs="+", default=[],
                        help="input files (.jsonl or plain text); none: the embedded corpus (corpus.py)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="longest record (a JSON line, a text paragraph) read; a longer one is an error naming its "
+                        "line, or skipped with --skip-bad, so memory stays bounded (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -671,7 +689,7 @@ MIN_MERGES = 64
 
 def check_args(args):
     """Flag values that would fail later with a traceback, or silently do something else."""
-    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0}
+    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0, "max_record_bytes": 1}
     for name, low in lowest.items():
         if getattr(args, name, low) < low:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")

@@ -279,3 +279,35 @@ def test_out_as_a_symbolic_link(tmp_path, tokenizer_dir):
         assert needle in message and "\n" not in message, message
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dangling", "foreign", "loop", "pretrain"]
     assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["pretrain"] and not (tmp_path / "nowhere").exists()
+
+
+def test_an_overlong_record_is_named_and_never_read_whole(tmp_path, tokenizer_dir):
+    """A 3 MB line under a 1 MB limit: FILE:LINE and the flag, or skipped and counted with --skip-bad;
+    the reader holds at most the limit of it (the 50 MB line of the issue took 6-9 GB)."""
+    import tracemalloc
+    from data import iter_jsonl
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "好"}) + "\n" + json.dumps({"text": "长" * 1_000_000}, ensure_ascii=False) + "\n"
+                   + json.dumps({"text": "ok"}) + "\n", encoding="utf-8")
+    common = ["pretrain", "--tokenizer", tokenizer_dir, "--quiet", "--workers", "1", "--val-fraction", "0"]
+    message = in_process([*common, "--input", big, "--out", tmp_path / "a", "--max-record-bytes", 1_000_000])
+    assert f"{big}:2: a record over 1,000,000 bytes" in message and "--max-record-bytes" in message
+    assert in_process([*common, "--input", big, "--out", tmp_path / "b", "--max-record-bytes", 1_000_000,
+                       "--skip-bad"]) == ""
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["skipped_bad"] == 1
+    # a plain-text paragraph is one record: its many short lines add up
+    book = tmp_path / "book.txt"
+    book.write_text("短段落\n\n" + "长的一行\n" * 200_000 + "\n最后一段\n", encoding="utf-8")
+    message = in_process([*common, "--input", book, "--out", tmp_path / "d", "--max-record-bytes", 1_000_000])
+    assert f"{book}:3: a record over 1,000,000 bytes" in message
+    assert in_process([*common, "--input", book, "--out", tmp_path / "e", "--max-record-bytes", 1_000_000,
+                       "--skip-bad"]) == ""
+    assert json.loads((tmp_path / "e" / "meta.json").read_text())["skipped_bad"] == 1
+    tok = Tokenizer(tokenizer_dir)
+    text = tok.decode(np.fromfile(tmp_path / "e" / "train.bin", dtype=np.uint16).tolist())
+    assert "短段落" in text and "最后一段" in text and "长的一行" not in text
+    tracemalloc.start()
+    assert [obj["text"] for _, _, obj in iter_jsonl([big], skip_bad=True, max_bytes=64 << 10)] == ["好", "ok"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # 3 MB on disk, under 1 MB in memory
