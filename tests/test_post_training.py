@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 
 import rl
 import train
+import checkpoint
 from checkpoint import load_checkpoint, resolve_checkpoint
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 from data import DataError, PromptData, SFTData
@@ -299,6 +300,9 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(sft_ckpt, tmp_path, to
     shutil.copytree(resolve_checkpoint(sft_ckpt), other)
     tj = other / "tokenizer" / "tokenizer.json"
     tj.write_text(tj.read_text() + "\n")  # the same tokenizer, another file: another hash
+    state = json.loads((other / "state.json").read_text())  # saved so: its state.json vouches for it
+    state["files"] = {f: checkpoint.file_hash(other / f) for f in checkpoint.hashed_files(other)}
+    (other / "state.json").write_text(json.dumps(state))
     student, _, _ = load_checkpoint(sft_ckpt)
     args = train.build_parser().parse_args(["--mode", "distill", "--teacher", str(other)])
     args.tokenizer_dir = str(tokenizer_dir)
