@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import checkpoint
 import rl
 import train
-import checkpoint
 from checkpoint import load_checkpoint, resolve_checkpoint
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
 from data import DataError, PromptData, SFTData
