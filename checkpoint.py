@@ -100,10 +100,10 @@ MAX_STATE_BYTES = 16 << 20  # state.json holds flags, data meta and hashes: kilo
 
 def hashed_files(ckpt: Path) -> list:
     """The files of a checkpoint directory that state.json must list: the HASHED ones present and
-    every file under tokenizer/ (as "tokenizer/NAME")."""
+    every file of tokenizer/ (as "tokenizer/NAME"; a tokenizer directory is flat)."""
     tok = ckpt / TOKENIZER
     return ([f for f in HASHED if (ckpt / f).is_file()] +
-            sorted(p.relative_to(ckpt).as_posix() for p in tok.rglob("*") if p.is_file() or p.is_symlink()))
+            sorted(f"{TOKENIZER}/{p.name}" for p in (tok.iterdir() if tok.is_dir() else ()) if not p.is_dir()))
 
 
 def clean_stale(out_dir) -> list:
@@ -192,6 +192,9 @@ def check_state(state, ckpt: Path) -> dict:
         raise CheckpointError(f"{where}: no \"files\" (the SHA-256 of the checkpoint's files): it cannot be "
                               "verified (edited, or saved before hashes were recorded)")
     for name, digest in files.items():
+        parts = name.split("/")
+        if name not in HASHED and not (len(parts) == 2 and parts[0] == TOKENIZER and parts[1] not in ("", ".", "..")):
+            raise CheckpointError(f"{where}: \"files\": {_short(name)} is not a file of a checkpoint")
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
             raise CheckpointError(f"{where}: \"files\": {_short(name)} has no SHA-256")
     unlisted = [f for f in hashed_files(ckpt) if f not in files]

@@ -151,6 +151,7 @@ def test_broken_checkpoints_are_one_line(tmp_path, small_cfg):
     ({"files": None}, 'no "files"'),
     ({"args": []}, '"args" must be a JSON object'),
     ({"lora": {"rank": 0}}, '"lora" needs rank'),
+    ({"files": {"/proc/kcore": "0" * 64}}, "'/proc/kcore' is not a file of a checkpoint"),  # never read
 ])
 def test_an_edited_state_json_is_refused_and_resume_falls_back(tmp_path, small_cfg, edit, message):
     """state.json is checked before anything uses it: hashes required, step a whole number of its
