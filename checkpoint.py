@@ -14,8 +14,9 @@ Checkpoint layout (written by train.py, read by sample.py, serve.py, export.py):
 
 A checkpoint directory is written under a temporary name (.ckpt_*), fsynced, and renamed when
 complete; `latest` is replaced atomically afterwards, so a killed run never leaves a half-written
-checkpoint in use. state.json records the SHA-256 of the weights, config and optimizer state, checked
-on every load: a corrupted file is named, and `--resume` falls back to the newest intact checkpoint.
+checkpoint in use. state.json records the SHA-256 of the weights, config, optimizer state and tokenizer
+files, required and checked on every load with the rest of state.json (check_state): a corrupted,
+edited or unlisted file is named, and `--resume` falls back to the newest intact checkpoint.
 """
 import contextlib
 import errno
@@ -92,7 +93,17 @@ def atomic_write_text(path, text: str):
     _fsync_dir(path.parent)
 
 
-HASHED = ("model.safetensors", "adapter.safetensors", "config.json", "optim.pt")  # what state.json vouches for
+HASHED = ("model.safetensors", "adapter.safetensors", "config.json", "optim.pt")  # what state.json vouches for,
+TOKENIZER = "tokenizer"  # with every file of the tokenizer directory
+MAX_STATE_BYTES = 16 << 20  # state.json holds flags, data meta and hashes: kilobytes
+
+
+def hashed_files(ckpt: Path) -> list:
+    """The files of a checkpoint directory that state.json must list: the HASHED ones present and
+    every file of tokenizer/ (as "tokenizer/NAME"; a tokenizer directory is flat)."""
+    tok = ckpt / TOKENIZER
+    return ([f for f in HASHED if (ckpt / f).is_file()] +
+            sorted(f"{TOKENIZER}/{p.name}" for p in (tok.iterdir() if tok.is_dir() else ()) if not p.is_dir()))
 
 
 def clean_stale(out_dir) -> list:
@@ -128,10 +139,11 @@ def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=
             (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
             if optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optim.pt")
-            hashes = {f: file_hash(tmp / f) for f in HASHED if (tmp / f).exists()}
-            (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": hashes}, indent=2))
             if tokenizer_dir is not None:
-                shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+                shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
+            hashes = {f: file_hash(tmp / f) for f in hashed_files(tmp)}
+            state = {k: v for k, v in state.items() if k not in ("step", "files")}  # (a loaded state's, replaced)
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state, "files": hashes}, indent=2))
             publish_modes(tmp)
             _fsync_tree(tmp)
             final = out_dir / name
@@ -149,21 +161,93 @@ def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=
     return final
 
 
-def verify_checkpoint(ckpt: Path) -> dict:
-    """state.json of a checkpoint directory whose files match the hashes it records (checkpoints
-    from before hashes were recorded are taken as they are); CheckpointError naming the file."""
-    state_path = ckpt / "state.json"
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_state(state, ckpt: Path) -> dict:
+    """state.json's fields, checked before anything uses them: a whole step >= 0 (the step of the
+    directory's name), the SHA-256 of every file hashed_files lists and of nothing else, and the
+    types of args, data, kind and lora. CheckpointError naming state.json and the field."""
+    where = ckpt / "state.json"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}: expected a JSON object")
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"{where}: \"step\" must be a whole number >= 0, not {_short(step)}")
+    if ckpt.name.startswith("ckpt_") and ckpt.name[5:].isdigit() and int(ckpt.name[5:]) != step:
+        raise CheckpointError(f"{where}: \"step\" {step} is not the step of its directory {ckpt.name}")
+    for key, kind in (("args", dict), ("data", dict), ("kind", str), ("lora", dict)):
+        if key in state and not isinstance(state[key], kind):
+            raise CheckpointError(f"{where}: \"{key}\" must be a JSON {'object' if kind is dict else 'string'}")
+    lora_spec = state.get("lora")
+    if lora_spec is not None and not (type(lora_spec.get("rank")) is int and lora_spec["rank"] > 0
+                                      and isinstance(lora_spec.get("alpha"), (int, float))
+                                      and isinstance(lora_spec.get("base"), str)
+                                      and isinstance(lora_spec.get("targets"), list)):
+        raise CheckpointError(f"{where}: \"lora\" needs rank (> 0), alpha, targets and base")
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{where}: no \"files\" (the SHA-256 of the checkpoint's files): it cannot be "
+                              "verified (edited, or saved before hashes were recorded)")
+    for name, digest in files.items():
+        parts = name.split("/")
+        if name not in HASHED and not (len(parts) == 2 and parts[0] == TOKENIZER and parts[1] not in ("", ".", "..")):
+            raise CheckpointError(f"{where}: \"files\": {_short(name)} is not a file of a checkpoint")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise CheckpointError(f"{where}: \"files\": {_short(name)} has no SHA-256")
+    unlisted = [f for f in hashed_files(ckpt) if f not in files]
+    if unlisted:
+        raise CheckpointError(f"{ckpt / unlisted[0]}: not listed in state.json \"files\" (added or edited)")
+    weights = [f for f in ("model.safetensors", "adapter.safetensors") if f in files]
+    if "config.json" not in files or not weights:
+        raise CheckpointError(f"{where}: \"files\" must list config.json and the weights")
+    return state
+
+
+def read_state(ckpt: Path) -> dict:
+    """state.json of a checkpoint directory, its fields checked (check_state); the hashes not compared."""
+    path = ckpt / "state.json"
     try:
-        state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{state_path}: unreadable ({e})") from None
-    for name, digest in (state.get("files") or {}).items():
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise CheckpointError(f"{path}: over {MAX_STATE_BYTES >> 20} MiB, not a state.json")
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (OSError, ValueError, RecursionError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: unreadable ({_short(str(e))})") from None
+    return check_state(state, ckpt)
+
+
+def verify_checkpoint(ckpt: Path, optimizer: bool = False) -> dict:
+    """state.json of a checkpoint directory whose fields are valid (check_state) and whose files match
+    the hashes it records; CheckpointError naming the file. With `optimizer` (resuming), optim.pt must
+    also unpickle as plain tensors and containers (read memory-mapped: cheap)."""
+    state = read_state(ckpt)
+    for name, digest in state["files"].items():
         path = ckpt / name
-        if not path.exists():
+        if not path.is_file():
             raise CheckpointError(f"{path}: missing (state.json lists it)")
         if file_hash(path) != digest:
             raise CheckpointError(f"{path}: content does not match the hash in state.json (corrupted or modified)")
+    if optimizer and "optim.pt" in state["files"]:
+        load_optimizer_state(ckpt, "cpu", mmap=True)
     return state
+
+
+def load_optimizer_state(ckpt: Path, device, mmap: bool = False) -> dict:
+    """optim.pt of a checkpoint, unpickled with weights_only (tensors and plain containers, nothing that
+    runs code); anything else is a CheckpointError naming the file."""
+    path = Path(ckpt) / "optim.pt"
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle's UnpicklingError, torch's zip errors, a RuntimeError: many lines each
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{path}: not an optimizer state that loads safely "
+                              f"({_short(first[0]) if first else type(e).__name__})") from None
 
 
 def resolve_checkpoint(path, fallback: bool = False) -> Path:
@@ -172,6 +256,7 @@ def resolve_checkpoint(path, fallback: bool = False) -> Path:
     checkpoint instead, saying so on stderr."""
     path = Path(path)
     if (path / "config.json").exists():
+        read_state(path)
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
@@ -181,13 +266,14 @@ def resolve_checkpoint(path, fallback: bool = False) -> Path:
     if named is None and not candidates:
         raise FileNotFoundError(f"{path}: not a minimind checkpoint (no config.json, no `latest`)")
     if not fallback and named is not None and (named / "config.json").exists():
+        read_state(named)
         return named
     problems = []
     for ckpt in ([named] if named is not None else []) + candidates[::-1]:
         try:
             if not (ckpt / "config.json").exists():
                 raise CheckpointError(f"{ckpt}: missing or incomplete")
-            verify_checkpoint(ckpt)
+            verify_checkpoint(ckpt, optimizer=True)
         except CheckpointError as e:
             problems.append(str(e))
             continue

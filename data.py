@@ -23,6 +23,12 @@ class DataError(ValueError):
     """A malformed input record; the message names the file and line."""
 
 
+class EmptyTurn(ValueError):
+    """A well-formed conversation with a turn that says nothing: an empty user message, or an empty
+    assistant reply with neither reasoning nor tool calls (public Alpaca-style sets have them).
+    Not an error in the data: `prepare.py` leaves such a record out and counts it."""
+
+
 def _json_list(value, what: str) -> list:
     """A list given as it is or, as MiniMind stores `tools` and `tool_calls`, as JSON text."""
     if isinstance(value, str):
@@ -57,10 +63,11 @@ def check_conversation(msgs, tools=None):
     [{"name", "arguments"}]). The function specs come as `tools` (the record's field) or, where
     MiniMind keeps them, as "tools" on the system message; MiniMind's JSON-text `tools` and
     `tool_calls` are parsed. Content may be empty or null in a system message, a tool result and an
-    assistant turn that only calls tools. Raises ValueError naming the first problem."""
+    assistant turn that reasons or calls tools. Raises ValueError naming the first problem; EmptyTurn
+    (a ValueError) when the only problem is an empty user message or assistant reply."""
     if not isinstance(msgs, list) or not msgs:
         raise ValueError("expected a non-empty list of messages")
-    out = []
+    out, empty = [], None
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ValueError(f"message {i}: expected an object with \"role\" and \"content\"")
@@ -81,19 +88,46 @@ def check_conversation(msgs, tools=None):
             m["tool_calls"] = _json_list(m["tool_calls"], f"message {i}: tool_calls")
             for j, call in enumerate(m["tool_calls"]):
                 _check_tool_call(call, f"message {i}: tool call {j}")
-        if not (content or "").strip() and (role == "user" or (role == "assistant" and not m.get("tool_calls"))):
-            raise ValueError(f"message {i}: empty content")
+        said = (content or "").strip() or (role == "assistant" and (m.get("tool_calls") or
+                                                                    (m.get("reasoning_content") or "").strip()))
+        if not said and role in ("user", "assistant") and empty is None:
+            empty = i
         out.append(m)
     if out[-1]["role"] != "assistant":
         raise ValueError("the conversation does not end with an assistant turn")
-    return out, (_json_list(tools, "tools") if tools else None)
+    tools = _json_list(tools, "tools") if tools else None
+    if empty is not None:  # raised last: a malformed record is reported as malformed, not as empty
+        raise EmptyTurn(f"message {empty}: empty content")
+    return out, tools
 
 
-def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
-    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not UTF-8
-    or not a JSON object raises DataError naming file:line, or is counted in bad_counter["bad"]
-    with skip_bad. Lines are decoded one by one (binary read), so the line named is the line at
-    fault; a UTF-8 byte order mark is accepted."""
+MAX_RECORD_BYTES = 4 << 20  # the longest input line (or text paragraph); MiniMind's records are kilobytes
+
+
+def read_lines(f, limit: int):
+    """Yield each line of binary file `f` (its newline included), or None for a line over `limit`
+    bytes: that one is read past in 64 KiB pieces, never held whole (memory stays bounded)."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 16)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+        else:
+            yield raw
+
+
+def overlong(path, line_no: int, limit: int) -> DataError:
+    return DataError(f"{path}:{line_no}: a record over {limit:,} bytes (the limit: prepare.py --max-record-bytes)")
+
+
+def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None, max_bytes: int = MAX_RECORD_BYTES):
+    """Yield (path, line_no, obj) for every non-empty line of every file. A line that is not UTF-8,
+    not a JSON object or over `max_bytes` raises DataError naming file:line, or is counted in
+    bad_counter["bad"] with skip_bad. Lines are decoded one by one (binary read), so the line named
+    is the line at fault; a UTF-8 byte order mark is accepted."""
     for path in paths:
         if os.path.isdir(path):
             raise DataError(f"{path}: a directory, expected a JSON Lines file")
@@ -102,7 +136,13 @@ def iter_jsonl(paths, skip_bad: bool = False, bad_counter: dict = None):
         except OSError as e:
             raise DataError(f"{path}: {e.strerror}") from None
         with f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in enumerate(read_lines(f, max_bytes), 1):
+                if raw is None:
+                    if not skip_bad:
+                        raise overlong(path, line_no, max_bytes)
+                    if bad_counter is not None:
+                        bad_counter["bad"] = bad_counter.get("bad", 0) + 1
+                    continue
                 if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 if not raw.strip():

@@ -17,7 +17,8 @@ per assistant turn, chosen = the real reply, rejected = a seeded draw from a dia
 in the same language (`--seed`). They demonstrate the pipeline, they do not make a useful model.
 
 Everything streams: a multi-GB jsonl is read line by line and tokenized in parallel chunks, in
-constant memory. Outputs are written under a temporary name and renamed only when complete; --out
+bounded memory: a record (a line, a text paragraph) over --max-record-bytes is an error naming its
+line (or skipped with --skip-bad), never read whole. Outputs are written under a temporary name and renamed only when complete; --out
 is replaced only if prepare.py wrote it (else refused unless --force), never if it holds an input.
 """
 import argparse
@@ -37,7 +38,8 @@ import numpy as np
 from tqdm import tqdm
 
 import corpus
-from data import SPLITS, DataError, TokenFileWriter, check_conversation, fit_pair, iter_jsonl
+from data import (MAX_RECORD_BYTES, SPLITS, DataError, EmptyTurn, TokenFileWriter, check_conversation, fit_pair,
+                  iter_jsonl, overlong, read_lines)
 from rl.tasks import TASKS, TOOL_TASKS, demonstration, write_task
 from runtime import publish_modes
 from tokenizer import ADDED_TOKENS, BOS, CHAT_TEMPLATE, EMPTY_THINK, EOS, PAD, Tokenizer, chat_spans
@@ -63,21 +65,29 @@ def default_documents():
     yield from corpus.text_documents()
 
 
-def iter_text(path, skip_bad=False, bad=None, progress=None):
+def iter_text(path, skip_bad=False, bad=None, progress=None, max_bytes=MAX_RECORD_BYTES):
     """Yield (path, line, paragraph) of a plain text file: blank-line-separated paragraphs. Lines
-    are decoded one by one: one that is not UTF-8 raises DataError naming it (or is counted in
-    bad["bad"] and skipped with skip_bad); a UTF-8 byte order mark is accepted."""
+    are decoded one by one: one that is not UTF-8, or a paragraph over `max_bytes`, raises DataError
+    naming it (or is counted in bad["bad"] and skipped with skip_bad); a UTF-8 byte order mark is
+    accepted."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: {e.strerror}") from None
     with f:
-        buf, start = [], 1
-        for line_no, raw in enumerate(f, 1):
-            if progress is not None:
+        buf, start, size = [], 1, 0  # the paragraph so far: its lines, first line, bytes
+        for line_no, raw in enumerate(read_lines(f, max_bytes), 1):
+            if progress is not None and raw is not None:
                 progress.update(len(raw))
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if raw is not None and line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if raw is None or (size + len(raw) > max_bytes and raw.strip()):  # the paragraph is too long
+                if size <= max_bytes:  # (reported once)
+                    if not skip_bad:
+                        raise overlong(path, start if buf else line_no, max_bytes)
+                    bad["bad"] = bad.get("bad", 0) + 1
+                buf, size = [], max_bytes + 1  # what is left of it is skipped up to the next blank line
+                continue
             try:
                 line = raw.decode("utf-8").replace("\r\n", "\n")
             except UnicodeDecodeError as e:
@@ -89,25 +99,28 @@ def iter_text(path, skip_bad=False, bad=None, progress=None):
                 if not buf:
                     start = line_no
                 buf.append(line)
-            elif buf:
-                yield path, start, "".join(buf).strip()
-                buf = []
+                size += len(raw)
+            else:
+                if buf:
+                    yield path, start, "".join(buf).strip()
+                buf, size = [], 0
         if buf:
             yield path, start, "".join(buf).strip()
 
 
-def iter_documents(paths, skip_bad=False, bad=None, progress=None):
+def iter_documents(paths, skip_bad=False, bad=None, progress=None, max_bytes=MAX_RECORD_BYTES):
     """Yield (path, line, text) of every document. jsonl: the "text" field of each line;
-    other files: blank-line-separated paragraphs. `progress` (a tqdm) is advanced by bytes read."""
+    other files: blank-line-separated paragraphs; either at most `max_bytes` long. `progress` (a
+    tqdm) is advanced by bytes read."""
     if not paths:
         yield from default_documents()
         return
     check_inputs(paths)
     for path in paths:
         if not str(path).endswith((".jsonl", ".json")):
-            yield from iter_text(path, skip_bad, bad, progress)
+            yield from iter_text(path, skip_bad, bad, progress, max_bytes)
             continue
-        for p, line_no, obj in iter_jsonl([path], skip_bad, bad):
+        for p, line_no, obj in iter_jsonl([path], skip_bad, bad, max_bytes):
             text = obj.get("text")
             if not isinstance(text, str) or not text:
                 if skip_bad:
@@ -154,6 +167,21 @@ def foreign_entries(out: Path) -> list:
     return names
 
 
+def output_path(out: Path) -> Path:
+    """--out with every symbolic link resolved: a link to a directory is written through (the directory
+    is what check_output judges and staged_output replaces; the link stays); a link that names nothing,
+    or a loop, is refused in one line."""
+    try:
+        return Path(os.path.realpath(out, strict=True))
+    except FileNotFoundError:
+        if os.path.islink(out):
+            raise DataError(f"--out {out}: a symbolic link to {os.readlink(out)}, which does not exist "
+                            "(create that directory, or remove the link)") from None
+        return output_path(out.parent) / out.name  # not there yet: its parent may still be a link
+    except OSError as e:  # a loop of links, a file where a directory should be
+        raise DataError(f"--out {out}: {e.strerror}") from None
+
+
 def check_output(out: Path, inputs, force: bool):
     """Refuse an --out whose replacement would delete what prepare did not write (unless --force)
     or anything it reads (even with --force): the input files, the tokenizer, the working directory."""
@@ -192,23 +220,28 @@ def mark_written(directory: Path):
 def staged_output(out: Path):
     """Yield a temporary directory beside `out`; on success it is marked (mark_written) and replaces
     `out` (renames only), on any error it is removed, so `out` is always either the previous or the
-    new complete output. check_output has said that `out` may be replaced."""
+    new complete output. check_output has said that `out` may be replaced; `out` has no symbolic links
+    (output_path)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
     try:
         yield tmp
         mark_written(tmp)
         publish_modes(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the previous output back in place
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone already once renamed into place)
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
 
 
 # -----------------------------------------------------------------------------
@@ -217,7 +250,7 @@ def staged_output(out: Path):
 
 def require_documents(args):
     """An empty input is an error (a tokenizer trained on nothing has no merges)."""
-    if next(iter_documents(args.input, args.skip_bad, {}), None) is None:
+    if next(iter_documents(args.input, args.skip_bad, {}, None, args.max_record_bytes), None) is None:
         raise DataError("no documents read: the input is empty")
 
 
@@ -235,7 +268,8 @@ def cmd_tokenizer(args):
 
     def texts():
         n = 0
-        for _, _, text in iter_documents(args.input, args.skip_bad, bad, progress if args.input else None):
+        for _, _, text in iter_documents(args.input, args.skip_bad, bad, progress if args.input else None,
+                                         args.max_record_bytes):
             if not args.input:
                 progress.update(len(text.encode("utf-8")))
             yield text
@@ -339,7 +373,8 @@ def cmd_pretrain(args):
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc="tokenizing", disable=args.quiet)
     t0 = time.time()
-    texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None))
+    texts = (t for _, _, t in iter_documents(args.input, args.skip_bad, bad, progress if total else None,
+                                             args.max_record_bytes))
     with staged_output(out) as tmp:
         writer = TokenFileWriter(tmp, "pretrain")
         with Pool(args.workers or os.cpu_count(), initializer=_init_worker, initargs=(args.tokenizer,)) as pool:
@@ -423,7 +458,7 @@ def conversation_segments(obj, key: str, augment: Optional[dict] = None, rng=Non
 
 
 def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optional[dict] = None):
-    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad", message) | ("overlong",)].
+    """[(path, line, obj)] -> [("ok", ids, mask, truncated) | ("bad" | "empty", message) | ("overlong",)].
     `augment` (conversation_segments) also holds a seed: a record's draws depend on it and on the
     record's file name and line only, not on how records are split among workers."""
     results, pieces = [None] * len(chunk), []
@@ -432,7 +467,7 @@ def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optiona
         try:
             pieces.append((i, conversation_segments(obj, "conversations", augment, rng)))
         except ValueError as e:
-            results[i] = ("bad", f"{path}:{line}: {e}")
+            results[i] = ("empty" if isinstance(e, EmptyTurn) else "bad", f"{path}:{line}: {e}")
     for (i, _), (ids, mask) in zip(pieces, encode_segments(_worker_tok, [s for _, s in pieces])):
         truncated = len(ids) > max_len
         if truncated:
@@ -446,18 +481,18 @@ def _encode_sft_chunk(chunk, max_len: int, drop_overlong: bool, augment: Optiona
 
 def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
     """[(path, line, obj)] -> [("ok", ids, mask, (prompt, chosen, rejected lengths), truncated) |
-    ("bad", message) | ("overlong",) | ("identical",)]."""
+    ("bad" | "empty", message) | ("overlong",) | ("identical",)]."""
     results, pieces, where = [None] * len(chunk), [], []
     for i, (path, line, obj) in enumerate(chunk):
-        try:
-            segs = {}
-            for key in ("chosen", "rejected"):
-                try:
-                    segs[key] = conversation_segments(obj, key)
-                except ValueError as e:
-                    raise ValueError(f"\"{key}\": {e}") from None
-        except ValueError as e:
-            results[i] = ("bad", f"{path}:{line}: {e}")
+        segs, problems = {}, []
+        for key in ("chosen", "rejected"):
+            try:
+                segs[key] = conversation_segments(obj, key)
+            except ValueError as e:
+                problems.append((isinstance(e, EmptyTurn), f"{path}:{line}: \"{key}\": {e}"))
+        if problems:
+            empty, message = min(problems)  # a malformed side is reported before an empty one
+            results[i] = ("empty" if empty else "bad", message)
             continue
         c, r = segs["chosen"], segs["rejected"]
         k = 0  # the shared prompt: the pieces both begin with (up to the header of the first reply that differs)
@@ -496,7 +531,8 @@ def cmd_chat(args):
     split_of = val_split(args.val_fraction)
     total = input_bytes(args.input)
     progress = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"tokenizing {kind}", disable=args.quiet)
-    dropped = {"overlong": 0, "identical": 0}
+    dropped = {"overlong": 0, "identical": 0, "empty": 0}
+    first_empty = []  # where the first record with an empty turn is (the summary names it)
     truncated = 0
     t0 = time.time()
 
@@ -507,7 +543,7 @@ def cmd_chat(args):
             yield from corpus.sft_records() if kind == "sft" else corpus.dpo_records(args.seed)
             return
         try:
-            for rec in iter_jsonl(args.input, args.skip_bad, bad):
+            for rec in iter_jsonl(args.input, args.skip_bad, bad, args.max_record_bytes):
                 # progress in input bytes, estimated from the contents (the raw line is not kept)
                 convs = [rec[2].get(k) for k in ("conversations", "chosen", "rejected")]
                 progress.update(40 + sum(len(m["content"].encode("utf-8")) + 40 for c in convs if isinstance(c, list)
@@ -536,6 +572,8 @@ def cmd_chat(args):
                     continue
                 if res[0] in dropped:
                     dropped[res[0]] += 1
+                    if res[0] == "empty" and not first_empty:
+                        first_empty.append(res[1])
                     continue
                 truncated += res[-1]
                 writer.add(split_of(n_kept), res[1], res[2], res[3] if kind == "dpo" else None)
@@ -549,19 +587,26 @@ def cmd_chat(args):
         meta = writer.finish({
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
-            "dropped_overlong": dropped["overlong"], "skipped_bad": bad.get("bad", 0),
+            "dropped_overlong": dropped["overlong"], "dropped_empty": dropped["empty"], "skipped_bad": bad.get("bad", 0),
             "inputs": [str(p) for p in args.input] or ["<default chat corpus: chatterbot-corpus>"],
             **({"dropped_identical": dropped["identical"]} if kind == "dpo" else
                {k: vars(args)[k] for k in ("system_prompt_fraction", "drop_empty_think_fraction", "seed")}),
         })
         shutil.copytree(args.tokenizer, tmp / "tokenizer")  # the data carries its tokenizer into every checkpoint
     report_bad(bad)
+    print(chat_summary(kind, meta, first_empty, f"; {time.time() - t0:.1f}s -> {out}"))
+
+
+def chat_summary(kind: str, meta: dict, first_empty: list, tail: str) -> str:
+    """The closing line of `prepare.py sft|dpo`: what was kept, cut and left out (with where the first
+    record left out for an empty turn is, so it can be looked at)."""
     what = "conversations" if kind == "sft" else "pairs"
-    print(f"{kind}: {meta['train_records']:,} train / {meta['val_records']:,} val {what}, "
-          f"{meta['train_tokens']:,} train tokens ({meta['train_trained_tokens']:,} trained); "
-          f"{truncated:,} truncated, {dropped['overlong']:,} dropped at --max-len {args.max_len}"
-          + (f", {dropped['identical']:,} identical pairs dropped" if kind == "dpo" else "")
-          + f"; {time.time() - t0:.1f}s -> {out}")
+    empty = meta["dropped_empty"]
+    return (f"{kind}: {meta['train_records']:,} train / {meta['val_records']:,} val {what}, "
+            f"{meta['train_tokens']:,} train tokens ({meta['train_trained_tokens']:,} trained); "
+            f"{meta['truncated']:,} truncated, {meta['dropped_overlong']:,} dropped at --max-len {meta['max_len']}"
+            + (f", {meta['dropped_identical']:,} identical pairs dropped" if kind == "dpo" else "")
+            + (f", {empty:,} left out for an empty turn (first: {first_empty[0]})" if empty else "") + tail)
 
 
 # -----------------------------------------------------------------------------
@@ -576,6 +621,9 @@ def add_input_flags(p, chat: bool = False):
         p.add_argument("--input", nargs="+", default=[],
                        help="input files (.jsonl or plain text); none: the embedded corpus (corpus.py)")
     p.add_argument("--skip-bad", action="store_true", help="skip and count malformed records instead of stopping")
+    p.add_argument("--max-record-bytes", type=int, default=MAX_RECORD_BYTES,
+                   help="longest record (a JSON line, a text paragraph) read; a longer one is an error naming its "
+                        "line, or skipped with --skip-bad, so memory stays bounded (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -643,7 +691,7 @@ MIN_MERGES = 64
 
 def check_args(args):
     """Flag values that would fail later with a traceback, or silently do something else."""
-    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0}
+    lowest = {"max_chars": 1, "max_len": 2, "chunk_docs": 1, "chunk_records": 1, "workers": 0, "max_record_bytes": 1}
     for name, low in lowest.items():
         if getattr(args, name, low) < low:
             raise DataError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {low}")
@@ -707,6 +755,7 @@ def main(argv=None):
         check_args(args)
         inputs = getattr(args, "input", [])
         check_inputs(inputs)
+        args.out = str(output_path(Path(args.out)))
         check_output(Path(args.out), inputs + ([args.tokenizer] if hasattr(args, "tokenizer") else []), args.force)
         args.func(args)
     except DataError as e:

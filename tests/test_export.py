@@ -250,8 +250,9 @@ def test_refuses_what_no_architecture_computes(tmp_path, tok_dir, overrides, mes
 
 
 def test_refuses_unmerged_lora(tmp_path, tok_dir):
-    ckpt = save_checkpoint(tmp_path / "run", 0, MiniMind(ModelConfig(**TINY)), {"kind": "sft"}, tokenizer_dir=tok_dir)
-    (ckpt / "adapter.safetensors").write_bytes(b"")
+    # adapters whose base is not recorded (saved through save_checkpoint: state.json lists every file)
+    save_checkpoint(tmp_path / "run", 0, MiniMind(ModelConfig(**TINY)), {"kind": "sft"}, tokenizer_dir=tok_dir,
+                    weights={"layers.0.attn.wq.lora_A": torch.zeros(2, 2)})
     with pytest.raises(export.ExportError, match="LoRA checkpoint"):
         export.export_hf(tmp_path / "run", tmp_path / "hf")
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+import checkpoint
 import rl
 import train
 from checkpoint import load_checkpoint, resolve_checkpoint
@@ -297,6 +298,9 @@ def test_distill_refuses_a_teacher_with_another_tokenizer(sft_ckpt, tmp_path, to
     shutil.copytree(resolve_checkpoint(sft_ckpt), other)
     tj = other / "tokenizer" / "tokenizer.json"
     tj.write_text(tj.read_text() + "\n")  # the same tokenizer, another file: another hash
+    state = json.loads((other / "state.json").read_text())  # saved so: its state.json vouches for it
+    state["files"] = {f: checkpoint.file_hash(other / f) for f in checkpoint.hashed_files(other)}
+    (other / "state.json").write_text(json.dumps(state))
     student, _, _ = load_checkpoint(sft_ckpt)
     with pytest.raises(ValueError, match="another tokenizer"):
         Distill(student, DistillConfig(teacher=str(other), tokenizer_dir=str(tokenizer_dir), alpha=0.5, temperature=1.5))

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+import prepare as prepare_script
 from tokenizer import CHAT_TEMPLATE, Tokenizer, render_chat
 from conftest import ROOT
 import subprocess
@@ -204,3 +205,109 @@ def test_tokenizer_refuses_tiny_vocab_and_empty_input(tmp_path, corpus):
     r = prepare(["tokenizer", "--input", empty, "--out", tmp_path / "t", "--quiet"])
     one_line_error(r, "empty")
     assert not (tmp_path / "t").exists()
+
+
+def jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+QA = [{"role": "user", "content": "小明喜欢什么？"}, {"role": "assistant", "content": "数学。"}]
+EMPTY_REPLY = [{"role": "user", "content": "写一个简单的数学方程来计算 200 的 10%。"}, {"role": "assistant", "content": ""}]
+REASONING_ONLY = [{"role": "user", "content": "想一想"}, {"role": "assistant", "content": "", "reasoning_content": "嗯。"}]
+
+
+def test_empty_turns_are_left_out_and_counted_not_fatal(tmp_path, tokenizer_dir):
+    """An empty reply (public Alpaca-style data has them) is legal: the record is left out, counted, and
+    the first one named; a reply with reasoning only (MiniMind-3's reasoning data) is trained."""
+    src = jsonl(tmp_path / "sft.jsonl", [{"conversations": QA}, {"conversations": EMPTY_REPLY},
+                                         {"conversations": REASONING_ONLY}, {"conversations": [QA[0], *EMPTY_REPLY]}])
+    r = prepare(["sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "s", "--quiet",
+                 "--val-fraction", "0"])
+    assert r.returncode == 0, r.stderr
+    assert f"2 left out for an empty turn (first: {src}:2: message 1: empty content)" in r.stdout
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert (meta["train_records"], meta["dropped_empty"], meta["skipped_bad"]) == (2, 2, 0)
+    tok = Tokenizer(tokenizer_dir)
+    text = tok.decode(np.fromfile(tmp_path / "s" / "train.bin", dtype=np.uint16).tolist(), skip_special_tokens=False)
+    assert "嗯。" in text and "200" not in text
+    # DPO: a pair with an empty reply is left out the same way
+    pairs = [{"chosen": QA, "rejected": [QA[0], {"role": "assistant", "content": "不知道。"}]},
+             {"chosen": QA, "rejected": [QA[0], {"role": "assistant", "content": " "}]}]
+    r = prepare(["dpo", "--input", jsonl(tmp_path / "dpo.jsonl", pairs), "--tokenizer", tokenizer_dir,
+                 "--out", tmp_path / "d", "--quiet", "--val-fraction", "0"])
+    assert r.returncode == 0 and '1 left out for an empty turn' in r.stdout and '"rejected": message 1' in r.stdout
+    # malformed data stays an error, also when the record has an empty turn too
+    broken = [QA[0], {"role": "assistant", "content": ""}, {"role": "robot", "content": "x"}, QA[1]]
+    src = jsonl(tmp_path / "bad.jsonl", [{"conversations": QA}, {"conversations": broken}])
+    r = prepare(["sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", tmp_path / "b", "--quiet"])
+    assert r.returncode != 0 and f"{src}:2: message 2: unknown role 'robot'" in r.stderr
+
+
+def in_process(argv) -> str:
+    """prepare.main in this process (no interpreter start-up): "" on success, else its one-line error."""
+    try:
+        prepare_script.main([str(a) for a in argv])
+    except SystemExit as e:
+        return str(e.code)
+    return ""
+
+
+def test_out_as_a_symbolic_link(tmp_path, tokenizer_dir):
+    """A link to a directory prepare.py wrote is written through (the link kept); a link that names
+    nothing or loops is one line; nothing is deleted that prepare did not write, no temporary left."""
+    small = jsonl(tmp_path / "small.jsonl", [{"text": "小明喜欢数学。"}] * 3)
+    common = ["pretrain", "--input", small, "--tokenizer", tokenizer_dir, "--quiet", "--workers", "1"]
+    real = tmp_path / "disk" / "pretrain"
+    assert in_process([*common, "--out", real]) == ""
+    (tmp_path / "data").mkdir()
+    link = tmp_path / "data" / "pretrain"
+    link.symlink_to(real)
+    (real / "train.bin").write_bytes(b"")  # so the rewrite shows
+    assert in_process([*common, "--out", link]) == ""
+    assert link.is_symlink() and (link / "train.bin").stat().st_size > 0 and (real / "meta.json").exists()
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / "data" / "foreign").symlink_to(foreign)
+    assert "--force" in in_process([*common, "--out", tmp_path / "data" / "foreign"])
+    assert (foreign / "notes.txt").read_text() == "mine"
+    (tmp_path / "data" / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "data" / "loop").symlink_to(tmp_path / "data" / "loop")
+    for name, needle in (("dangling", "which does not exist"), ("loop", "symbolic links")):
+        message = in_process([*common, "--out", tmp_path / "data" / name])  # a traceback would escape
+        assert needle in message and "\n" not in message, message
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dangling", "foreign", "loop", "pretrain"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["pretrain"] and not (tmp_path / "nowhere").exists()
+
+
+def test_an_overlong_record_is_named_and_never_read_whole(tmp_path, tokenizer_dir):
+    """A 3 MB line under a 1 MB limit: FILE:LINE and the flag, or skipped and counted with --skip-bad;
+    the reader holds at most the limit of it (the 50 MB line of the issue took 6-9 GB)."""
+    import tracemalloc
+    from data import iter_jsonl
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "好"}) + "\n" + json.dumps({"text": "长" * 1_000_000}, ensure_ascii=False) + "\n"
+                   + json.dumps({"text": "ok"}) + "\n", encoding="utf-8")
+    common = ["pretrain", "--tokenizer", tokenizer_dir, "--quiet", "--workers", "1", "--val-fraction", "0"]
+    message = in_process([*common, "--input", big, "--out", tmp_path / "a", "--max-record-bytes", 1_000_000])
+    assert f"{big}:2: a record over 1,000,000 bytes" in message and "--max-record-bytes" in message
+    assert in_process([*common, "--input", big, "--out", tmp_path / "b", "--max-record-bytes", 1_000_000,
+                       "--skip-bad"]) == ""
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["skipped_bad"] == 1
+    # a plain-text paragraph is one record: its many short lines add up
+    book = tmp_path / "book.txt"
+    book.write_text("短段落\n\n" + "长的一行\n" * 200_000 + "\n最后一段\n", encoding="utf-8")
+    message = in_process([*common, "--input", book, "--out", tmp_path / "d", "--max-record-bytes", 1_000_000])
+    assert f"{book}:3: a record over 1,000,000 bytes" in message
+    assert in_process([*common, "--input", book, "--out", tmp_path / "e", "--max-record-bytes", 1_000_000,
+                       "--skip-bad"]) == ""
+    assert json.loads((tmp_path / "e" / "meta.json").read_text())["skipped_bad"] == 1
+    tok = Tokenizer(tokenizer_dir)
+    text = tok.decode(np.fromfile(tmp_path / "e" / "train.bin", dtype=np.uint16).tolist())
+    assert "短段落" in text and "最后一段" in text and "长的一行" not in text
+    tracemalloc.start()
+    assert [obj["text"] for _, _, obj in iter_jsonl([big], skip_bad=True, max_bytes=64 << 10)] == ["好", "ok"]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20, peak  # 3 MB on disk, under 1 MB in memory

@@ -98,6 +98,8 @@ CASES = [
     ("sft-max-len-0", "sft --input {corpus} --tokenizer {tok} --max-len 0", "--max-len"),
     ("dpo-max-len-negative", "dpo --input {corpus} --tokenizer {tok} --max-len -5", "--max-len"),
     ("sft-chunk-0", "sft --input {corpus} --tokenizer {tok} --chunk-records 0", "--chunk-records"),
+    ("sft-max-record-0", "sft --input {corpus} --tokenizer {tok} --max-record-bytes 0", "--max-record-bytes"),
+    ("pretrain-record-over-limit", "pretrain --input {corpus} --tokenizer {tok} --max-record-bytes 20", "corpus.jsonl:1"),
     ("sft-overlong-wrong", "sft --input {corpus} --tokenizer {tok} --overlong cut", "invalid choice"),
     ("pretrain-input-no-files", "pretrain --input --tokenizer {tok}", "expected at least one"),
     ("no-command", "", "required"),

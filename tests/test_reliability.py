@@ -8,6 +8,7 @@ another tokenizer is refused; DDP ends when --eval-iters < processes; stages cha
 """
 import errno
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -113,27 +114,93 @@ def test_disk_full_during_a_save_is_one_line_and_leaves_nothing(tmp_path, small_
     assert resolve_checkpoint(tmp_path).name == "ckpt_000001"
 
 
+def rehash(ckpt, **fields):
+    """Rewrite state.json with `fields` and hashes that vouch for the files as they are now (what
+    someone who edits a checkpoint on purpose would do)."""
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = {f: checkpoint.file_hash(ckpt / f) for f in checkpoint.hashed_files(ckpt)}
+    (ckpt / "state.json").write_text(json.dumps({**state, **fields}))
+
+
 def test_broken_checkpoints_are_one_line(tmp_path, small_cfg):
     model = MiniMind(small_cfg)
     ckpt = save_checkpoint(tmp_path / "a", 1, model, {"kind": "pretrain"})
-    # a truncated file in a checkpoint from before hashes were recorded
-    state = json.loads((ckpt / "state.json").read_text())
-    del state["files"]
-    (ckpt / "state.json").write_text(json.dumps(state))
+    # a truncated file that state.json vouches for
     raw = (ckpt / "model.safetensors").read_bytes()
     (ckpt / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+    rehash(ckpt)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(ckpt)
     # config.json with wrong types; weights of another model
     ckpt = save_checkpoint(tmp_path / "b", 1, model, {"kind": "pretrain"})
     cfg = json.loads((ckpt / "config.json").read_text())
-    (ckpt / "state.json").write_text("{}")
     (ckpt / "config.json").write_text(json.dumps({**cfg, "n_heads": "two"}))
+    rehash(ckpt)
     with pytest.raises(CheckpointError, match="config.json"):
         load_checkpoint(ckpt)
     (ckpt / "config.json").write_text(json.dumps({**cfg, "dim": 64, "ffn_dim": 128}))
+    rehash(ckpt)
     with pytest.raises(CheckpointError, match="model.safetensors: cannot be loaded"):
         load_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"step": -100}, '"step" must be a whole number >= 0, not -100'),
+    ({"step": "x"}, '"step" must be a whole number >= 0'),
+    ({"step": 7}, '"step" 7 is not the step of its directory ckpt_000002'),
+    ({"files": None}, 'no "files"'),
+    ({"args": []}, '"args" must be a JSON object'),
+    ({"lora": {"rank": 0}}, '"lora" needs rank'),
+    ({"files": {"/proc/kcore": "0" * 64}}, "'/proc/kcore' is not a file of a checkpoint"),  # never read
+])
+def test_an_edited_state_json_is_refused_and_resume_falls_back(tmp_path, small_cfg, edit, message):
+    """state.json is checked before anything uses it: hashes required, step a whole number of its
+    directory; --resume (fallback) takes the newest intact checkpoint instead."""
+    model = MiniMind(small_cfg)
+    save_checkpoint(tmp_path, 1, model, {"kind": "pretrain"})
+    ckpt = save_checkpoint(tmp_path, 2, model, {"kind": "pretrain"})
+    state = json.loads((ckpt / "state.json").read_text())
+    (ckpt / "state.json").write_text(json.dumps({**state, **edit}))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        resolve_checkpoint(tmp_path)  # what --init-from and train.py's own reading of state.json go through
+    assert resolve_checkpoint(tmp_path, fallback=True).name == "ckpt_000001"
+
+
+def test_unlisted_or_edited_tokenizer_files_are_refused(tmp_path, small_cfg, tokenizer_dir):
+    model = MiniMind(small_cfg)
+    ckpt = save_checkpoint(tmp_path / "a", 1, model, {"kind": "sft"}, tokenizer_dir=tokenizer_dir)
+    listed = json.loads((ckpt / "state.json").read_text())["files"]
+    assert {"tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"} <= listed.keys()
+    config = ckpt / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("<|im_end|>", "<|im_stop|>"))  # sample.py would stop elsewhere
+    with pytest.raises(CheckpointError, match="tokenizer/tokenizer_config.json: content does not match"):
+        load_checkpoint(ckpt)
+    ckpt = save_checkpoint(tmp_path / "b", 1, model, {"kind": "sft"}, tokenizer_dir=tokenizer_dir)
+    (ckpt / "tokenizer" / "added_tokens.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="added_tokens.json: not listed"):
+        load_checkpoint(ckpt)
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_an_optimizer_state_that_runs_code_is_one_line(tmp_path, small_cfg):
+    model = MiniMind(small_cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, 1, model, {"kind": "pretrain"}, opt)
+    ckpt = save_checkpoint(tmp_path, 2, model, {"kind": "pretrain"}, opt)
+    torch.save({"state": Boom()}, ckpt / "optim.pt")
+    rehash(ckpt)
+    with pytest.raises(CheckpointError, match="optim.pt: not an optimizer state that loads safely"):
+        checkpoint.load_optimizer_state(ckpt, "cpu")
+    assert resolve_checkpoint(tmp_path, fallback=True).name == "ckpt_000001"  # --resume takes the intact one
+    shutil.rmtree(tmp_path / "ckpt_000001")
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*optim.pt: not an optimizer state"):
+        resolve_checkpoint(tmp_path, fallback=True)
 
 
 def test_data_of_another_tokenizer_is_refused(pretrain_dir, corpus, tmp_path):

@@ -103,7 +103,8 @@ def test_malformed_records_name_file_and_line_or_are_skipped(tmp_path, tokenizer
     run(["prepare.py", "sft", "--input", src, "--tokenizer", tokenizer_dir, "--out", out, "--skip-bad",
          "--val-fraction", "0", "--quiet"])
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["skipped_bad"] == 3 and meta["train_records"] == 2
+    # the record whose only reply is empty is well-formed: left out and counted, not skipped as malformed
+    assert meta["skipped_bad"] == 2 and meta["dropped_empty"] == 1 and meta["train_records"] == 2
 
 
 def test_overlong_conversations_are_truncated_or_dropped_and_counted(tmp_path, tokenizer_dir):
