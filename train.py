@@ -61,8 +61,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 import mmkernels
-from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, newest_run, plot_log,
-                        resolve_checkpoint, save_checkpoint)
+from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, load_optimizer_state,
+                        newest_run, plot_log, resolve_checkpoint, save_checkpoint)
 from data import DPOData, PretrainData, PromptData, SFTData
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
@@ -650,7 +650,7 @@ def setup(argv) -> Run:
         optimizer = WithModule(optimizer, objective.module, objective.module_lr / args.lr)
         clipped += list(objective.module.parameters())
     if args.resume:
-        optimizer.load_state_dict(torch.load(source / "optim.pt", map_location=device, weights_only=True))
+        optimizer.load_state_dict(load_optimizer_state(source, device))
     train_model = torch.compile(model) if args.compile else model
     if procs.ddp:
         train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
