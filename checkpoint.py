@@ -166,6 +166,9 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+_UNVERIFIED_TOKENIZERS = set()  # checkpoints already reported as saved before tokenizer hashes
+
+
 def check_state(state, ckpt: Path) -> dict:
     """state.json's fields, checked before anything uses them: a whole step >= 0 (the step of the
     directory's name), the SHA-256 of every file hashed_files lists and of nothing else, and the
@@ -198,7 +201,13 @@ def check_state(state, ckpt: Path) -> dict:
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
             raise CheckpointError(f"{where}: \"files\": {_short(name)} has no SHA-256")
     unlisted = [f for f in hashed_files(ckpt) if f not in files]
-    if unlisted:
+    legacy = not any(f.startswith(TOKENIZER + "/") for f in files)  # saved before tokenizer files were hashed
+    if unlisted and legacy and all(f.startswith(TOKENIZER + "/") for f in unlisted):
+        if ckpt not in _UNVERIFIED_TOKENIZERS:  # the weights are still verified; say once what is not
+            _UNVERIFIED_TOKENIZERS.add(ckpt)
+            print(f"[{ckpt}: saved by an earlier minimind, its tokenizer/ has no hashes and is not verified]",
+                  file=sys.stderr)
+    elif unlisted:
         raise CheckpointError(f"{ckpt / unlisted[0]}: not listed in state.json \"files\" (added or edited)")
     weights = [f for f in ("model.safetensors", "adapter.safetensors") if f in files]
     if "config.json" not in files or not weights:

@@ -183,6 +183,25 @@ def test_unlisted_or_edited_tokenizer_files_are_refused(tmp_path, small_cfg, tok
         load_checkpoint(ckpt)
 
 
+def test_a_checkpoint_saved_before_tokenizer_hashes_loads_and_says_so(tmp_path, small_cfg, tokenizer_dir, capsys):
+    """Earlier minimind hashed the weights, config and optimizer only: such a checkpoint still loads (its
+    weights verified), saying once that its tokenizer is not; a flipped weight byte is still refused."""
+    model = MiniMind(small_cfg)
+    ckpt = save_checkpoint(tmp_path / "old", 1, model, {"kind": "sft"}, tokenizer_dir=tokenizer_dir)
+    state = json.loads((ckpt / "state.json").read_text())
+    state["files"] = {k: v for k, v in state["files"].items() if not k.startswith("tokenizer/")}
+    (ckpt / "state.json").write_text(json.dumps(state))
+    load_checkpoint(ckpt)
+    load_checkpoint(ckpt)
+    assert capsys.readouterr().err.count("its tokenizer/ has no hashes and is not verified") == 1
+    weights = ckpt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: content does not match"):
+        load_checkpoint(ckpt)
+
+
 class Boom:
     def __reduce__(self):
         return (print, ("pickled code ran",))
