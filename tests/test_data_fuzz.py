@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import prepare
 from data import DataError, EmptyTurn, check_conversation, iter_jsonl
-from tokenizer import ROLES, Tokenizer
+from tokenizer import ROLES, Tokenizer, chat_spans
 
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -130,7 +130,7 @@ def test_reading_takes_linear_time(case, tmp_path):
     """Inputs an attacker would shape: time at 8n is well under the 64x of a quadratic reader."""
     def run(n):
         if case == "many turns":
-            return lambda _: prepare.chat_segments(check_conversation(msgs_of(n))[0])
+            return lambda _: chat_spans(check_conversation(msgs_of(n))[0])
         if case == "long line of escapes":  # lone surrogates: each one checked
             path = write(tmp_path, f"{n}.jsonl", b'{"text": "' + b"\\ud800" * (n * 50) + b'"}\n')
             return lambda _: list(iter_jsonl([path], True, {}))

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rl
-from tokenizer import parse_reply
+from tokenizer import parse_reply, render_chat
 
 DEEP = "<tool_call>" + "[" * 1000 + "</tool_call>"
 CALC = '{"name": "calculator", "arguments": {"expression": %s}}'
@@ -66,6 +66,9 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return self.encode(render_chat(messages, add_generation_prompt=add_generation_prompt))
 
 
 def test_a_rollout_survives_a_deeply_nested_tool_call():
