@@ -488,6 +488,16 @@ def load_or_exit(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend
 # -----------------------------------------------------------------------------
 # training log
 
+def _log_step(line: str):
+    """The step of a log.jsonl line, or None for a line that is not a record with a whole step."""
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if type(step) is int else None
+
+
 class Log:
     """OUT/log.jsonl, one JSON object a line; on resume, lines past the checkpoint are dropped."""
 
@@ -497,7 +507,11 @@ class Log:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= resume_step]
+            lines = [(l, _log_step(l)) for l in self.path.read_text(errors="replace").splitlines() if l.strip()]
+            kept = [l for l, step in lines if step is not None and step <= resume_step]
+            torn = sum(step is None for _, step in lines)
+            if torn:  # a run killed mid-write leaves its last line torn
+                print(f"[{self.path}: {torn} unreadable line(s) dropped]", file=sys.stderr)
             atomic_write_text(self.path, "".join(l + "\n" for l in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh log

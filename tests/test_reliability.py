@@ -361,3 +361,13 @@ def test_default_out_keeps_every_run(pretrain_dir, tmp_path):
     assert resolve_checkpoint(tmp_path / "out" / "pretrain-2").name == "ckpt_000001"
     train("--mode=pretrain", "--resume", "--max-iters", "2", cwd=tmp_path)
     assert resolve_checkpoint(tmp_path / "out" / "pretrain-2").name == "ckpt_000002"
+
+
+def test_a_torn_log_line_does_not_stop_a_resume(tmp_path, capsys):
+    """A run killed while appending to log.jsonl leaves a torn last line: --resume keeps the records up
+    to its checkpoint and drops that line, saying so, instead of a JSON traceback."""
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 3, "lo\n[1]\n{"step": 4}\n')
+    checkpoint.Log(tmp_path, resume_step=2)
+    assert [json.loads(l)["step"] for l in log.read_text().splitlines()] == [1, 2]
+    assert "2 unreadable line(s) dropped" in capsys.readouterr().err
