@@ -358,7 +358,19 @@ def run_tool_call(block: str, registry: dict = None) -> str:
             out = {"error": f"{call['name']} failed: {type(e).__name__}"}
     else:
         out = {"error": error}
-    return json.dumps(out, ensure_ascii=False)[:MAX_TOOL_OUTPUT]
+    text = json.dumps(out, ensure_ascii=False)
+    if len(text) > MAX_TOOL_OUTPUT:  # cut the value, not the JSON: the model always reads valid JSON
+        (key, value), = out.items()
+        value = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        room = MAX_TOOL_OUTPUT - len(json.dumps({key: "…"}, ensure_ascii=False))
+        n = 0
+        for c in value:  # escapes take more room than their character: count what each one takes
+            room -= len(json.dumps(c, ensure_ascii=False)) - 2
+            if room < 0:
+                break
+            n += 1
+        text = json.dumps({key: value[:n] + "…"}, ensure_ascii=False)
+    return text
 
 
 def tool_response_message(assistant_text: str, registry: dict = None) -> Optional[dict]:

@@ -231,3 +231,13 @@ def test_a_megabyte_of_model_output_takes_bounded_memory(case):
     finally:
         tracemalloc.stop()
     assert peak < 200 * MB, f"{case}: {peak / MB:.0f} MB"
+
+
+@pytest.mark.parametrize("result", ['"' * 5000, "\x01" * 3000, "工具" * 2000, list(range(3000))])
+def test_a_long_tool_result_is_cut_to_valid_json(result):
+    """The response is cut inside its value (escapes and all), so the model always reads valid JSON."""
+    tool = rl.SandboxTool("echo", "returns a long result", {"type": "object", "properties": {}}, lambda: result)
+    text = rl.run_tool_call('{"name": "echo", "arguments": {}}', {"echo": tool})
+    assert len(text) <= rl.MAX_TOOL_OUTPUT
+    value = json.loads(text)["result"]
+    assert value.endswith("…") and len(value) > 100
