@@ -430,7 +430,6 @@ class Tokenizer:
         return hashlib.sha256((self.dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
 
 
-
 # -----------------------------------------------------------------------------
 # streaming detokenization
 

@@ -272,8 +272,6 @@ def run_number(run: Path, mode: str) -> int:
     return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
-
-
 def given_flags(argv) -> set:
     """Names of the flags set on the command line (whatever their value)."""
     parser = build_parser()
