@@ -228,13 +228,17 @@ class TokenFileWriter:
 def fit_pair(p: int, c: int, r: int, limit: int):
     """The one truncation rule for a DPO pair (prepare.py --max-len and train.py --seq-len): a pair
     lives in one row as prompt + chosen and prompt + rejected, 2p + c + r tokens. When that is over
-    `limit`, the completions are cut, the longer first, so each keeps as much as it can.
-    -> (c', r'); a value < 1 means nothing of that completion fits."""
+    `limit`, the completions are cut, the longer first, so each keeps as much as it can, and the prompt
+    stays whole (as MiniMind keeps it) unless that would leave a completion fewer than min(its length,
+    limit // 8) tokens: then the prompt loses its start, just enough, keeping the turn being answered.
+    -> (p', c', r'); a value < 1 means nothing of that completion fits."""
+    if 2 * p + c + r <= limit:
+        return p, c, r
+    reserve = min(c, limit // 8) + min(r, limit // 8)
+    p = max(0, min(p, (limit - reserve) // 2))
     room = limit - 2 * p
-    if c + r <= room:
-        return c, r
     c2 = min(c, max(room // 2, room - r))
-    return c2, min(r, room - c2)
+    return p, c2, min(r, room - c2)
 
 
 # -----------------------------------------------------------------------------
@@ -354,9 +358,12 @@ class PackedData:
 
     def describe(self) -> str:
         s = self.stats["train"]
+        dropped = sum(self.stats[split]["dropped"] for split in ("train", "val"))
         return (f"{self.kind} data: {s['items']:,} train items packed into {s['rows']:,} rows of {self.seq_len} "
-                f"({100 * s['padding']:.1f}% padding); {s['truncated']:,} cut to fit, {s['dropped']:,} of them "
-                f"dropped (nothing left to train on); {self.stats['val']['items']:,} val items")
+                f"({100 * s['padding']:.1f}% padding), {s['truncated']:,} of them cut to fit; "
+                f"{self.stats['val']['items']:,} val items" +
+                (f"\nwarning: {dropped:,} records dropped, too long for --seq-len {self.seq_len} to keep a token of "
+                 "every reply: raise --seq-len" if dropped else ""))
 
     def epoch_tokens(self) -> int:
         """Row slots in one pass over the training rows (padding included: a row is a row)."""
@@ -447,7 +454,7 @@ class SFTData(PackedData):
 
 class DPOData(PackedData):
     """Preference pairs: prompt + chosen and prompt + rejected, two documents in the same row. A
-    pair longer than seq_len has its completions cut (dropped if one loses all its targets)."""
+    pair longer than seq_len is cut by fit_pair (dropped only if a completion loses all its targets)."""
 
     kind = "dpo"
 
@@ -463,13 +470,13 @@ class DPOData(PackedData):
     def fit_items(self, index, mask):
         items, lengths, truncated = [], [], 0
         for s, p, c, r in index.reshape(-1, 4).tolist():
-            c2, r2 = fit_pair(p, c, r, self.seq_len)
-            if (c2, r2) != (c, r):
+            p2, c2, r2 = fit_pair(p, c, r, self.seq_len)
+            if (p2, c2, r2) != (p, c, r):
                 truncated += 1
                 if c2 < 1 or r2 < 1 or not mask[s + p:s + p + c2].any() or not mask[s + p + c:s + p + c + r2].any():
                     continue
-            items.append((s, p, c2, r2, c))
-            lengths.append(2 * p + c2 + r2)
+            items.append((s + p - p2, p2, c2, r2, c))  # a cut prompt keeps its end: it starts p - p2 later
+            lengths.append(2 * p2 + c2 + r2)
         return items, lengths, truncated
 
     def documents(self, tokens, mask, item):
@@ -493,15 +500,16 @@ class PromptData:
     tokenizer.
 
     Micro-batch `index` of `step` takes the next batch_size prompts of a stream that visits the train
-    prompts in a seeded order each epoch, and a torch.Generator seeded from (seed, step, index) for its
-    rollouts: like every batch, a pure function of (seed, step, index). Validation prompts are read in
+    prompts in a seeded order each epoch, `spares` other train prompts drawn at random (for dynamic
+    sampling to fall back on), and a torch.Generator seeded from (seed, step, index) for its rollouts:
+    like every batch, a pure function of (seed, step, index). Validation prompts are read in
     file order (wrapping around), their generator seeded the same at every evaluation."""
 
     kind = "prompts"
 
-    def __init__(self, data_dir, seq_len: int, seed: int, micro_batches: int = 1):
+    def __init__(self, data_dir, seq_len: int, seed: int, micro_batches: int = 1, spares: int = 0):
         self.dir = Path(data_dir)
-        self.seq_len, self.seed, self.micro_batches = seq_len, seed, micro_batches
+        self.seq_len, self.seed, self.micro_batches, self.spares = seq_len, seed, micro_batches, spares
         if self.dir.is_dir():
             self.meta = read_meta(self.dir, "rl-task")
             if self.meta.get("kind") != self.kind:
@@ -562,5 +570,9 @@ class PromptData:
         seed = (self.seed + (split == "val")) * 1_000_003 + step
         seed = seed * 65_537 + index
         generator = torch.Generator(device=device).manual_seed(seed)  # on the device the rollout samples on
-        return {"records": [records[i] for i in ids], "generator": generator, "seed": seed, "step": step,
-                "index": index}
+        spares = []
+        if split == "train" and self.spares:
+            order = np.random.default_rng([self.seed, step, index, 1]).permutation(n)
+            spares = [records[i] for i in order if i not in set(ids)][:self.spares]
+        return {"records": [records[i] for i in ids], "spares": spares, "generator": generator, "seed": seed,
+                "step": step, "index": index}

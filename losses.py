@@ -17,6 +17,7 @@ The contract the training loop relies on (Objective, with its defaults):
 """
 import contextlib
 import copy
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +49,14 @@ class Objective:
 
     def evaluate(self, model, batch: dict):
         return self(model, batch)
+
+    def advice(self, rec: dict) -> Optional[str]:
+        """One line for the user when the logged metrics `rec` say the run cannot learn, else None."""
+        return None
+
+    def summarize(self, rec: dict, batches: int) -> dict:
+        """The evaluation's metrics, each the mean over `batches` validation batches, as logged."""
+        return rec
 
 
 def lm_loss(model, batch: dict):
@@ -119,6 +128,22 @@ class DPO(Objective):
         loss = -F.logsigmoid(margin).mean() + moe_aux_loss(self.model)  # aux: set by the policy's forward, the last one
         return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.detach().mean()}
 
+    def evaluate(self, model, batch: dict):
+        loss, metrics = self(model, batch)
+        pairs = batch["n_seqs"] // 2
+        return loss, {**metrics, "pairs": torch.tensor(float(pairs)), "correct": metrics["reward_acc"] * pairs}
+
+    def summarize(self, rec: dict, batches: int) -> dict:
+        """Reward accuracy over every held-out pair (not a mean of batch means), with its standard error
+        sqrt(p (1 - p) / n): what a change of val_reward_acc must exceed to mean anything."""
+        if "val_pairs" not in rec:
+            return rec
+        rec = dict(rec)
+        n, correct = rec.pop("val_pairs") * batches, rec.pop("val_correct") * batches
+        p = correct / max(n, 1)
+        rec.update(val_reward_acc=p, val_reward_acc_se=math.sqrt(p * (1 - p) / max(n, 1)), val_pairs=round(n))
+        return rec
+
 
 # -----------------------------------------------------------------------------
 # RL on the policy's own samples: grpo (GRPO, CISPO), ppo
@@ -150,6 +175,7 @@ class PolicyGradientConfig:
     value_clip: float  # ppo: clip range of the value update
     value_lr: float  # ppo: peak learning rate of the value head
     reference: Optional[str] = None  # checkpoint of the reference (default: a copy of the starting model)
+    dynamic_sampling: int = 0  # grpo: rounds of spare prompts that may replace groups whose episodes all agree
 
 
 class PolicyGradient(Objective):
@@ -191,6 +217,7 @@ class PolicyGradient(Objective):
         self.reference, self.ref_mode = frozen_reference(model, cfg.reference) if cfg.beta else (None, None)
         self.updates = cfg.ppo_epochs * cfg.ppo_minibatches
         self.module_lr = cfg.value_lr
+        self.signal, self.advised = [], False  # the share of groups with a signal, last 10 logged steps (advice)
         if cfg.ppo:
             self.module = nn.Linear(model.config.dim, 1).to(self.device)
             nn.init.zeros_(self.module.weight)
@@ -198,6 +225,22 @@ class PolicyGradient(Objective):
 
     def stop(self, kl: float) -> bool:
         return self.ppo and rl.kl_early_stop(kl, self.cfg.target_kl)
+
+    def advice(self, rec: dict) -> Optional[str]:
+        """Once per run: a warning when, over the last 10 logged steps, fewer than 1 group in 10 carried a
+        signal (grpo: episodes that differ, after dynamic sampling) - the run is sampling without learning."""
+        if "mixed_groups" not in rec or self.advised:
+            return None
+        self.signal = (self.signal + [rec.get("kept_mixed", rec["mixed_groups"])])[-10:]
+        mean = sum(self.signal) / len(self.signal)
+        if len(self.signal) < 10 or mean >= 0.1:
+            return None
+        self.advised = True
+        cfg = self.cfg
+        return (f"warning: only {mean:.0%} of the groups had episodes that score differently over the last 10 "
+                f"logged steps, so almost nothing is learned: raise --num-generations (now {cfg.num_generations}), "
+                f"--rollout-temperature (now {cfg.rollout_temperature:g}) or --dynamic-sampling (now "
+                f"{cfg.dynamic_sampling}), or start from a checkpoint that gets some prompts right")
 
     def encode(self, record) -> list:
         """Prompt token ids, the last seq_len of them (a longer prompt loses its start, as in MiniMind)."""
@@ -221,12 +264,42 @@ class PolicyGradient(Objective):
             metrics["tool_calls"] = ro.tool_calls.mean()
         return ro, total.to(self.device), metrics
 
+    def sample_groups(self, batch: dict):
+        """-> (rollout, rewards, metrics) of G episodes for each of the batch's P prompts. A group whose
+        episodes all score the same has advantage 0: no gradient. With dynamic_sampling (DAPO's dynamic
+        sampling) such groups are replaced by groups that differ, from rollouts of the batch's spare
+        prompts (P at a time, up to dynamic_sampling rounds, same generator), so that the step learns from
+        P groups whenever the spares allow. The reward metrics describe the batch's own prompts (the
+        policy as it is); mixed_groups is their share with a signal, kept_mixed the share after refilling."""
+        cfg, G, P = self.cfg, self.cfg.num_generations, len(batch["records"])
+        ro, rewards, metrics = self.episodes(batch["records"], G, cfg.rollout_temperature, batch["generator"])
+        mixed = rewards.view(-1, G).std(dim=1) > 0  # (P,) groups whose episodes differ
+        metrics["mixed_groups"] = mixed.float().mean()
+        if self.ppo or not cfg.dynamic_sampling:
+            return ro, rewards, metrics
+        groups = [(ro, rewards, g) if m else None for g, m in enumerate(mixed.tolist())]  # None: uniform
+        spares, tried = batch.get("spares", []), 0
+        while None in groups and tried < min(len(spares), cfg.dynamic_sampling * P):
+            chunk = spares[tried:tried + P]
+            tried += len(chunk)
+            more_ro, more_rewards, _ = self.episodes(chunk, G, cfg.rollout_temperature, batch["generator"])
+            found = (more_rewards.view(-1, G).std(dim=1) > 0).nonzero().flatten().tolist()
+            for i, g in zip([i for i, x in enumerate(groups) if x is None], found):
+                groups[i] = (more_ro, more_rewards, g)
+        metrics["resampled"] = torch.tensor(tried / P, device=self.device)
+        metrics["kept_mixed"] = torch.tensor(sum(x is not None for x in groups) / P, device=self.device)
+        if tried:
+            groups = [x if x is not None else (ro, rewards, g) for g, x in enumerate(groups)]
+            ro = rl.join_rollouts([(r, range(g * G, (g + 1) * G)) for r, _, g in groups], self.tok.pad_id)
+            rewards = torch.cat([r[g * G:(g + 1) * G] for _, r, g in groups])
+        return ro, rewards, metrics
+
     @torch.no_grad()
     def prepare(self, batch: dict) -> dict:
         """The batch with its episodes: the rollout, rewards, advantages (ppo: values and returns) and the
         log-probs the updates compare with, under "episodes"."""
         cfg, G = self.cfg, self.cfg.num_generations
-        ro, rewards, metrics = self.episodes(batch["records"], G, cfg.rollout_temperature, batch["generator"])
+        ro, rewards, metrics = self.sample_groups(batch)
         state = {"ro": ro, "metrics": metrics}
         if self.reference is not None:
             with self.ref_mode():
@@ -241,8 +314,6 @@ class PolicyGradient(Objective):
             if self.updates > 1:
                 state["old_logp"] = rl.completion_logprobs(self.model, ro.prompt, ro.completion, ro.mask, ro.pad)
             state["adv"] = rl.group_advantages(rewards, G)
-            mixed = rewards.view(-1, G).std(dim=1) > 0  # groups whose episodes differ: the only ones with a signal
-            metrics["mixed_groups"] = mixed.float().mean()
         return {**batch, "episodes": state}
 
     def minibatch(self, batch, n: int):
@@ -260,9 +331,9 @@ class PolicyGradient(Objective):
         rows = self.minibatch(batch, len(ro.texts))
         prompt, pad, completion, mask = ro.prompt[rows], ro.pad[rows], ro.completion[rows], ro.mask[rows]
         if self.ppo:
-            logp, h = rl.completion_logprobs(policy, prompt, completion, mask, pad, hidden=True)
+            logp, h, entropy = rl.completion_logprobs(policy, prompt, completion, mask, pad, hidden=True, entropy=True)
         else:
-            logp = rl.completion_logprobs(policy, prompt, completion, mask, pad)
+            logp, entropy = rl.completion_logprobs(policy, prompt, completion, mask, pad, entropy=True)
         old = state["old_logp"][rows] if "old_logp" in state else logp.detach()
         ref = state["ref_logp"][rows] if "ref_logp" in state else None
         adv = state["adv"][rows]
@@ -282,6 +353,7 @@ class PolicyGradient(Objective):
                                          eps_high=cfg.epsilon_high)
         metrics.pop("loss", None)  # the loop logs the loss itself
         metrics["approx_kl"] = rl.approx_kl(logp, old, mask)
+        metrics["entropy"] = rl.masked_mean(entropy, mask)  # nats per token written: falls as the policy settles
         return loss + moe_aux_loss(self.model), {**metrics, **state["metrics"]}
 
     @torch.no_grad()

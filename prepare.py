@@ -508,9 +508,10 @@ def _encode_dpo_chunk(chunk, max_len: int, drop_overlong: bool):
     for j, i in enumerate(where):
         (p, pm), (c, cm), (r, rm) = enc[3 * j:3 * j + 3]
         pm[:] = 0  # the prompt is never trained, even if it holds assistant turns
-        nc, nr = fit_pair(len(p), len(c), len(r), max_len)
-        truncated = (nc, nr) != (len(c), len(r))
+        np_, nc, nr = fit_pair(len(p), len(c), len(r), max_len)
+        truncated = (np_, nc, nr) != (len(p), len(c), len(r))
         if truncated:
+            p, pm = p[len(p) - np_:], pm[len(pm) - np_:]  # a cut prompt keeps its end, the turn being answered
             c, cm, r, rm = c[:max(nc, 0)], cm[:max(nc, 0)], r[:max(nr, 0)], rm[:max(nr, 0)]
         if truncated and (drop_overlong or not cm.any() or not rm.any()):
             results[i] = ("overlong",)

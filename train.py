@@ -193,7 +193,10 @@ def add_objective_flags(p):
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
     g = p.add_argument_group("rl (grpo, ppo)")
-    g.add_argument("--num-generations", type=int, default=6, help="episodes sampled per prompt (a GRPO group)")
+    g.add_argument("--num-generations", type=int, default=8, help="episodes sampled per prompt (a GRPO group)")
+    g.add_argument("--dynamic-sampling", type=positive(int, zero=True), default=2, metavar="ROUNDS",
+                   help="grpo: a group whose episodes all score the same teaches nothing; replace such groups by "
+                        "groups that differ, rolling out up to ROUNDS x --batch-size spare prompts (DAPO); 0: off")
     g.add_argument("--max-new-tokens", type=int, default=256, help="longest reply (per turn with --tools)")
     g.add_argument("--rollout-temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     g.add_argument("--eval-temperature", type=float, default=0.0,
@@ -242,7 +245,9 @@ def add_lora_eval_system_flags(p):
                    help="layers that get adapters: any of q,k,v,o (attention), gate,up,down (feed-forward)")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-interval", type=positive(int), default=100, help="evaluate every N steps (and at the end)")
-    g.add_argument("--eval-iters", type=positive(int), default=20, help="validation batches per evaluation")
+    g.add_argument("--eval-iters", type=positive(int), default=None,
+                   help="validation batches per evaluation (default 20; dpo: the whole held-out split, so that "
+                        "the reward accuracy has a small standard error)")
     g.add_argument("--save-interval", type=positive(int), default=100, help="checkpoint every N steps (and at the end)")
     g.add_argument("--log-interval", type=positive(int), default=10, help="print every N steps")
     g = p.add_argument_group("system")
@@ -377,7 +382,7 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
     defaults = {"beta": DEFAULT_BETA.get(args.mode, 0.0), "ppo_epochs": 2 if ppo else 1,
                 "ppo_minibatches": 2 if ppo else 1, "reward": "exact" + (" tool:0.5" if args.tools is not None else ""),
                 "lr": DEFAULT_LR[args.mode], "optimizer": DEFAULT_OPTIMIZER[args.mode],
-                "schedule": "wsd" if args.max_time else "cosine"}
+                "schedule": "wsd" if args.max_time else "cosine", "eval_iters": 10 ** 9 if args.mode == "dpo" else 20}
     values = {k: v for k, v in defaults.items() if getattr(args, k) is None}
     if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
         values["batch_size"] = RL_PROMPTS  # RL batches are prompts
@@ -520,7 +525,8 @@ def plan_batches(args, model, world: int):
              f"{tokens_per_micro * world}")
     accum = batch_tokens // (tokens_per_micro * world)
     try:
-        data = MODES[args.mode](args.data, seq_len, args.seed, micro_batches=accum * world)
+        spares = {"spares": args.dynamic_sampling * batch_size} if args.mode == "grpo" else {}
+        data = MODES[args.mode](args.data, seq_len, args.seed, micro_batches=accum * world, **spares)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     if data.meta.get("vocab_size", 0) > model.config.vocab_size:
@@ -559,7 +565,7 @@ def policy_gradient_config(args) -> PolicyGradientConfig:
         beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high, ppo_epochs=args.ppo_epochs,
         ppo_minibatches=args.ppo_minibatches, target_kl=args.target_kl, gamma=args.gamma, lam=args.lam,
         vf_coef=args.vf_coef, value_clip=args.value_clip, value_lr=args.value_lr,
-        reference=args.init_from if args.resume else None)
+        reference=args.init_from if args.resume else None, dynamic_sampling=args.dynamic_sampling)
 
 
 def describe_run(run):
@@ -779,7 +785,8 @@ def evaluate(run: Run) -> dict:
     if procs.ddp:
         dist.all_reduce(vals)
     model.train()
-    rec = {f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}
+    rec = run.objective.summarize({f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)},
+                                  int(vals[-1]))
     if run.val_bytes_per_token:  # bits per byte: nats per token / ln 2 / bytes per token
         rec["val_bpb"] = rec["val_loss"] / (math.log(2) * run.val_bytes_per_token)
     return rec
@@ -810,6 +817,9 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
         shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
         print(f"step {step:5d}/{a.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
               f"MFU {100 * mfu:.1f}% | ETA {fmt_time(eta)}", flush=True)
+    advice = run.objective.advice(rec)
+    if advice and procs.master:
+        print(advice, flush=True)
 
 
 def save(run: Run, step: int):

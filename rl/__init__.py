@@ -21,10 +21,10 @@ for one job (`from rl.tasks import make_task`); this file only re-exports.
 from rl.answers import THINK_END, answers_match, extract_answer, last_number, normalize, split_think
 from rl.policy import (POLICY_LOSSES, approx_kl, cispo_loss, completion_logprobs, completion_mask, gae,
                        gather_logprobs, group_advantages, grpo_loss, kl_early_stop, kl_k3, last_token_rewards,
-                       masked_mean, reduce_tokens, value_loss, whiten)
+                       masked_mean, reduce_tokens, token_entropy, value_loss, whiten)
 from rl.rewards import (REWARDS, RewardModel, compute_rewards, parse_reward_specs, repetition_penalty,
                         reward_exact, reward_length, reward_repetition, reward_think, reward_tool_calls)
-from rl.rollout import Rollout, rollout, rollout_messages, select_tools, tool_turn_ids
+from rl.rollout import Rollout, join_rollouts, rollout, rollout_messages, select_tools, tool_turn_ids
 from rl.tasks import TASKS, TOOL_TASKS, demonstration, is_val_key, make_task, prompt_messages, tool_solution, write_task
 from rl.tools import (CAPITALS, ELEMENTS, MAX_EXPONENT, MAX_EXPR_LEN, MAX_MAGNITUDE, MAX_TOOL_OUTPUT, TOOL_CALL_END,
                       TOOL_CALL_START, TOOLS, SandboxTool, ToolError, calculator, check_tool_call, find_tool_calls,
@@ -37,12 +37,12 @@ __all__ = [
     # policy
     "POLICY_LOSSES", "approx_kl", "cispo_loss", "completion_logprobs", "completion_mask", "gae", "gather_logprobs",
     "group_advantages", "grpo_loss", "kl_early_stop", "kl_k3", "last_token_rewards", "masked_mean", "reduce_tokens",
-    "value_loss", "whiten",
+    "token_entropy", "value_loss", "whiten",
     # rewards
     "REWARDS", "RewardModel", "compute_rewards", "parse_reward_specs", "repetition_penalty", "reward_exact",
     "reward_length", "reward_repetition", "reward_think", "reward_tool_calls",
     # rollout
-    "Rollout", "rollout", "rollout_messages", "select_tools", "tool_turn_ids",
+    "Rollout", "join_rollouts", "rollout", "rollout_messages", "select_tools", "tool_turn_ids",
     # tasks
     "TASKS", "TOOL_TASKS", "demonstration", "is_val_key", "make_task", "prompt_messages", "tool_solution", "write_task",
     # tools

@@ -46,11 +46,15 @@ def gather_logprobs(logits, targets, mask=None):
     return torch.where(keep, logp, 0.0)
 
 
-def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: bool = False):
+def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: bool = False,
+                        entropy: bool = False):
     """log pi(completion token | prompt, earlier completion tokens), (B, R) fp32, in one forward pass of a
     MiniMind-like model (`model(idx, pos=, doc=) -> (logits, loss)`).
     hidden=True also returns the final hidden states at the same positions, (B, R, C): the state each
     completion token is predicted from, what a value head reads (`model(..., return_hidden=True)`).
+    entropy=True also returns the policy's entropy at each completion position, (B, R) fp32, detached
+    (0 where mask is 0): a policy that stops exploring shows it here first.
+    Returns logp, or the tuple (logp[, hidden][, entropy]).
 
     prompt: (B, P) ids, left-padded by `pad` (B,) tokens per row (as generate_stream takes them);
     completion: (B, R) ids; mask: (B, R) completion tokens to score (0 elsewhere in the result).
@@ -64,11 +68,22 @@ def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: 
         t = torch.arange(ids.size(1), device=ids.device)[None, :]  # (1, P+R-1)
         pad = pad.to(ids.device)[:, None]  # (B, 1)
         kw = {"pos": (t - pad).clamp(min=0), "doc": (t >= pad).long()}
+    out = model(ids, return_hidden=True, **kw) if hidden else model(ids, **kw)  # (B, P+R-1, V)[, (B, P+R-1, C)]
+    logits = out[0][:, P - 1:]  # (B, R, V)
+    result = [gather_logprobs(logits, completion, mask)]
     if hidden:
-        logits, _, h = model(ids, return_hidden=True, **kw)  # (B, P+R-1, V), (B, P+R-1, C)
-        return gather_logprobs(logits[:, P - 1:], completion, mask), h[:, P - 1:]
-    logits, _ = model(ids, **kw)  # (B, P+R-1, V)
-    return gather_logprobs(logits[:, P - 1:], completion, mask)  # (B, R)
+        result.append(out[2][:, P - 1:])
+    if entropy:
+        result.append(token_entropy(logits, mask))
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+@torch.no_grad()
+def token_entropy(logits, mask=None):
+    """Entropy of softmax(logits) per position, -sum p log p, in fp32: (B, T, V) -> (B, T), 0 where mask is 0."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    ent = -(logp.exp() * logp).sum(-1)  # (B, T)
+    return ent if mask is None else ent * mask
 
 
 def completion_mask(completion_ids, eos_id: int):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from minimind import left_pad
 from rl.answers import split_think
@@ -57,6 +58,25 @@ class Rollout:
     mask: torch.Tensor  # (N, R) float: 1 on the tokens the model wrote (each turn's eos included), else 0
     texts: list  # (N,) the model's turns as text (joined by newlines): what reward functions read
     tool_calls: torch.Tensor  # (N,) tool-call blocks the model wrote
+
+
+def join_rollouts(parts: list, pad_id: int) -> Rollout:
+    """One Rollout of the chosen rows of several: parts = [(rollout, row indices), ...], rows in the order
+    given. Prompts are left-padded and completions right-padded to the longest (pad_id, mask 0), so
+    every row scores as it did in its own rollout (completion_logprobs restarts positions after padding)."""
+    P = max(ro.prompt.size(1) for ro, _ in parts)
+    R = max(ro.completion.size(1) for ro, _ in parts)
+    prompt, pad, completion, mask, texts, calls = [], [], [], [], [], []
+    for ro, rows in parts:
+        rows = torch.as_tensor(rows, dtype=torch.long, device=ro.prompt.device)
+        extra_p, extra_r = P - ro.prompt.size(1), R - ro.completion.size(1)
+        prompt.append(F.pad(ro.prompt[rows], (extra_p, 0), value=pad_id))  # (n, P)
+        pad.append(ro.pad[rows] + extra_p)
+        completion.append(F.pad(ro.completion[rows], (0, extra_r), value=pad_id))  # (n, R)
+        mask.append(F.pad(ro.mask[rows], (0, extra_r)))
+        texts += [ro.texts[i] for i in rows.tolist()]
+        calls.append(ro.tool_calls[rows])
+    return Rollout(torch.cat(prompt), torch.cat(pad), torch.cat(completion), torch.cat(mask), texts, torch.cat(calls))
 
 
 @torch.no_grad()

@@ -203,6 +203,90 @@ def test_on_policy_grpo_and_cispo_have_the_same_gradient(tok, tokenizer_dir, rl_
     assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-7, rtol=1e-5)
 
 
+def even_answers_score_zero(prompt, completion: str, record=None) -> float:
+    """toy_reward, except that every episode of a prompt whose answer is even scores 0: uniform groups."""
+    return 0.0 if int(record["answer"]) % 2 == 0 else toy_reward(prompt, completion)
+
+
+def constant_reward(prompt, completion: str, record=None) -> float:
+    return 1.0
+
+
+def uniform_groups(batch, G):
+    return int((batch["episodes"]["adv"].view(-1, G).abs().sum(1) == 0).sum())
+
+
+def test_dynamic_sampling_equals_plain_grpo_when_no_group_is_uniform(tok, tokenizer_dir, rl_dir, one_thread):
+    """Every group differs (toy_reward on a random model): nothing is resampled, and the loss and the
+    gradient are plain GRPO's, bit for bit."""
+    results = []
+    for rounds in (0, 2):
+        model = small_model(tok, seed=4)
+        objective = PolicyGradient(model, rl_config(tokenizer_dir, dynamic_sampling=rounds))
+        batch = objective.prepare(PromptData(rl_dir, 128, seed=0, spares=6).batch("train", 1, 0, 3, "cpu"))
+        loss, metrics = objective(model, batch)
+        loss.backward()
+        results.append((loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]), metrics))
+    (loss0, grad0, m0), (loss2, grad2, m2) = results
+    assert m0["mixed_groups"] == 1 and m2["resampled"] == 0 and m2["kept_mixed"] == 1
+    assert torch.equal(loss0, loss2) and torch.equal(grad0, grad2) and grad0.abs().sum() > 0
+
+
+def test_dynamic_sampling_replaces_uniform_groups(tok, tokenizer_dir, rl_dir, one_thread):
+    G, P = 4, 6
+    data = PromptData(rl_dir, 128, seed=0, spares=2 * P)
+    raw = data.batch("train", 1, 0, P, "cpu")
+    assert len(raw["spares"]) == 2 * P and not {r["key"] for r in raw["spares"]} & {r["key"] for r in raw["records"]}
+    reward = {"reward": "test_post_training:even_answers_score_zero", "num_generations": G}
+    plain = PolicyGradient(small_model(tok, seed=4), rl_config(tokenizer_dir, dynamic_sampling=0, **reward))
+    before = uniform_groups(plain.prepare(raw), G)
+    assert before > 0  # the batch has prompts with even answers
+    model = small_model(tok, seed=4)
+    objective = PolicyGradient(model, rl_config(tokenizer_dir, dynamic_sampling=2, **reward))
+    batch = objective.prepare(data.batch("train", 1, 0, P, "cpu"))
+    m = batch["episodes"]["metrics"]
+    assert uniform_groups(batch, G) < before and m["kept_mixed"] > m["mixed_groups"] and m["resampled"] >= 1
+    ro = batch["episodes"]["ro"]
+    assert len(ro.texts) == ro.prompt.size(0) == ro.completion.size(0) == P * G
+    # each joined row scores as it did in its own rollout: episodes the model wrote, re-scored
+    logp = rl.completion_logprobs(model, ro.prompt, ro.completion, ro.mask, ro.pad)
+    expected = torch.tensor([toy_reward(None, t) if (logp[i] != 0).any() else 0 for i, t in enumerate(ro.texts)])
+    assert expected.abs().sum() > 0
+    loss, metrics = objective(model, batch)
+    assert torch.isfinite(loss) and metrics["entropy"] > 0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dynamic_sampling_without_any_signal_keeps_the_loss_finite(tok, tokenizer_dir, rl_dir, one_thread):
+    model = small_model(tok, seed=4)
+    objective = PolicyGradient(model, rl_config(tokenizer_dir, dynamic_sampling=2,
+                                                         reward="test_post_training:constant_reward"))
+    batch = objective.prepare(PromptData(rl_dir, 128, seed=0, spares=6).batch("train", 1, 0, 3, "cpu"))
+    loss, metrics = objective(model, batch)
+    assert metrics["mixed_groups"] == 0 and metrics["kept_mixed"] == 0 and metrics["resampled"] == 2
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(0, abs=1e-6)
+    lines = [objective.advice({"mixed_groups": 0.0, "kept_mixed": 0.0}) for _ in range(12)]
+    assert [bool(x) for x in lines] == [False] * 9 + [True] + [False] * 2  # after 10 logged steps, once
+    assert "--num-generations (now 4)" in lines[9] and "--rollout-temperature" in lines[9]
+    assert not any(PolicyGradient(model, rl_config(tokenizer_dir)).advice({"mixed_groups": 0.5}) for _ in range(12))
+
+
+def test_the_rollout_temperature_never_reaches_evaluation(tok, tokenizer_dir, rl_dir, one_thread, monkeypatch):
+    """Held-out episodes are greedy (--eval-temperature 0) whatever --rollout-temperature is; training
+    episodes sample at the rollout temperature."""
+    seen, real = [], rl.rollout
+    monkeypatch.setattr(rl, "rollout", lambda *a, **kw: seen.append(kw["temperature"]) or real(*a, **kw))
+    data, evals = PromptData(rl_dir, 128, seed=0), []
+    for temperature in (0.7, 3.0):
+        model = small_model(tok, seed=4)
+        objective = PolicyGradient(model, rl_config(tokenizer_dir, rollout_temperature=temperature))
+        objective.prepare(data.batch("train", 1, 0, 2, "cpu"))
+        evals.append(objective.evaluate(model, data.batch("val", 0, 0, 3, "cpu")))
+    assert seen == [0.7, 0.0, 3.0, 0.0]
+    assert evals[0][0] == evals[1][0] and evals[0][1] == evals[1][1]
+
+
 def test_ppo_gae_wiring(tok, tokenizer_dir, rl_dir, one_thread):
     model = small_model(tok, seed=3)
     objective = PolicyGradient(model, rl_config(tokenizer_dir, mode="ppo", gamma=0.9, lam=0.8, ppo_epochs=2,

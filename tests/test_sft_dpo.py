@@ -21,7 +21,7 @@ from checkpoint import load_checkpoint, load_for_inference, resolve_checkpoint
 from tokenizer import EMPTY_THINK, EOS, Tokenizer, render_chat
 from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
-from data import DPOData, SFTData, pack_rows
+from data import DPOData, SFTData, fit_pair, pack_rows
 from losses import DPO, DPOConfig, sequence_logprobs
 
 
@@ -292,6 +292,48 @@ def test_dpo_log_probabilities_match_unpacked_sequences(dpo_dir, random_ckpt):
         margin = 0.1 * (delta[0::2] - delta[1::2])
         assert loss.item() == pytest.approx(-torch.nn.functional.logsigmoid(margin).mean().item(), rel=1e-3)
         assert extra["reward_acc"].item() == pytest.approx((margin > 0).float().mean().item())
+
+
+def test_fit_pair_cuts_replies_first_and_a_long_prompt_from_its_start():
+    assert fit_pair(10, 20, 30, 100) == (10, 20, 30)  # fits: untouched
+    assert fit_pair(10, 60, 60, 100) == (10, 40, 40)  # the replies share what the prompt leaves
+    assert fit_pair(10, 5, 90, 100) == (10, 5, 75)  # the short one stays whole
+    # a prompt that would leave the replies no room (MiniMind keeps it and trains on nothing): it
+    # loses its start, just enough for each reply to keep limit // 8 tokens
+    p, c, r = fit_pair(60, 40, 40, 100)
+    assert (p, c, r) == (38, 12, 12) and 2 * p + c + r <= 100
+    assert fit_pair(60, 3, 40, 100) == (42, 3, 13)
+
+
+def test_dpo_evaluation_covers_every_held_out_pair_with_its_standard_error(dpo_dir, random_ckpt):
+    data = DPOData(dpo_dir, 64, seed=0)  # short rows: long pairs are cut, none dropped
+    assert data.stats["train"]["truncated"] > 0 and data.stats["train"]["dropped"] == 0
+    assert "warning" not in data.describe()
+    tokens, mask, items, _ = data.splits["train"]
+    for s, p, c, r, full_c in items:  # each kept pair: its prompt's end, then a piece of each reply
+        assert c >= 1 and r >= 1 and 2 * p + c + r <= 64 and mask[s + p:s + p + c].any()
+    policy, _, _ = load_checkpoint(random_ckpt)
+    reference, _, _ = load_checkpoint(random_ckpt)
+    with torch.no_grad():
+        policy.embed.weight.mul_(1.1)
+    objective = DPO(policy, DPOConfig(beta=0.1, reference=str(random_ckpt)))
+    n_batches = data.val_batches(1, 10 ** 9)
+    rec, margins = {}, []
+    for i in range(n_batches):
+        batch = data.batch("val", 0, i, 1, "cpu")
+        _, metrics = objective.evaluate(policy, batch)
+        for k, v in metrics.items():
+            rec[f"val_{k}"] = rec.get(f"val_{k}", 0.0) + float(v) / n_batches
+        with torch.no_grad():
+            lp, _ = sequence_logprobs(policy, batch)
+            ref, _ = sequence_logprobs(reference, batch)
+        margins.append((lp - ref)[0::2] - (lp - ref)[1::2])
+    margins = torch.cat(margins)
+    out = objective.summarize(rec, n_batches)
+    acc = (margins > 0).float().mean().item()
+    assert out["val_pairs"] == len(margins) == data.stats["val"]["items"]
+    assert out["val_reward_acc"] == pytest.approx(acc, abs=1e-6)
+    assert out["val_reward_acc_se"] == pytest.approx(math.sqrt(acc * (1 - acc) / len(margins)), abs=1e-6)
 
 
 def test_dpo_of_a_moe_policy_adds_the_balance_loss(dpo_dir):
