@@ -228,12 +228,19 @@ def write_gguf(path: Path, metadata: list, tensors: list):
         pads.append(-len(data) % ALIGNMENT)
         offset += len(data) + pads[-1]
     head = b"".join(header)
+    chunks = [head, b"\0" * (-len(head) % ALIGNMENT)]
+    for (_, _, _, data), pad in zip(tensors, pads):  # no concatenation: the data is not copied again
+        chunks += [data, b"\0" * pad]
+    _write_atomic(path, chunks)
+
+
+def _write_atomic(path: Path, chunks):
+    """Write the bytes of `chunks` to `path` under a temporary name, then rename (mode as umask allows)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(head + b"\0" * (-len(head) % ALIGNMENT))
-            for (_, _, _, data), pad in zip(tensors, pads):
-                f.write(data + b"\0" * pad)
+            for chunk in chunks:
+                f.write(chunk)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -336,11 +343,5 @@ def export_gguf(model: MiniMind, tok_dir: Path, path: Path, file_type: str = "f3
         tensors.append((tname, tuple(t.shape), kind, data))
     meta = model_metadata(cfg, arch, name, label) + tokenizer_metadata(tok_dir, cfg)
     write_gguf(path, meta, tensors)
-    text = modelfile(path.name, context or cfg.max_seq_len)
-    mf = path.with_suffix(".Modelfile")
-    fd, tmp = tempfile.mkstemp(prefix=f".{mf.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, mf)
+    _write_atomic(path.with_suffix(".Modelfile"), [modelfile(path.name, context or cfg.max_seq_len).encode()])
     return arch
