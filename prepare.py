@@ -771,10 +771,12 @@ def add_download_parser(sub):
 def cmd_download(args):
     out = Path(args.out)
     for name in download.resolve_names(args.names):
+        was_there = (out / name).exists()
         path = download.download_file(name, out, args.endpoint, args.revision, progress=not args.quiet)
         kind = download.FILES.get(name, (None, None, None))[2]
         then = f"; then: python prepare.py {kind} --input {path}" if kind else ""
-        print(f"{path}: {path.stat().st_size:,} bytes, checked{then}")
+        how = "already here (its size is the hub's)" if was_there else "downloaded, size and checksum checked"
+        print(f"{path}: {path.stat().st_size:,} bytes, {how}{then}")
 
 
 def main(argv=None):
