@@ -7,7 +7,7 @@ its rounding), the tokenizer and the chat template; models llama.cpp cannot comp
 With llama-cpp-python, for tiny random models of every family (llama, qwen3, qwen3moe as MiniMind-3-MoE
 routes, Mixtral-like llama MoE): llama.cpp's token ids of a mixed Chinese / English / emoji text with
 control tokens equal minimind's; its logits over a prompt agree (f32: within F32_TOL; q8_0: within
-Q8_TOL, measured); its greedy continuation equals minimind's; the chat template in the file renders
+Q8_TOL, measured); its greedy continuation of the f32 file equals minimind's; the chat template in the file renders
 (llama-cpp-python's Jinja formatter) the prompt minimind renders.
 """
 import sys
@@ -42,8 +42,13 @@ FAMILIES = {  # name: (config overrides, llama.cpp architecture)
 TEXT = "hello world, minimind 模型训练 12345!  naïve café 🎉🚀\n\n<think>\n思考</think><|im_end|>\t end"
 MESSAGES = [{"role": "system", "content": "You are minimind."}, {"role": "user", "content": "你好, hello 🎉"},
             {"role": "assistant", "content": "hello!"}, {"role": "user", "content": "export?"}]
-F32_TOL = 1e-3  # max abs logit difference, f32 file (logits of size ~10-30: float32 sums in another order)
-Q8_TOL = 0.5    # q8_0 file: measured 0.05-0.2 on these models (8-bit weights, llama.cpp's 8-bit activations)
+# max abs logit difference per position, logits up to ~20 (llama.cpp with an f32 KV cache; its default
+# f16 cache alone makes it ~1e-2). f32: measured 1.0e-5 - 1.4e-5 (float32 sums in another order).
+# q8_0: measured 0.2 - 0.71 over three seeds (8-bit weights, and llama.cpp's 8-bit activations in q8_0
+# matmuls); a top-1 MoE whose router is at a near tie (margin 0.005) picks the other expert at one
+# position, whose logits then differ by ~15: for MoE at least 80% of the positions are held to it.
+F32_TOL = 1e-4
+Q8_TOL = 1.0
 
 
 def make_model(tmp_path, tok_dir, seed: int = 0, **overrides):
@@ -132,27 +137,30 @@ def test_llama_cpp_runs_it_as_minimind(tmp_path, tokenizer_dir, family):
     results = {}
     for kind in ("f32", "q8_0"):
         llm = llama_cpp.Llama(str(export_file(tmp_path, kind)), n_ctx=128, logits_all=True, verbose=False,
-                              n_threads=2, n_batch=128)
+                              n_threads=2, n_batch=128, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
         assert llm.metadata["general.architecture"] == arch
         assert llm.tokenize(TEXT.encode(), add_bos=False, special=True) == tok.encode(TEXT)
         assert llm.detokenize(tok.encode(TEXT), special=True).decode() == TEXT
         llm.eval(prompt)
-        diff = np.abs(np.asarray(llm.scores[:len(prompt)]) - ours_logits).max()
+        diff = np.abs(np.asarray(llm.scores[:len(prompt)]) - ours_logits).max(axis=-1)  # (T,)
         llm.reset()
         greedy = []
         for t in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             greedy.append(t)
             if len(greedy) == len(ours_greedy):
                 break
-        results[kind] = (diff, greedy)
-        print(f"{family} {kind}: max abs logit diff {diff:.2e}; greedy {'equal' if greedy == ours_greedy else greedy}")
-    assert results["f32"][0] <= F32_TOL
+        results[kind] = (diff, greedy, llm.metadata)
+        llm.close()
+        print(f"{family} {kind}: max abs logit diff {diff.max():.2e} (logits up to {np.abs(ours_logits).max():.1f}); "
+              f"greedy {'equal' if greedy == ours_greedy else greedy} (minimind: {ours_greedy})")
+    assert results["f32"][0].max() <= F32_TOL
     assert results["f32"][1] == ours_greedy
-    assert results["q8_0"][0] <= Q8_TOL
+    q8 = results["q8_0"][0]
+    assert (q8 <= Q8_TOL).mean() >= 0.8 if "n_experts" in overrides else q8.max() <= Q8_TOL, q8
 
     # the template inside the file, rendered by llama-cpp-python as its chat completions do
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-    template = llm.metadata["tokenizer.chat_template"]
+    template = results["f32"][2]["tokenizer.chat_template"]
     assert template == CHAT_TEMPLATE
     formatter = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>",
                                     add_generation_prompt=True)
