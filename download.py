@@ -144,7 +144,8 @@ def download_file(name: str, out_dir: Path, endpoint: Optional[str] = None, revi
     got = part.stat().st_size
     if got != size or (check and h.hexdigest() != check[1]):
         part.unlink()
-        what = f"{got:,} bytes, expected {size:,}" if got != size else f"{check[0]} {h.hexdigest()}, expected {check[1]}"
+        what = (f"{got:,} bytes, expected {size:,}" if got != size
+                else f"{check[0]} {h.hexdigest()}, expected {check[1]}")
         raise DownloadError(f"{name}: {what}; the partial file is removed, run again")
     os.replace(part, dest)
     return dest

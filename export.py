@@ -546,7 +546,8 @@ def main(argv=None):
                      help="MiniMind .pth state dict (e.g. out/full_sft_768_moe.pth) to import; needs --model, --tokenizer")
     parser.add_argument("--out", help="output directory (transformers dir, or minimind run dir)")
     parser.add_argument("--gguf", metavar="PATH",
-                        help="--ckpt: write a GGUF file for llama.cpp / Ollama (and PATH's .Modelfile) instead of --out")
+                        help="--ckpt: write a GGUF file for llama.cpp / Ollama (and PATH's .Modelfile) "
+                             "instead of --out")
     parser.add_argument("--gguf-type", default="f32", choices=list(FILE_TYPES),
                         help="--gguf: tensor type (q8_0: 8.5 bits a weight; norms and routers stay f32)")
     parser.add_argument("--model", choices=list(PRESETS),

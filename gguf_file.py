@@ -66,7 +66,8 @@ def gguf_architecture(cfg: ModelConfig) -> str:
     """The llama.cpp architecture that computes exactly what `cfg` computes, or GGUFError."""
     if cfg.rope_scaling:
         raise GGUFError("YaRN RoPE scaling: llama.cpp's YaRN is not verified to compute minimind's; export "
-                        "without it (RoPE scaling is an inference setting: sample.py --rope-scaling) or to transformers")
+                        "without it (RoPE scaling is an inference setting: sample.py --rope-scaling) or to "
+                        "transformers")
     if cfg.n_experts == 0:
         return "qwen3" if cfg.qk_norm else "llama"
     if cfg.n_shared_experts:
@@ -108,7 +109,8 @@ def gguf_tensors(model: MiniMind, arch: str) -> list:
                     (blk + "ffn_gate_exps.weight", sd[mm + "ffn.w1"]), (blk + "ffn_up_exps.weight", sd[mm + "ffn.w3"]),
                     (blk + "ffn_down_exps.weight", sd[mm + "ffn.w2"])]
         else:
-            out += [(blk + "ffn_gate.weight", sd[mm + "ffn.w1.weight"]), (blk + "ffn_up.weight", sd[mm + "ffn.w3.weight"]),
+            out += [(blk + "ffn_gate.weight", sd[mm + "ffn.w1.weight"]),
+                    (blk + "ffn_up.weight", sd[mm + "ffn.w3.weight"]),
                     (blk + "ffn_down.weight", sd[mm + "ffn.w2.weight"])]
     return out
 

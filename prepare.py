@@ -759,7 +759,8 @@ def add_download_parser(sub):
     listing = "; ".join(f"{n} ({size})" for n, (size, _, _) in download.FILES.items())
     p = sub.add_parser("download", help=f"fetch MiniMind's dataset files from {download.REPO} (resumable, "
                                         "SHA-256 checked)", description=f"files: {listing}")
-    p.add_argument("names", nargs="*", help=f"files to fetch (.jsonl optional; 'all'; default: {' '.join(download.DEFAULT)})")
+    p.add_argument("names", nargs="*",
+                   help=f"files to fetch (.jsonl optional; 'all'; default: {' '.join(download.DEFAULT)})")
     p.add_argument("--out", default="dataset", help="directory the files go to (MiniMind's ./dataset)")
     p.add_argument("--endpoint", default=None,
                    help="hub endpoint or mirror, e.g. https://hf-mirror.com (default: $HF_ENDPOINT or huggingface.co)")

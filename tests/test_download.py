@@ -33,8 +33,9 @@ pytest.importorskip("huggingface_hub")
 COMMIT = "c0ffee" * 6 + "c0ff"
 # MiniMind-3's SFT format (its README): conversations, an assistant turn with reasoning and a tool call
 SFT_LINE = {"conversations": [
-    {"role": "system", "content": "你是一个乐于助人的助手。", "tools": json.dumps([{"type": "function", "function": {
-        "name": "get_time", "description": "current time", "parameters": {"type": "object", "properties": {}}}}])},
+    {"role": "system", "content": "你是一个乐于助人的助手。", "tools": json.dumps([{"type": "function",
+        "function": {"name": "get_time", "description": "current time",
+                     "parameters": {"type": "object", "properties": {}}}}])},
     {"role": "user", "content": "现在几点？ What time is it?"},
     {"role": "assistant", "content": "", "tool_calls": json.dumps([{"name": "get_time", "arguments": {}}])},
     {"role": "tool", "content": "{\"time\": \"12:00\"}"},

@@ -1,6 +1,6 @@
 """export.py --gguf / gguf_file.py: a GGUF file llama.cpp runs as minimind does.
 
-    python -m pytest tests/test_gguf.py -q          # the llama.cpp half needs: pip install -e .[llama]
+    python -m pytest tests/test_gguf.py -q     # the llama.cpp half needs: pip install "llama-cpp-python>=0.3"
 
 Without llama.cpp: the file reads back (our reader) with the model's tensors (f32 exactly, q8_0 within
 its rounding), the tokenizer and the chat template; models llama.cpp cannot compute are refused.
@@ -30,7 +30,8 @@ try:
     import llama_cpp
 except ImportError:  # an optional extra: the tests below that need it say so
     llama_cpp = None
-needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (pip install -e .[llama])")
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed "
+                                                           "(pip install \"llama-cpp-python>=0.3\", the llama extra)")
 
 TINY = dict(vocab_size=448, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, norm_eps=1e-6, max_seq_len=256)
 FAMILIES = {  # name: (config overrides, llama.cpp architecture)
