@@ -161,6 +161,15 @@ def test_corrupt_transfer_is_refused(hub, tmp_path):
     assert not list(tmp_path.iterdir())  # neither the file nor its part
     with pytest.raises(download.DownloadError, match="no such file"):
         download.download_file("nope.jsonl", tmp_path, hub.url, progress=False)
+    # a file it did not write is never replaced
+    hub.corrupt = False
+    (tmp_path / "sft_t2t_mini.jsonl").write_text("mine")
+    with pytest.raises(download.DownloadError, match="move it away"):
+        download.download_file("sft_t2t_mini.jsonl", tmp_path, hub.url, progress=False)
+    assert (tmp_path / "sft_t2t_mini.jsonl").read_text() == "mine"
+    assert download.resolve_names([]) == list(download.DEFAULT)
+    assert download.resolve_names(["sft_t2t", "dpo.jsonl"]) == ["sft_t2t.jsonl", "dpo.jsonl"]
+    assert download.resolve_names(["all"]) == list(download.FILES)
 
 
 def test_offline_is_one_line(tmp_path, capsys):

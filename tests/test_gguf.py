@@ -96,6 +96,8 @@ def test_file_reads_back(tmp_path, tokenizer_dir):
     assert (meta["tokenizer.ggml.eos_token_id"], meta["tokenizer.ggml.add_bos_token"]) == (tok.eos_id, False)
     modelfile = (tmp_path / "model-f32.Modelfile").read_text()
     assert "FROM ./model-f32.gguf" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+    with pytest.raises(SystemExit, match="exists"):  # an existing file is replaced only with --force
+        export.main(["--ckpt", str(tmp_path / "run"), "--gguf", str(tmp_path / "model-f32.gguf")])
 
     # q8_0: every 2-D weight within rounding of its block's step (max|w| / 127); norms and routers exact
     make_model(tmp_path / "moe", tokenizer_dir, **FAMILIES["qwen3moe"][0])
