@@ -168,3 +168,12 @@ def test_llama_cpp_runs_it_as_minimind(tmp_path, tokenizer_dir, family):
     formatter = Jinja2ChatFormatter(template=template, eos_token="<|im_end|>", bos_token="<|im_start|>",
                                     add_generation_prompt=True)
     assert formatter(messages=MESSAGES).prompt == render_chat(MESSAGES, add_generation_prompt=True)
+
+
+def test_q8_0_blocks_match_gguf_py():
+    """Our q8_0 bytes are those of llama.cpp's own Python package (gguf-py), an all-zero block included."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package (llama.cpp's gguf-py) is not installed")
+    x = (np.random.default_rng(0).standard_normal((6, 96)) * 3).astype(np.float32)
+    x[0, :32] = 0  # an all-zero block: scale 0
+    x[1, :32] = np.arange(32) - 15.5  # evenly spaced, negative and positive
+    assert np.array_equal(gguf_file.quantize_q8_0(x), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0))
