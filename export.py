@@ -2,6 +2,7 @@ r"""Export a minimind checkpoint as a standard Hugging Face `transformers` model
 
     python export.py --ckpt out/tiny --out hf/tiny                 # minimind -> transformers directory
     python export.py --ckpt out/tiny --out hf/tiny --dtype bfloat16
+    python export.py --ckpt out/tiny --gguf gguf/tiny.gguf --gguf-type q8_0  # llama.cpp / Ollama file
     python export.py --from-hf hf/minimind-3 --out out/minimind-3  # transformers directory -> minimind
     python export.py --merge-lora out/sft-lora --out out/sft-merged  # LoRA adapters folded into their base
     python export.py --from-minimind out/full_sft_768_moe.pth --model minimind-3-moe --tokenizer model \
@@ -20,6 +21,10 @@ convert_hf_to_gguf.py and ollama. Which architecture a model becomes:
       (top-k > 1 with norm_topk, top-1 with norm_top1)
     shared experts; MoE without q/k-norm whose       refused: no standard architecture computes it
       weights are not renormalised
+
+--gguf writes one GGUF file for llama.cpp, llama-cpp-python and Ollama (f32, f16 or q8_0 tensors, the
+tokenizer and chat template inside; gguf_file.py says which llama.cpp architecture each model becomes) and
+an Ollama Modelfile beside it (NAME.Modelfile: template, stop tokens, sampling, context length).
 
 Refused models are refused on purpose: an export that loads but computes something else is worse
 than none. Every mapping is exact in fp32 (tests/test_export.py checks logits, greedy decoding,
@@ -69,6 +74,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint, merge_lora_checkpoint, resolve_checkpoint, save_checkpoint
+from gguf_file import FILE_TYPES, export_gguf
 from minimind import PRESETS, MiniMind, ModelConfig
 from runtime import publish_modes
 from tokenizer import CHAT_TEMPLATE
@@ -275,6 +281,21 @@ def export_hf(ckpt, out, dtype: str = "float32", tokenizer=None, force: bool = F
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return arch
+
+
+def export_gguf_file(ckpt, path, file_type: str = "f32", tokenizer=None, force: bool = False) -> str:
+    """Write checkpoint `ckpt` as GGUF file `path` and its Ollama Modelfile; returns the llama.cpp architecture."""
+    path = Path(path)
+    if path.suffix != ".gguf":
+        raise ExportError(f"{path}: --gguf names the file to write, ending in .gguf")
+    for p in (path, path.with_suffix(".Modelfile")):
+        if p.exists() and not force:
+            raise ExportError(f"{p} exists (pass --force to replace it)")
+    model, state, ckpt_dir = load_merged(ckpt)
+    context = (state.get("args") or {}).get("seq_len") or model.config.max_seq_len  # what it was trained on
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return export_gguf(model, Path(tokenizer) if tokenizer else ckpt_dir / "tokenizer", path, file_type,
+                       name=ckpt_dir.parent.name or "minimind", context=context)
 
 
 # -----------------------------------------------------------------------------
@@ -523,7 +544,12 @@ def main(argv=None):
                      help="LoRA adapter checkpoint to fold into its base, written as a full minimind checkpoint")
     src.add_argument("--from-minimind", metavar="PTH",
                      help="MiniMind .pth state dict (e.g. out/full_sft_768_moe.pth) to import; needs --model, --tokenizer")
-    parser.add_argument("--out", required=True, help="output directory (transformers dir, or minimind run dir)")
+    parser.add_argument("--out", help="output directory (transformers dir, or minimind run dir)")
+    parser.add_argument("--gguf", metavar="PATH",
+                        help="--ckpt: write a GGUF file for llama.cpp / Ollama (and PATH's .Modelfile) "
+                             "instead of --out")
+    parser.add_argument("--gguf-type", default="f32", choices=list(FILE_TYPES),
+                        help="--gguf: tensor type (q8_0: 8.5 bits a weight; norms and routers stay f32)")
     parser.add_argument("--model", choices=list(PRESETS),
                         help="--from-minimind: the preset the .pth was trained as (minimind-3, minimind-3-moe, ...)")
     parser.add_argument("--tokenizer", help="tokenizer directory: for --ckpt if the checkpoint carries none; "
@@ -534,8 +560,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.from_minimind and not (args.model and args.tokenizer):
         parser.error("--from-minimind needs --model PRESET and --tokenizer DIR")
+    if args.gguf and not args.ckpt:
+        parser.error("--gguf exports a checkpoint: pass --ckpt")
+    if bool(args.gguf) == bool(args.out):
+        parser.error("pass --out DIR, or --gguf PATH with --ckpt")
     try:
-        if args.ckpt:
+        if args.gguf:
+            arch = export_gguf_file(args.ckpt, args.gguf, args.gguf_type, args.tokenizer, args.force)
+            print(f"exported {args.ckpt} as GGUF ({arch}, {args.gguf_type}) -> {args.gguf} "
+                  f"(Ollama: {Path(args.gguf).with_suffix('.Modelfile')})")
+        elif args.ckpt:
             arch = export_hf(args.ckpt, args.out, args.dtype, args.tokenizer, args.force)
             print(f"exported {args.ckpt} as {arch} -> {args.out}")
         elif args.merge_lora:

@@ -5,6 +5,8 @@
     python prepare.py pretrain --input pretrain_t2t_mini.jsonl --tokenizer data/tok --out data/pretrain
     python prepare.py sft --input sft_t2t_mini.jsonl --tokenizer data/tok --out data/sft --max-len 512
     python prepare.py dpo --input dpo.jsonl --tokenizer data/tok --out data/dpo
+    python prepare.py download                    # MiniMind's pretrain_t2t_mini, sft_t2t_mini, dpo -> dataset/
+    python prepare.py download sft_t2t --endpoint https://hf-mirror.com   # resumable, SHA-256 checked
 
 Pretraining inputs are MiniMind's JSON Lines ({"text": ...} per line) or plain text (documents
 separated by blank lines); SFT and DPO inputs are JSON Lines of conversations (file layout in the
@@ -38,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 import corpus
+import download
 from data import (MAX_RECORD_BYTES, SPLITS, DataError, EmptyTurn, TokenFileWriter, check_conversation, fit_pair,
                   iter_jsonl, overlong, read_lines)
 from rl.tasks import TASKS, TOOL_TASKS, demonstration, write_task
@@ -684,6 +687,7 @@ def build_parser():
             p.add_argument("--seed", type=int, default=0, help="draws the rejected replies of the embedded pairs")
         p.set_defaults(func=cmd_chat)
     add_rl_task_parser(sub)
+    add_download_parser(sub)
     return parser, sub
 
 
@@ -749,9 +753,44 @@ def cmd_rl_task(args):
     print(f"{out}: {args.n_train} train / {args.n_val} val prompts of {', '.join(kinds)}")
 
 
+# -----------------------------------------------------------------------------
+# MiniMind's datasets
+
+def add_download_parser(sub):
+    listing = "; ".join(f"{n} ({size})" for n, (size, _, _) in download.FILES.items())
+    p = sub.add_parser("download", help=f"fetch MiniMind's dataset files from {download.REPO} (resumable, "
+                                        "SHA-256 checked)", description=f"files: {listing}")
+    p.add_argument("names", nargs="*",
+                   help=f"files to fetch (.jsonl optional; 'all'; default: {' '.join(download.DEFAULT)})")
+    p.add_argument("--out", default="dataset", help="directory the files go to (MiniMind's ./dataset)")
+    p.add_argument("--endpoint", default=None,
+                   help="hub endpoint or mirror, e.g. https://hf-mirror.com (default: $HF_ENDPOINT or huggingface.co)")
+    p.add_argument("--revision", default="main", help="dataset revision: branch, tag or commit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args):
+    out = Path(args.out)
+    for name in download.resolve_names(args.names):
+        was_there = (out / name).exists()
+        path = download.download_file(name, out, args.endpoint, args.revision, progress=not args.quiet)
+        kind = download.FILES.get(name, (None, None, None))[2]
+        then = f"; then: python prepare.py {kind} --input {path}" if kind else ""
+        how = "already here (its size is the hub's)" if was_there else "downloaded, size and checksum checked"
+        print(f"{path}: {path.stat().st_size:,} bytes, {how}{then}")
+
+
 def main(argv=None):
     parser, _ = build_parser()
     args = parser.parse_args(argv)
+    if args.cmd == "download":  # no tokenizer, no prepared output: files as the hub has them
+        try:
+            return cmd_download(args)
+        except download.DownloadError as e:
+            sys.exit(f"error: {e}")
+        except OSError as e:
+            sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     try:
         check_args(args)
         inputs = getattr(args, "input", [])

@@ -81,6 +81,12 @@ CASES = [
     ("export", ["--from-minimind", "{file}", "--model", "tiny", "--tokenizer", "{ckpt}/tokenizer", "--out", "w"]),
     ("export", ["--from-minimind", "nowhere.pth", "--model", "tiny", "--tokenizer", "nowhere", "--out", "w"]),
     ("export", ["--out", "x"]),
+    ("export", ["--ckpt", "{ckpt}", "--gguf", "model.bin"]),
+    ("export", ["--ckpt", "{ckpt}", "--gguf", "m.gguf", "--out", "x"]),
+    ("export", ["--from-hf", "{ckpt}", "--gguf", "m.gguf"]),
+    ("export", ["--ckpt", "{ckpt}", "--gguf", "m.gguf", "--gguf-type", "q4_0"]),
+    ("export", ["--ckpt", "{broken}", "--gguf", "m.gguf"]),
+    ("export", ["--ckpt", "nowhere", "--gguf", "m.gguf"]),
     # eval.py
     ("eval", ["--ckpt", "nowhere", "--text", "x"]),
     ("eval", ["--hf", "{file}", "--text", "x"]),

@@ -176,7 +176,8 @@ def help_text(script: str, sub=None) -> str:
 @pytest.fixture(scope="module")
 def help_flags():
     """{(script, subcommand): set of flags} from each script's --help."""
-    keys = [(s, None) for s in SCRIPTS] + [("prepare", c) for c in ("tokenizer", "pretrain", "sft", "dpo", "rl-task")]
+    keys = [(s, None) for s in SCRIPTS] + [("prepare", c) for c in ("tokenizer", "pretrain", "sft", "dpo", "rl-task",
+                                                                                   "download")]
     return {k: set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", help_text(*k))) for k in keys}
 
 
