@@ -387,8 +387,8 @@ class PackedData:
 
     def row_ids(self, split: str, step: int, index: int, batch_size: int) -> list:
         n_rows = len(self.splits[split][3])
-        if split != "train":
-            return [(index * batch_size + j) % n_rows for j in range(batch_size)]
+        if split != "train":  # one pass: the last batch's spare rows stay padding, so no row counts twice
+            return [r for r in range(index * batch_size, (index + 1) * batch_size) if r < n_rows]
         first = ((step - 1) * self.micro_batches + index) * batch_size  # position in the stream of rows
         out = []
         for g in range(first, first + batch_size):
@@ -407,6 +407,7 @@ class PackedData:
         pos = np.zeros((B, T), dtype=np.int64)
         doc = np.zeros((B, T), dtype=np.int64)
         seq = np.full((B, T), -1, dtype=np.int64)  # which document of the micro-batch a target belongs to
+        pos[:] = np.arange(T)  # a row left empty (the end of the validation pass) is padding
         n_seqs = 0
         for b, row in enumerate(self.row_ids(split, step, index, batch_size)):
             t, d = 0, 0

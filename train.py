@@ -249,6 +249,8 @@ def add_lora_eval_system_flags(p):
                    help="validation batches per evaluation (default 20; dpo: the whole held-out split, so that "
                         "the reward accuracy has a small standard error)")
     g.add_argument("--save-interval", type=positive(int), default=100, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=positive(int), default=2, metavar="N",
+                   help="checkpoints kept in --out, the newest N (more: to start later stages from earlier steps)")
     g.add_argument("--log-interval", type=positive(int), default=10, help="print every N steps")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
@@ -832,6 +834,7 @@ def save(run: Run, step: int):
             state["lora"] = run.lora_spec
         try:
             save_checkpoint(run.out, step, run.model, state, run.optimizer, run.tok_dir if run.tok_dir.exists() else None,
+                            keep=a.keep_checkpoints,
                             weights=lora.lora_state_dict(run.model) if run.lora_spec else None)
         except CheckpointError as e:
             fail(str(e))
