@@ -191,6 +191,16 @@ def test_flags_in_commands_exist(doc, help_flags):
                                 f"{sub or ''} has no {', '.join(unknown)}"
 
 
+@pytest.mark.parametrize("script", ["speedrun.sh", "docs/post-training-runs.sh"])
+def test_shell_scripts_use_flags_that_exist(script, help_flags):
+    """Every --flag a shell script of the repository passes (commands and flag arrays alike, comments
+    aside) is a flag of some script: a renamed flag cannot leave them behind."""
+    text = "\n".join(line.split(" #")[0] for line in read(ROOT / script).splitlines() if not line.lstrip().startswith("#"))
+    known = set().union(*help_flags.values()) | {"--help"}
+    used = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+    assert used and not used - known, f"{script}: no script has {', '.join(sorted(used - known))}"
+
+
 # -----------------------------------------------------------------------------
 # the modes of train.py
 
