@@ -17,16 +17,25 @@ The contract the training loop relies on (Objective, with its defaults):
 """
 import contextlib
 import copy
+import hashlib
+import io
+import json
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import lora
 import rl
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, atomic_write_bytes, file_hash, load_checkpoint
+from runtime import autocast
 from tokenizer import Tokenizer
 
 
@@ -107,10 +116,24 @@ class DPO(Objective):
     def __init__(self, model, cfg: DPOConfig):
         self.model, self.cfg = model, cfg
         self.reference, self.ref_mode = frozen_reference(model, cfg.reference)
+        self.cached = None  # {split: (items, 2)} the reference's log-probabilities, once cache_reference ran
+
+    def cache_reference(self, data, batch_size: int, device: str, dtype, rank: int = 0, world: int = 1) -> str:
+        """Score every document of `data` with the reference once (reference_logprobs), so a step runs the
+        policy alone; a copied reference is freed. -> a line saying where the scores came from."""
+        self.cached, how = cached_reference_logprobs(self.reference, self.ref_mode, data, batch_size, device, dtype,
+                                                     rank, world)
+        if self.reference is not self.model:
+            self.reference = None
+        return how
 
     def __call__(self, policy, batch: dict):
-        with torch.no_grad(), self.ref_mode():
-            ref_logp, _ = sequence_logprobs(self.reference, batch)
+        if self.cached is not None:
+            ref_logp = torch.as_tensor(self.cached[batch["split"]], device=batch["item"].device)[
+                batch["item"], batch["part"]]  # (S,)
+        else:
+            with torch.no_grad(), self.ref_mode():
+                ref_logp, _ = sequence_logprobs(self.reference, batch)
         logp, n = sequence_logprobs(policy, batch)
         if self.cfg.length_norm:
             logp, ref_logp = logp / n.clamp(min=1), ref_logp / n.clamp(min=1)
@@ -118,6 +141,70 @@ class DPO(Objective):
         margin = reward[0::2] - reward[1::2]  # (S/2,) chosen - rejected, per pair
         loss = -F.logsigmoid(margin).mean() + moe_aux_loss(self.model)  # aux: set by the policy's forward, the last one
         return loss, {"reward_acc": (margin > 0).float().mean(), "reward_margin": margin.detach().mean()}
+
+
+def weights_hash(model) -> str:
+    """SHA-256 of a model's weights, LoRA adapters left out (with them off, the model is its base)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_logprobs(reference, ref_mode, data, batch_size: int, device: str, dtype, rank: int = 0,
+                       world: int = 1) -> dict:
+    """The reference's summed log-probability of every document of a packed data set (DPOData): {split:
+    (items, 2) float32}, [i, j] = document j of item i (DPO: 0 chosen, 1 rejected). Each process scores
+    every world-th batch of rows, the sums all-reduced: every process holds the whole."""
+    was_training = reference.training
+    reference.eval()
+    out = {}
+    for split, (_, _, items, rows) in data.splits.items():
+        sums = torch.zeros(len(items), 2, dtype=torch.float64, device=device)
+        for first in range(rank * batch_size, len(rows), world * batch_size):
+            batch = data.rows_batch(split, list(range(first, min(first + batch_size, len(rows)))), device)
+            with ref_mode(), autocast(device, dtype):
+                logp, _ = sequence_logprobs(reference, batch)
+            sums[batch["item"], batch["part"]] = logp.double()
+        if world > 1:
+            dist.all_reduce(sums)
+        out[split] = sums.float().cpu().numpy()
+    reference.train(was_training)
+    return out
+
+
+REFERENCE_CACHE = "reference_logprobs.npz"  # in the data directory, beside the token files it scores
+
+
+def cached_reference_logprobs(reference, ref_mode, data, batch_size: int, device: str, dtype, rank: int = 0,
+                              world: int = 1):
+    """reference_logprobs, read from the data directory when its key matches (the reference's weights,
+    the data files, the row length and dtype that decide every score), else computed and written
+    there atomically (by rank 0; a directory that cannot be written keeps it in memory).
+    -> (scores, a line saying which)."""
+    files = sorted(p for p in Path(data.dir).iterdir() if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
+    key = hashlib.sha256(json.dumps({"reference": weights_hash(reference), "seq_len": data.seq_len,
+                                     "dtype": str(dtype), "data": {p.name: file_hash(p) for p in files}},
+                                    sort_keys=True).encode()).hexdigest()
+    path = Path(data.dir) / REFERENCE_CACHE
+    try:
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                return {s: f[s] for s in data.splits}, f"reference log-probabilities read from {path}"
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # none yet, another reference's, or torn: computed again
+    scores = reference_logprobs(reference, ref_mode, data, batch_size, device, dtype, rank, world)
+    if rank == 0:
+        buf = io.BytesIO()
+        np.savez(buf, key=np.array(key), **scores)
+        try:
+            atomic_write_bytes(path, buf.getvalue())
+        except (OSError, CheckpointError) as e:
+            return scores, f"reference log-probabilities computed (not cached: {e})"
+    return scores, f"reference log-probabilities computed once, cached in {path}"
 
 
 # -----------------------------------------------------------------------------

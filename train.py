@@ -190,6 +190,9 @@ def add_objective_flags(p):
     g.add_argument("--beta", type=positive(float, zero=True), default=None,
                    help="strength of the KL tie to the frozen reference: DPO's beta; grpo/ppo: weight of the k3 KL "
                         "penalty, 0 = no reference (default: " + ", ".join(f"{m} {b:g}" for m, b in DEFAULT_BETA.items()) + ")")
+    g.add_argument("--dpo-live-reference", action="store_true",
+                   help="run the frozen reference on every batch (default: score the data with it once, cached "
+                        "in the data directory as reference_logprobs.npz, so a step runs the policy alone)")
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
     g = p.add_argument_group("rl (grpo, ppo)")
@@ -642,6 +645,10 @@ def setup(argv) -> Run:
         objective = make_objective(args, model)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
+    if isinstance(objective, DPO) and not args.dpo_live_reference:
+        line = objective.cache_reference(data, args.batch_size, device, dtype, procs.rank, procs.world)
+        if procs.master:
+            print(line)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     clipped = list(model.parameters())
     if objective.module is not None:

@@ -294,6 +294,37 @@ def test_dpo_log_probabilities_match_unpacked_sequences(dpo_dir, random_ckpt):
         assert extra["reward_acc"].item() == pytest.approx((margin > 0).float().mean().item())
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_dpo_cached_reference_gives_the_live_reference_loss(dpo_dir, random_ckpt, tmp_path, use_lora):
+    """The reference scored once per data set (cache_reference) gives the loss and metrics of the reference
+    run on every batch, train and val; the cache is read back when its key matches and replaced when the
+    reference changes. LoRA's reference is the same model with its adapters off."""
+    import lora
+    data_dir = tmp_path / "dpo"
+    shutil.copytree(dpo_dir, data_dir)
+    data = DPOData(data_dir, 128, seed=0)
+    policy, _, _ = load_checkpoint(random_ckpt)
+    if use_lora:
+        lora.apply_lora(policy, 4, 8.0, ["q", "v"])
+    live = DPO(policy, DPOConfig(beta=0.1, length_norm=False))
+    cached = DPO(policy, DPOConfig(beta=0.1, length_norm=False))
+    assert "computed once" in cached.cache_reference(data, 3, "cpu", torch.float32)
+    assert (cached.reference is policy) == use_lora  # a copied reference is freed
+    with torch.no_grad():  # the policy moves away from the reference
+        for name, p in policy.named_parameters():
+            p.add_(0.01 * torch.randn_like(p)) if (not use_lora or "lora_B" in name) else None
+    for split, step, index in (("train", 1, 0), ("train", 7, 1), ("val", 0, 0)):
+        batch = data.batch(split, step, index, 2, "cpu")
+        (l1, m1), (l2, m2) = live(policy, batch), cached(policy, batch)
+        assert l1.item() != pytest.approx(math.log(2), abs=1e-4)
+        assert l2.item() == pytest.approx(l1.item(), abs=1e-5)
+        assert m2["reward_margin"].item() == pytest.approx(m1["reward_margin"].item(), abs=1e-5)
+    again = DPO(policy, DPOConfig(beta=0.1, length_norm=False))  # the reference is now the moved policy
+    line = again.cache_reference(data, 3, "cpu", torch.float32)
+    assert "computed once" in line if not use_lora else "read from" in line  # LoRA: the base did not move
+    assert "read from" in DPO(policy, DPOConfig(beta=0.1)).cache_reference(data, 3, "cpu", torch.float32)
+
+
 def test_dpo_of_a_moe_policy_adds_the_balance_loss(dpo_dir):
     torch.manual_seed(0)
     vocab = json.loads((dpo_dir / "meta.json").read_text())["vocab_size"]
