@@ -354,23 +354,44 @@ PARSE = [
     ("text <tool_call>\n{\"name\": \"a\"", False, ("", "text <tool_call>\n{\"name\": \"a\"", [])),  # cut off
     ("a reasoning cut off by the token limit", True, ("a reasoning cut off by the token limit", "", [])),
     ("<think>opened by the model\n</think>\nanswer", False, ("opened by the model", "answer", [])),
-    ("no think block, a stray </think> is text", False, ("", "no think block, a stray </think> is text", [])),
     ("<thin", False, ("", "<thin", [])),
     ("", True, ("", "", [])),
 ]
 
 
-@pytest.mark.parametrize("text, thinking, expected", PARSE)
+# template debris a weak model writes after the prompt's empty think block: read as the template reads it
+DEBRIS = [
+    ("no think block, a stray </think> is reasoning", False, ("no think block, a stray", "is reasoning", [])),
+    ("\n</think>\n\n你好！", False, ("", "你好！", [])),
+    ("a <think> b </think> c </think> d", False, ("", "a  b  c  d", [])),  # content first: tags dropped
+    ("  <think>late open\n</think>\nanswer", False, ("late open", "answer", [])),
+    ("好的 <tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call> </think> end", False,
+     ("", "好的   end", calls(("a", "{}")))),
+    ("想</think>答</think>", True, ("想", "答", [])),
+    ("<think>\nthe field wins\n</think>\n\n<think>ignored</think>6", False, ("the field wins", "ignored6", [])),
+]
+
+
+@pytest.mark.parametrize("text, thinking, expected", PARSE + DEBRIS)
 def test_parse_reply(text, thinking, expected):
     assert shape(parse_reply(text, thinking)) == expected
+
+
+@pytest.mark.parametrize("text, thinking, expected", DEBRIS)
+def test_streamed_debris_never_shows_a_think_tag(text, thinking, expected):
+    """Streamed, text already sent as content stays content, but no split shows a think tag."""
+    for cut in range(len(text) + 1):
+        reasoning, content, tool_calls = streamed([text[:cut], text[cut:]], thinking)
+        assert not any(t in reasoning + content for t in ("<think>", "</think>")), (cut, reasoning, content)
+        assert tool_calls == expected[2]
 
 
 def test_parse_reply_undoes_the_template():
     for name in ("tool calls, tool responses, reasoning", "text before a tool call, null content",
                  "reasoning inside the content"):
         messages, kw, _ = CASES[name]
-        for m in messages:
-            if m["role"] != "assistant":
+        for m in messages:  # (think tags in the content beside reasoning_content: DEBRIS, no tag shown)
+            if m["role"] != "assistant" or ("reasoning_content" in m and "<think>" in m["content"]):
                 continue
             written = chat_segments([m])[1][0][:-len("<|im_end|>")]
             reasoning, content, tool_calls = shape(parse_reply(written))
