@@ -78,6 +78,7 @@ DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1
 DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw", "grpo": "adamw", "ppo": "adamw",
                      "distill": "adamw"}
 DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04, "ppo": 0.02}  # DPO's beta; RL's weight of the KL to the reference
+DPO_MICRO_TOKENS = 4096  # a DPO micro-batch: as many rows (each as long as the longest pair) as fit in this
 STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}  # a stage's default start
 DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
 RL_MODES = ("grpo", "ppo")
@@ -515,7 +516,7 @@ def plan_batches(args, model, world: int):
                 fail(f"{args.data}: no DPO data here (make it with `python prepare.py dpo`)")
             seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
     if batch_size is None:
-        batch_size = max(1, 4096 // seq_len) if args.mode == "dpo" else 16
+        batch_size = max(1, DPO_MICRO_TOKENS // seq_len) if args.mode == "dpo" else 16
     tokens_per_micro = batch_size * seq_len
     batch_tokens = args.batch_tokens or tokens_per_micro * world
     if batch_tokens % (tokens_per_micro * world):
