@@ -427,6 +427,7 @@ class PackedData:
         if device.startswith("cuda"):
             out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
         out["n_seqs"], out["split"] = n_seqs, split
+        out["item_host"] = (np.array(item, dtype=np.int64), np.array(part, dtype=np.int64))  # host-side lookups
         return out
 
 

@@ -116,24 +116,36 @@ class DPO(Objective):
     def __init__(self, model, cfg: DPOConfig):
         self.model, self.cfg = model, cfg
         self.reference, self.ref_mode = frozen_reference(model, cfg.reference)
-        self.cached = None  # {split: (items, 2)} the reference's log-probabilities, once cache_reference ran
+        self.cache: Optional[ReferenceCache] = None  # the reference's scores, each document's computed once
 
-    def cache_reference(self, data, batch_size: int, device: str, dtype, rank: int = 0, world: int = 1) -> str:
-        """Score every document of `data` with the reference once (reference_logprobs), so a step runs the
-        policy alone; a copied reference is freed. -> a line saying where the scores came from."""
-        self.cached, how = cached_reference_logprobs(self.reference, self.ref_mode, data, batch_size, device, dtype,
-                                                     rank, world)
-        if self.reference is not self.model:
+    def use_cache(self, data, dtype, device: str, rank: int = 0, world: int = 1) -> str:
+        """Keep the reference's score of every document of `data` once computed (ReferenceCache, read
+        from and saved to the data directory): a batch met again runs the policy alone."""
+        self.cache = ReferenceCache.open(data, weights_hash(self.reference), dtype, device, rank, world)
+        self._free_reference()
+        return self.cache.describe()
+
+    def save_cache(self):
+        """The scores computed so far, merged over the processes and saved (every process calls it)."""
+        if self.cache is not None:
+            self.cache.save()
+
+    def _free_reference(self):
+        if self.cache.complete() and self.reference is not self.model:  # a copy no batch needs any more
             self.reference = None
-        return how
 
-    def __call__(self, policy, batch: dict):
-        if self.cached is not None:
-            ref_logp = torch.as_tensor(self.cached[batch["split"]], device=batch["item"].device)[
-                batch["item"], batch["part"]]  # (S,)
-        else:
+    def reference_logprobs(self, batch: dict):
+        ref_logp = self.cache.lookup(batch) if self.cache is not None else None
+        if ref_logp is None:
             with torch.no_grad(), self.ref_mode():
                 ref_logp, _ = sequence_logprobs(self.reference, batch)
+            if self.cache is not None:
+                self.cache.store(batch, ref_logp)
+                self._free_reference()
+        return ref_logp
+
+    def __call__(self, policy, batch: dict):
+        ref_logp = self.reference_logprobs(batch)
         logp, n = sequence_logprobs(policy, batch)
         if self.cfg.length_norm:
             logp, ref_logp = logp / n.clamp(min=1), ref_logp / n.clamp(min=1)
@@ -179,32 +191,76 @@ def reference_logprobs(reference, ref_mode, data, batch_size: int, device: str, 
 REFERENCE_CACHE = "reference_logprobs.npz"  # in the data directory, beside the token files it scores
 
 
-def cached_reference_logprobs(reference, ref_mode, data, batch_size: int, device: str, dtype, rank: int = 0,
-                              world: int = 1):
-    """reference_logprobs, read from the data directory when its key matches (the reference's weights,
-    the data files, the row length and dtype that decide every score), else computed and written
-    there atomically (by rank 0; a directory that cannot be written keeps it in memory).
-    -> (scores, a line saying which)."""
-    files = sorted(p for p in Path(data.dir).iterdir() if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
-    key = hashlib.sha256(json.dumps({"reference": weights_hash(reference), "seq_len": data.seq_len,
-                                     "dtype": str(dtype), "data": {p.name: file_hash(p) for p in files}},
-                                    sort_keys=True).encode()).hexdigest()
-    path = Path(data.dir) / REFERENCE_CACHE
-    try:
-        with np.load(path) as f:
-            if str(f["key"]) == key:
-                return {s: f[s] for s in data.splits}, f"reference log-probabilities read from {path}"
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        pass  # none yet, another reference's, or torn: computed again
-    scores = reference_logprobs(reference, ref_mode, data, batch_size, device, dtype, rank, world)
-    if rank == 0:
-        buf = io.BytesIO()
-        np.savez(buf, key=np.array(key), **scores)
+class ReferenceCache:
+    """DPO's reference log-probability of every document of a packed data set (DPOData), {split: (items,
+    2)} ([i, j]: document j of item i; NaN: not scored yet), filled as batches first meet them. Kept in
+    the data directory (REFERENCE_CACHE, written atomically) under a key of the reference's weights,
+    the data files, the row length and the dtype: a run whose key differs starts empty and replaces it.
+    Under DDP each process fills the documents it meets; save() merges them."""
+
+    def __init__(self, scores: dict, path: Optional[Path] = None, key: str = "", device: str = "cpu",
+                 rank: int = 0, world: int = 1):
+        self.scores, self.path, self.key = scores, path, key
+        self.device, self.rank, self.world, self.dirty = device, rank, world, False
+
+    @classmethod
+    def open(cls, data, reference_hash: str, dtype, device: str, rank: int = 0, world: int = 1):
+        files = sorted(p for p in Path(data.dir).iterdir() if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
+        key = hashlib.sha256(json.dumps({"reference": reference_hash, "seq_len": data.seq_len, "dtype": str(dtype),
+                                         "data": {p.name: file_hash(p) for p in files}}, sort_keys=True).encode()).hexdigest()
+        scores = {s: np.full((len(items), 2), np.nan, dtype=np.float32) for s, (_, _, items, _) in data.splits.items()}
+        path = Path(data.dir) / REFERENCE_CACHE
         try:
-            atomic_write_bytes(path, buf.getvalue())
-        except (OSError, CheckpointError) as e:
-            return scores, f"reference log-probabilities computed (not cached: {e})"
-    return scores, f"reference log-probabilities computed once, cached in {path}"
+            with np.load(path) as f:
+                if str(f["key"]) == key and all(f[s].shape == a.shape for s, a in scores.items()):
+                    scores = {s: f[s].copy() for s in scores}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # none yet, another reference's, or torn: scored again
+        return cls(scores, path, key, device, rank, world)
+
+    def describe(self) -> str:
+        done = sum(int((~np.isnan(a)).all(1).sum()) for a in self.scores.values())
+        return (f"DPO reference: {done:,} of {sum(len(a) for a in self.scores.values()):,} pairs' scores cached in "
+                f"{self.path} (the rest scored the first time a batch meets them)")
+
+    def complete(self) -> bool:
+        return not any(np.isnan(a).any() for a in self.scores.values())
+
+    def lookup(self, batch: dict) -> Optional[torch.Tensor]:
+        """The batch's documents' scores (S,) on its device; None unless every one is cached."""
+        item, part = batch["item_host"]
+        got = self.scores[batch["split"]][item, part]
+        return None if np.isnan(got).any() else torch.from_numpy(got).to(batch["item"].device)
+
+    def store(self, batch: dict, ref_logp: torch.Tensor):
+        item, part = batch["item_host"]
+        self.scores[batch["split"]][item, part] = ref_logp.detach().float().cpu().numpy()
+        self.dirty = True
+
+    def save(self):
+        """Merge the processes' scores (the mean where several scored a document) and write them (rank 0),
+        when anything new was scored; a directory that cannot be written keeps them in memory."""
+        if self.world > 1:
+            dirty = torch.tensor([float(self.dirty)], device=self.device)
+            dist.all_reduce(dirty)
+            if not dirty.item():
+                return
+            for s, a in self.scores.items():
+                known = torch.from_numpy(~np.isnan(a)).to(self.device, torch.float64)
+                total = torch.from_numpy(np.nan_to_num(a)).to(self.device, torch.float64)
+                dist.all_reduce(known)
+                dist.all_reduce(total)
+                self.scores[s] = torch.where(known > 0, total / known.clamp(min=1), torch.nan).float().cpu().numpy()
+        elif not self.dirty:
+            return
+        self.dirty = False
+        if self.rank == 0 and self.path is not None:
+            buf = io.BytesIO()
+            np.savez(buf, key=np.array(self.key), **self.scores)
+            try:
+                atomic_write_bytes(self.path, buf.getvalue())
+            except (OSError, CheckpointError) as e:
+                print(f"[DPO reference scores not cached: {e}]")
 
 
 # -----------------------------------------------------------------------------

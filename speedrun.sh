@@ -37,7 +37,7 @@ python prepare.py sft --embedded --input data/grpo/sft.jsonl
 python prepare.py dpo
 # 2. training: each stage starts from the one before (out/pretrain -> out/sft -> out/dpo -> out/grpo)
 stage "pretrain ($T_PRETRAIN min)"
-python train.py --mode=pretrain --model="$MODEL" --max-time="$T_PRETRAIN" $FORCE
+python train.py --mode=pretrain --model="$MODEL" --max-time="$T_PRETRAIN" --eval-iters=8 $FORCE
 stage "sft ($T_SFT min)"
 python train.py --mode=sft --max-time="$T_SFT" $FORCE
 stage "dpo ($T_DPO min)"

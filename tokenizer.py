@@ -279,11 +279,11 @@ class ReplyParser:
     out (held back until more text follows), so the events of any split of a reply add up to
     `parse_reply` of the whole.
 
-    Think tags the content should not hold (a weak model writes them after the template's empty think
-    block) are read as MiniMind-3's template reads a message: the text before a lone </think> is
-    reasoning (after a <think> in it, if any), a <think> before any content opens the reasoning. Once
-    content has been released (streamed), a think block has ended or a tool call was read, such a
-    tag is dropped, never shown: what has gone out stays as it went."""
+    Think tags the content should not hold (a weak model writes them after the prompt's empty think
+    block) are never shown: a <think> before any content opens the reasoning, as one at the very
+    beginning does; any other <think>, and a lone </think>, is dropped. (MiniMind-3's template, reading
+    a message back, would make the text before a lone </think> reasoning; a stream cannot, that text
+    has gone out as content by then, and a reply must read the same streamed or not.)"""
 
     def __init__(self, thinking: bool = False):
         self.mode = "reasoning" if thinking else "content"  # or "tool": inside a <tool_call> block
@@ -365,19 +365,12 @@ class ReplyParser:
                 self.mode, i, self.settled = "tool", at, True
         self.buf = buf[i:]
 
-    def _stray_think(self, before: str, tag: str) -> int:
-        """A <think> or lone </think> in the content, `before` it the content not yet released: read as
-        the template does while no content has gone out, else the tag dropped."""
-        if self.spoke or self.settled:
-            self._say(before)
-        elif tag == THINK:  # nothing said yet: the reasoning opens here
-            self._say(before)
-            if not self.spoke:
-                self.mode = "reasoning"
-        else:  # the text before a lone </think> is reasoning
+    def _stray_think(self, before: str, tag: str):
+        """A <think> or a lone </think> in the content, `before` it the content not yet released: a <think>
+        before any content opens the reasoning; otherwise the tag is dropped."""
+        self._say(before)
+        if tag == THINK and not (self.spoke or self.settled):
             self.mode = "reasoning"
-            self._say(before.split(THINK)[-1])
-            self.mode, self.held, self.spoke, self.settled = "content", [], False, True
 
 
 def parse_reply(text: str, thinking: bool = False):

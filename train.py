@@ -192,8 +192,8 @@ def add_objective_flags(p):
                    help="strength of the KL tie to the frozen reference: DPO's beta; grpo/ppo: weight of the k3 KL "
                         "penalty, 0 = no reference (default: " + ", ".join(f"{m} {b:g}" for m, b in DEFAULT_BETA.items()) + ")")
     g.add_argument("--dpo-live-reference", action="store_true",
-                   help="run the frozen reference on every batch (default: score the data with it once, cached "
-                        "in the data directory as reference_logprobs.npz, so a step runs the policy alone)")
+                   help="run the frozen reference on every batch (default: each document scored by it once, "
+                        "cached in the data directory as reference_logprobs.npz; a batch met again runs the policy alone)")
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
     g = p.add_argument_group("rl (grpo, ppo)")
@@ -647,7 +647,7 @@ def setup(argv) -> Run:
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
     if isinstance(objective, DPO) and not args.dpo_live_reference:
-        line = objective.cache_reference(data, args.batch_size, device, dtype, procs.rank, procs.world)
+        line = objective.use_cache(data, dtype, device, procs.rank, procs.world)
         if procs.master:
             print(line)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
@@ -823,6 +823,8 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
 def save(run: Run, step: int):
     """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0."""
     a = run.args
+    if isinstance(run.objective, DPO):
+        run.objective.save_cache()  # the reference's scores so far, every process's
     if run.procs.master:
         state = {"kind": a.mode, "args": vars(a), "data": {"dir": str(run.data.dir), "meta": run.data.meta},
                  "train_seconds": round(run.clock.spent(), 3)}
@@ -845,7 +847,9 @@ def main(argv=None):
     run.t_start = run.t_last = time.time()
     run.model.train()
     if a.mode in RL_MODES and not a.resume:  # RL curves start from the held-out reward of the start point
-        log_eval(run, 0, evaluate(run))
+        with run.clock.measure("eval"):  # --max-time: the final evaluation is set aside, as long as this one
+            rec = evaluate(run)
+        log_eval(run, 0, rec)
     step = run.start_step
     while True:
         step += 1
@@ -856,6 +860,10 @@ def main(argv=None):
         # forward, backward, update (RL: the rollout first, then its updates)
         metrics = train_step(run, step)
         run.tokens_since += run.batch_tokens
+        if step == run.start_step + 1 and a.max_time and not run.clock.last["eval"]:
+            # the final evaluation is set aside from the budget before any has run: eval_batches forward
+            # passes, each about a third of a micro-step (forward + backward)
+            run.clock.last["eval"] = run.eval_batches * (time.time() - run.t_start) / (3 * run.accum)
         last = run.clock.fraction() >= 1 if a.max_time else step >= a.max_iters
         # log: the step's metrics, speed, ETA
         if step % a.log_interval == 0 or last or step == run.start_step + 1:
