@@ -91,7 +91,7 @@ def stage_summary(run: Path) -> dict:
             "val_loss": last("val_loss"), "val_bpb": last("val_bpb"), "model": args.get("model")}
 
 
-def held_out_texts(out_dir: Path, limit: int = 200) -> dict:
+def held_out_texts(out_dir: Path, limit: int = 100) -> dict:
     """The embedded corpora's held-out documents, as prepare.py splits them (every 100th text document:
     pretrain's val; every 100th dialog: SFT's val), by language -> {name: jsonl path} written in out_dir."""
     docs = {"zh-text": [t for i, (_, _, t) in enumerate(corpus.text_documents()) if i % 100 == 99],
@@ -137,7 +137,7 @@ def rl_before_after(run: Path) -> dict:
         return {}
     first, last = evals[0], evals[-1]
     return {k[4:]: (first.get(k), last[k], first["step"], last["step"]) for k in sorted(last)
-            if k.startswith("val_") and isinstance(last[k], (int, float))}
+            if k.startswith("val_") and k != "val_loss" and isinstance(last[k], (int, float))}  # loss: -reward
 
 
 def plot_curves(runs: list, path: Path) -> Optional[Path]:
@@ -181,7 +181,7 @@ def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], r
              (f"; GPU {m['gpu']}" if m["gpu"] else "; no GPU"),
              f"- versions: torch {m['torch']}, python {m['python']}, commit {m['commit'] or '-'}"]
     if wall is not None:
-        lines.append(f"- whole run: {wall / 60:.1f} min wall-clock (tokenizer and data included)")
+        lines.append(f"- the run up to this report: {wall / 60:.1f} min wall-clock (tokenizer and data included)")
     lines += ["", "## Training", "", "| stage | run | steps | wall (s) | tokens | tokens/s | train loss | val loss |",
               "|---|---|---|---|---|---|---|---|"]
     for s in stages:

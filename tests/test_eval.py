@@ -407,7 +407,7 @@ def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
              "--max-new-tokens", "8", "--quiet", "--wall-seconds", "90"], env=ONE_THREAD)
     text = card.read_text()
     assert "report card" in r.stdout and (tmp_path / "report.png").stat().st_size > 1000
-    assert "| dpo | `" + str(dpo) + "` | 3 |" in text and "whole run: 1.5 min" in text
+    assert "| dpo | `" + str(dpo) + "` | 3 |" in text and "the run up to this report: 1.5 min" in text
     assert "held-out reply loss" in text and "model name" not in text
     acc = re.search(r"DPO held-out reward accuracy: ([\d.]+) ± ([\d.]+) \((\d+) pairs", text)
     assert acc and 0 <= float(acc[1]) <= 1 and float(acc[2]) > 0 and int(acc[3]) == len(
