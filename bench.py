@@ -19,6 +19,7 @@ Sections:
           decoding at batch 1 and 8; the load average before and after (a shared machine)
   server  requests/s and tokens/s of serve.py (a subprocess) under 8 concurrent streaming clients
   kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
+  dpo     DPO step / SFT step on the same tokens (first model): reference cached (the default) and live
   moe     MoE/dense training-step time (fp32, AdamW) of tiny-moe/tiny and minimind-3-moe/minimind-3,
           with our MoE layer and with MiniMind-3's (its loop over experts), at 1 and 2 threads
 """
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +52,7 @@ from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from mmkernels import moe_experts, moe_route, rms_norm, rope
 from mmkernels.rms_norm import rms_norm_torch
 from mmkernels.rope import rope_torch
+from losses import DPO, DPOConfig, ReferenceCache, lm_loss
 from optim import make_optimizer
 from runtime import autocast, keep_freed_memory, measure_matmul_flops, pick_device, pick_dtype
 from tokenizer import SPECIAL_TOKENS
@@ -133,6 +136,43 @@ def bench_train(device, out, models, seq_len, compile_too, steps):
                       f"B={B:<2d} {tps:10,.0f} tok/s  MFU {100 * mfu:5.1f}%", flush=True)
                 del model, opt, run_model
                 torch._dynamo.reset()
+
+
+def bench_dpo(device, out, name, seq_len, steps):
+    """A DPO step against an SFT step on the same rows (two documents a row, chosen and rejected)."""
+    sync, dtype = sync_fn(device), pick_dtype("auto", device, training=True)
+    torch.manual_seed(0)
+    model = MiniMind(PRESETS[name]).to(device).train()
+    opt = make_optimizer(model, "adamw", 1e-4, 0.1, device)
+    B, half = bench_batch(device, name), seq_len // 2
+    idx = torch.randint(0, 6400, (B, seq_len), device=device)
+    half_ids = torch.arange(seq_len, device=device) // half  # 0 = chosen, 1 = rejected, in every row
+    targets = torch.where(torch.arange(seq_len, device=device) % half == half - 1, -1, idx.roll(-1, 1))
+    batch = {"idx": idx, "targets": targets, "pos": (torch.arange(seq_len, device=device) % half).expand(B, -1),
+             "doc": half_ids.expand(B, -1), "seq": (2 * torch.arange(B, device=device)[:, None] + half_ids),
+             "n_seqs": 2 * B, "item": torch.arange(B, device=device).repeat_interleave(2),
+             "part": torch.arange(2, device=device).repeat(B), "split": "train"}
+    batch["item_host"] = (batch["item"].cpu().numpy(), batch["part"].cpu().numpy())
+    live, cached = DPO(model, DPOConfig(beta=0.1)), DPO(model, DPOConfig(beta=0.1))
+    cached.cache = ReferenceCache({"train": np.zeros((B, 2), dtype=np.float32)})  # every pair scored already
+
+    def stepper(loss_fn):
+        def step():
+            with autocast(device, dtype):
+                loss = loss_fn(model, batch)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return B * seq_len
+        return step
+
+    variants = {"sft": stepper(lm_loss), "dpo_cached": stepper(cached), "dpo_live": stepper(live)}
+    rates = timed_rates(variants, steps + 1, sync)  # interleaved: a busy machine slows all three alike
+    t = {k: B * seq_len / v[0 if device == "cuda" else 1] for k, v in rates.items()}  # CPU: per CPU-second
+    out["dpo"] = {"model": name, "batch": B, "seq_len": seq_len, **{f"{k}_s": round(v, 4) for k, v in t.items()},
+                  "cached_over_sft": round(t["dpo_cached"] / t["sft"], 3), "live_over_sft": round(t["dpo_live"] / t["sft"], 3)}
+    print(f"dpo {name}: step / SFT step on the same {B}x{seq_len} tokens: reference cached "
+          f"{out['dpo']['cached_over_sft']:.2f}x, live {out['dpo']['live_over_sft']:.2f}x")
 
 
 def bench_optim(device, out, models, seq_len, steps):
@@ -777,7 +817,7 @@ def _bench_tokenizer() -> str:
     return d
 
 
-SECTIONS = ("peak", "train", "optim", "decode", "server", "kernels", "moe")
+SECTIONS = ("peak", "train", "optim", "dpo", "decode", "server", "kernels", "moe")
 
 
 def main(argv=None):
@@ -823,6 +863,8 @@ def main(argv=None):
         bench_train(device, out, models, args.seq_len, not args.no_compile, args.steps)
     if "optim" in sections:
         bench_optim(device, out, models, args.seq_len, args.steps)
+    if "dpo" in sections:
+        bench_dpo(device, out, models[0], args.seq_len, args.steps)
     if "decode" in sections:
         out["decode_load"] = [os.getloadavg()[0]]
         bench_decode_limit(device, out, models, compile_too=not args.no_compile)

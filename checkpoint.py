@@ -82,11 +82,15 @@ def _disk_full_is_one_line(where: Path):
 
 
 def atomic_write_text(path, text: str):
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path, data: bytes):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with _disk_full_is_one_line(path):
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -388,7 +388,7 @@ class PackedData:
     def row_ids(self, split: str, step: int, index: int, batch_size: int) -> list:
         n_rows = len(self.splits[split][3])
         if split != "train":  # one pass: the last batch's spare rows stay padding, so no row counts twice
-            return [r for r in range(index * batch_size, (index + 1) * batch_size) if r < n_rows]
+            return [r if r < n_rows else -1 for r in range(index * batch_size, (index + 1) * batch_size)]
         first = ((step - 1) * self.micro_batches + index) * batch_size  # position in the stream of rows
         out = []
         for g in range(first, first + batch_size):
@@ -400,19 +400,28 @@ class PackedData:
         return out
 
     def batch(self, split: str, step: int, index: int, batch_size: int, device: str) -> dict:
+        return self.rows_batch(split, self.row_ids(split, step, index, batch_size), device)
+
+    def rows_batch(self, split: str, row_ids: list, device: str) -> dict:
+        """The rows `row_ids` of `split` as a batch; "item" and "part" name each document (S,): the item
+        it comes from and which of the item's documents it is (DPO: 0 chosen, 1 rejected)."""
         tokens, mask, items, rows = self.splits[split]
-        B, T = batch_size, self.seq_len
+        B, T = len(row_ids), self.seq_len
         idx = np.full((B, T), self.meta["pad_id"], dtype=np.int64)
         targets = np.full((B, T), -1, dtype=np.int64)
         pos = np.zeros((B, T), dtype=np.int64)
         doc = np.zeros((B, T), dtype=np.int64)
         seq = np.full((B, T), -1, dtype=np.int64)  # which document of the micro-batch a target belongs to
         pos[:] = np.arange(T)  # a row left empty (the end of the validation pass) is padding
-        n_seqs = 0
-        for b, row in enumerate(self.row_ids(split, step, index, batch_size)):
+        n_seqs, item, part = 0, [], []
+        for b, row in enumerate(row_ids):
+            if row < 0:  # -1: no row left in this pass
+                continue
             t, d = 0, 0
             for i in rows[row]:
-                for ids, m in self.documents(tokens, mask, items[i]):
+                for j, (ids, m) in enumerate(self.documents(tokens, mask, items[i])):
+                    item.append(i)
+                    part.append(j)
                     n = len(ids)
                     idx[b, t:t + n] = ids
                     targets[b, t:t + n - 1] = np.where(m[1:] == 1, ids[1:], -1)  # last token: nothing to predict
@@ -422,11 +431,13 @@ class PackedData:
                     t, d, n_seqs = t + n, d + 1, n_seqs + 1
             pos[b, t:] = np.arange(T - t)  # padding tail: a document of its own, no targets
             doc[b, t:] = d
-        out = {"idx": idx, "targets": targets, "pos": pos, "doc": doc, "seq": seq}
+        out = {"idx": idx, "targets": targets, "pos": pos, "doc": doc, "seq": seq,
+               "item": np.array(item, dtype=np.int64), "part": np.array(part, dtype=np.int64)}
         out = {k: torch.from_numpy(v) for k, v in out.items()}
         if device.startswith("cuda"):
             out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
-        out["n_seqs"] = n_seqs
+        out["n_seqs"], out["split"] = n_seqs, split
+        out["item_host"] = (np.array(item, dtype=np.int64), np.array(part, dtype=np.int64))  # host-side lookups
         return out
 
 

@@ -5,6 +5,7 @@
     python eval.py --ckpt out/sft --mc ceval/val/*.csv --mc-dev ceval/dev/*.csv --shots 5 --json ceval.json
     python eval.py --ckpt out/sft --prompts --report report.md        # built-in prompts -> markdown
     python eval.py --runs out/pretrain --text val.jsonl --plot curve.png   # every checkpoint of a run
+    python eval.py --card out/report.md --ckpt out/pretrain --ckpt out/sft --ckpt out/dpo   # report card
 
 Models: --ckpt (a run directory follows `latest`, or a checkpoint directory) and --hf (a transformers
 directory: an export, MiniMind's released model), each repeatable: every model answers the same
@@ -21,6 +22,8 @@ items and the summary puts them side by side. Without either, the newest run und
                  with the chat template (raw continuation for pretrain checkpoints) -> --report
 --runs PATH...   every checkpoint of each run (checkpoint directories too), metrics plotted
                  against steps (--plot)
+--card FILE      the report card of the runs given with --ckpt (report.py): machine, each stage's
+                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies
 
 Multiple choice is scored as lm-evaluation-harness scores it (docs/eval.md): `letter` ranks the log-
 likelihood of " A", " B", ... after the question with its options and "答案：" (lm-eval's ceval-valid
@@ -41,9 +44,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+import report
 import scoring
-from checkpoint import (CheckpointError, DEFAULT_CONTEXT, add_device_args, checkpoint_dirs, load_for_inference,
-                        resolve_checkpoint)
+from checkpoint import (CheckpointError, DEFAULT_CONTEXT, add_device_args, atomic_write_text, checkpoint_dirs,
+                        load_for_inference, resolve_checkpoint)
 from data import DataError, iter_jsonl
 from minimind import MiniMind
 from runtime import pick_device, pick_dtype
@@ -603,6 +607,11 @@ def build_parser():
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold")
     g.add_argument("--seed", type=int, default=0,
                    help="sampling seed (prompt k uses seed + k, the same for every model)")
+    g = p.add_argument_group("report card (report.py)")
+    g.add_argument("--card", default=None, metavar="FILE",
+                   help="markdown report card of the --ckpt runs (held-out text of the embedded corpora unless "
+                        "--text, the built-in prompts unless --prompts FILE); loss curves in FILE's .png")
+    g.add_argument("--wall-seconds", type=float, default=None, help="--card: the whole run's wall time, to show")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="FILE", help="every result, per-item log-likelihoods included")
     g.add_argument("--plot", default=None, metavar="FILE",
@@ -661,10 +670,36 @@ def run(args, texts: dict, mc: Optional[tuple], prompts: Optional[list]) -> list
     return results
 
 
+def write_card(args) -> list:
+    """--card: evaluate the --ckpt runs on held-out text and the prompts, then the report card."""
+    card = Path(args.card)
+    if not card.resolve().parent.is_dir():
+        raise EvalError(f"{card}: its directory does not exist")
+    if args.runs or any(kind == "hf" for kind, _ in args.models):
+        raise EvalError("--card reports on training runs: give them with --ckpt")
+    if not args.text:
+        args.text = [str(p) for p in report.held_out_texts(card.parent / f"{card.stem}_text").values()]
+    args.prompts = args.prompts or "builtin"
+    texts, mc, prompts = read_inputs(args)
+    results = run(args, texts, mc, prompts)
+    stages = [report.stage_summary(report.run_dir(path)) for _, path in model_specs(args)]
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    dpo = next((report.dpo_reward_accuracy(Path(s["run"]), device, dtype) for s in stages if s["stage"] == "dpo"), None)
+    rl = next((report.rl_before_after(Path(s["run"])) for s in stages if s["stage"] in ("grpo", "ppo")), {})
+    png = report.plot_curves(stages, card.with_suffix(".png"))
+    atomic_write_text(card, report.card(report.machine(), stages, results, dpo, rl, png.name if png else None,
+                                        args.wall_seconds))
+    print(f"report card: {card}" + (f" (curves: {png})" if png else ""))
+    return results
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_optional_dependencies(args)
+        if args.card:
+            return write_card(args)
         texts, mc, prompts = read_inputs(args)
         results = run(args, texts, mc, prompts)
     except (EvalError, DataError, FileNotFoundError, CheckpointError) as e:

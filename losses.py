@@ -18,16 +18,25 @@ The contract the training loop relies on (Objective, with its defaults):
 import contextlib
 import copy
 import math
+import hashlib
+import io
+import json
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import lora
 import rl
-from checkpoint import load_checkpoint
+from checkpoint import CheckpointError, atomic_write_bytes, file_hash, load_checkpoint
+from runtime import autocast
 from tokenizer import Tokenizer
 
 
@@ -116,10 +125,36 @@ class DPO(Objective):
     def __init__(self, model, cfg: DPOConfig):
         self.model, self.cfg = model, cfg
         self.reference, self.ref_mode = frozen_reference(model, cfg.reference)
+        self.cache: Optional[ReferenceCache] = None  # the reference's scores, each document's computed once
+
+    def use_cache(self, data, dtype, device: str, rank: int = 0, world: int = 1) -> str:
+        """Keep the reference's score of every document of `data` once computed (ReferenceCache, read
+        from and saved to the data directory): a batch met again runs the policy alone."""
+        self.cache = ReferenceCache.open(data, weights_hash(self.reference), dtype, device, rank, world)
+        self._free_reference()
+        return self.cache.describe()
+
+    def save_cache(self):
+        """The scores computed so far, merged over the processes and saved (every process calls it)."""
+        if self.cache is not None:
+            self.cache.save()
+
+    def _free_reference(self):
+        if self.cache.complete() and self.reference is not self.model:  # a copy no batch needs any more
+            self.reference = None
+
+    def reference_logprobs(self, batch: dict):
+        ref_logp = self.cache.lookup(batch) if self.cache is not None else None
+        if ref_logp is None:
+            with torch.no_grad(), self.ref_mode():
+                ref_logp, _ = sequence_logprobs(self.reference, batch)
+            if self.cache is not None:
+                self.cache.store(batch, ref_logp)
+                self._free_reference()
+        return ref_logp
 
     def __call__(self, policy, batch: dict):
-        with torch.no_grad(), self.ref_mode():
-            ref_logp, _ = sequence_logprobs(self.reference, batch)
+        ref_logp = self.reference_logprobs(batch)
         logp, n = sequence_logprobs(policy, batch)
         if self.cfg.length_norm:
             logp, ref_logp = logp / n.clamp(min=1), ref_logp / n.clamp(min=1)
@@ -143,6 +178,114 @@ class DPO(Objective):
         p = correct / max(n, 1)
         rec.update(val_reward_acc=p, val_reward_acc_se=math.sqrt(p * (1 - p) / max(n, 1)), val_pairs=round(n))
         return rec
+
+
+def weights_hash(model) -> str:
+    """SHA-256 of a model's weights, LoRA adapters left out (with them off, the model is its base)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            h.update(name.encode())
+            h.update(t.detach().reshape(-1).cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def reference_logprobs(reference, ref_mode, data, batch_size: int, device: str, dtype, rank: int = 0,
+                       world: int = 1) -> dict:
+    """The reference's summed log-probability of every document of a packed data set (DPOData): {split:
+    (items, 2) float32}, [i, j] = document j of item i (DPO: 0 chosen, 1 rejected). Each process scores
+    every world-th batch of rows, the sums all-reduced: every process holds the whole."""
+    was_training = reference.training
+    reference.eval()
+    out = {}
+    for split, (_, _, items, rows) in data.splits.items():
+        sums = torch.zeros(len(items), 2, dtype=torch.float64, device=device)
+        for first in range(rank * batch_size, len(rows), world * batch_size):
+            batch = data.rows_batch(split, list(range(first, min(first + batch_size, len(rows)))), device)
+            with ref_mode(), autocast(device, dtype):
+                logp, _ = sequence_logprobs(reference, batch)
+            sums[batch["item"], batch["part"]] = logp.double()
+        if world > 1:
+            dist.all_reduce(sums)
+        out[split] = sums.float().cpu().numpy()
+    reference.train(was_training)
+    return out
+
+
+REFERENCE_CACHE = "reference_logprobs.npz"  # in the data directory, beside the token files it scores
+
+
+class ReferenceCache:
+    """DPO's reference log-probability of every document of a packed data set (DPOData), {split: (items,
+    2)} ([i, j]: document j of item i; NaN: not scored yet), filled as batches first meet them. Kept in
+    the data directory (REFERENCE_CACHE, written atomically) under a key of the reference's weights,
+    the data files, the row length and the dtype: a run whose key differs starts empty and replaces it.
+    Under DDP each process fills the documents it meets; save() merges them."""
+
+    def __init__(self, scores: dict, path: Optional[Path] = None, key: str = "", device: str = "cpu",
+                 rank: int = 0, world: int = 1):
+        self.scores, self.path, self.key = scores, path, key
+        self.device, self.rank, self.world, self.dirty = device, rank, world, False
+
+    @classmethod
+    def open(cls, data, reference_hash: str, dtype, device: str, rank: int = 0, world: int = 1):
+        files = sorted(p for p in Path(data.dir).iterdir() if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
+        key = hashlib.sha256(json.dumps({"reference": reference_hash, "seq_len": data.seq_len, "dtype": str(dtype),
+                                         "data": {p.name: file_hash(p) for p in files}}, sort_keys=True).encode()).hexdigest()
+        scores = {s: np.full((len(items), 2), np.nan, dtype=np.float32) for s, (_, _, items, _) in data.splits.items()}
+        path = Path(data.dir) / REFERENCE_CACHE
+        try:
+            with np.load(path) as f:
+                if str(f["key"]) == key and all(f[s].shape == a.shape for s, a in scores.items()):
+                    scores = {s: f[s].copy() for s in scores}
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+            pass  # none yet, another reference's, or torn: scored again
+        return cls(scores, path, key, device, rank, world)
+
+    def describe(self) -> str:
+        done = sum(int((~np.isnan(a)).all(1).sum()) for a in self.scores.values())
+        return (f"DPO reference: {done:,} of {sum(len(a) for a in self.scores.values()):,} pairs' scores cached in "
+                f"{self.path} (the rest scored the first time a batch meets them)")
+
+    def complete(self) -> bool:
+        return not any(np.isnan(a).any() for a in self.scores.values())
+
+    def lookup(self, batch: dict) -> Optional[torch.Tensor]:
+        """The batch's documents' scores (S,) on its device; None unless every one is cached."""
+        item, part = batch["item_host"]
+        got = self.scores[batch["split"]][item, part]
+        return None if np.isnan(got).any() else torch.from_numpy(got).to(batch["item"].device)
+
+    def store(self, batch: dict, ref_logp: torch.Tensor):
+        item, part = batch["item_host"]
+        self.scores[batch["split"]][item, part] = ref_logp.detach().float().cpu().numpy()
+        self.dirty = True
+
+    def save(self):
+        """Merge the processes' scores (the mean where several scored a document) and write them (rank 0),
+        when anything new was scored; a directory that cannot be written keeps them in memory."""
+        if self.world > 1:
+            dirty = torch.tensor([float(self.dirty)], device=self.device)
+            dist.all_reduce(dirty)
+            if not dirty.item():
+                return
+            for s, a in self.scores.items():
+                known = torch.from_numpy(~np.isnan(a)).to(self.device, torch.float64)
+                total = torch.from_numpy(np.nan_to_num(a)).to(self.device, torch.float64)
+                dist.all_reduce(known)
+                dist.all_reduce(total)
+                self.scores[s] = torch.where(known > 0, total / known.clamp(min=1), torch.nan).float().cpu().numpy()
+        elif not self.dirty:
+            return
+        self.dirty = False
+        if self.rank == 0 and self.path is not None:
+            buf = io.BytesIO()
+            np.savez(buf, key=np.array(self.key), **self.scores)
+            try:
+                atomic_write_bytes(self.path, buf.getvalue())
+            except (OSError, CheckpointError) as e:
+                print(f"[DPO reference scores not cached: {e}]")
 
 
 # -----------------------------------------------------------------------------

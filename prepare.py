@@ -543,9 +543,10 @@ def cmd_chat(args):
     read_error = []  # a line that is not JSON stops reading; it is raised after the lines before it are checked
 
     def records():
-        if not args.input:  # the embedded dialogs (corpus.py), all well-formed
+        if not args.input or args.embedded:  # the embedded dialogs (corpus.py), all well-formed
             yield from corpus.sft_records() if kind == "sft" else corpus.dpo_records(args.seed)
-            return
+            if not args.input:
+                return
         try:
             for rec in iter_jsonl(args.input, args.skip_bad, bad, args.max_record_bytes):
                 # progress in input bytes, estimated from the contents (the raw line is not kept)
@@ -592,7 +593,8 @@ def cmd_chat(args):
             "vocab_size": tok.vocab_size, "tokenizer_hash": tok.hash(), "bos_id": tok.bos_id, "eos_id": tok.eos_id,
             "pad_id": tok.pad_id, "max_len": args.max_len, "overlong": args.overlong, "truncated": truncated,
             "dropped_overlong": dropped["overlong"], "dropped_empty": dropped["empty"], "skipped_bad": bad.get("bad", 0),
-            "inputs": [str(p) for p in args.input] or ["<default chat corpus: chatterbot-corpus>"],
+            "inputs": ["<default chat corpus: chatterbot-corpus>"] * (args.embedded or not args.input) +
+                      [str(p) for p in args.input],
             **({"dropped_identical": dropped["identical"]} if kind == "dpo" else
                {k: vars(args)[k] for k in ("system_prompt_fraction", "drop_empty_think_fraction", "seed")}),
         })
@@ -667,6 +669,9 @@ def build_parser():
                             ("dpo", '{"chosen": [messages], "rejected": [messages]}', 0.05)):
         p = sub.add_parser(kind, help=f"chat data for --mode={kind}: {what} -> tokens + loss masks")
         add_input_flags(p, chat=True)
+        p.add_argument("--embedded", action="store_true",
+                       help="the embedded dialogs too, before --input's records (e.g. mixed with an RL task's "
+                            "sft.jsonl, so RL finds its answer format)")
         add_encode_flags(p, val, "records held out for val")
         add_output_flags(p, kind)
         p.add_argument("--max-len", type=int, default=1024 if kind == "sft" else 2048,

@@ -182,3 +182,38 @@ def datasheet_flops(device: str, dtype: torch.dtype) -> Optional[float]:
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # tf32 on fp32
     return None
+
+
+class Clock:
+    """Training time against a --max-time budget. fraction() is the share of the budget used once
+    the final evaluation and save (timed as the last ones took) are set aside; under DDP rank 0's
+    value is broadcast, so every rank follows the same schedule and stops at the same step."""
+
+    def __init__(self, minutes, start: float, spent_before: float, ddp: bool):
+        self.budget = minutes * 60 if minutes else None
+        self.start, self.before, self.ddp = start, spent_before, ddp
+        self.last = {"eval": 0.0, "save": 0.0}
+
+    def spent(self) -> float:
+        return self.before + time.time() - self.start
+
+    def left(self) -> float:
+        return max(0.0, self.budget - self.spent()) if self.budget else 0.0
+
+    def fraction(self) -> float:
+        f = torch.tensor([self.spent() / max(1e-9, self.budget - sum(self.last.values()))], dtype=torch.float64)
+        if self.ddp:
+            dist.broadcast(f, 0)
+        return f.item()
+
+    def guess_eval(self, batches: int, micro_step_seconds: float):
+        """Before any evaluation has run, set aside the final one's time: `batches` forward passes, each
+        about a third of a training micro-step (forward + backward)."""
+        if not self.last["eval"]:
+            self.last["eval"] = batches * micro_step_seconds / 3
+
+    @contextlib.contextmanager
+    def measure(self, what: str):
+        t0 = time.time()
+        yield
+        self.last[what] = time.time() - t0

@@ -120,25 +120,37 @@ def run_prompts(model, tok, args, context: int):
     if max_new < args.max_new_tokens:
         print(f"[--max-new-tokens {args.max_new_tokens} capped to {max_new} by the context window of {context}]",
               file=sys.stderr)
+    chat = args.chat_model and not args.raw  # a reply: its reasoning, answer and tool calls apart (ReplyParser)
     if len(prompts) > 1:  # a batch: results printed when all are done
         t0 = time.time()
         outs = generate_batch(model, prompts, max_new, eos_id=tok.eos_id, pad_id=tok.pad_id, params=params,
                               compiled=args.compile)
         dt = time.time() - t0
         for i, (p, o) in enumerate(zip(args.prompt, outs)):
-            shown = p + " -> " if args.chat_model and not args.raw else p
-            print(f"--- [{i}] " + shown + tok.decode(o, skip_special_tokens=True))
+            text = tok.decode(o, skip_special_tokens=True)
+            print(f"--- [{i}] " + (p + " -> " if chat else p), end="" if chat else text + "\n")
+            if chat:
+                parser, show = ReplyParser(args.think == "on"), ReplyDisplay()
+                show(parser.feed(text) + parser.finish())
+                print(show.reset if show.end else "")
         n = sum(len(o) for o in outs)
         print(f"[{len(outs)} prompts, {n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
         return
-    dec = TokenDecoder(tok)
-    if not args.chat_model or args.raw:
+    dec, parser, show = TokenDecoder(tok), ReplyParser(args.think == "on"), ReplyDisplay()
+    if not chat:
         print(args.prompt[0], end="", flush=True)
     n, t0 = 0, time.time()
     for t in stream_tokens(model, prompts[0], max_new, eos_id=tok.eos_id, params=params, compiled=args.compile):
         n += 1
-        print(dec.feed(t), end="", flush=True)
-    print(dec.flush())
+        if chat:
+            show(parser.feed(dec.feed(t)))
+        else:
+            print(dec.feed(t), end="", flush=True)
+    if chat:
+        show(parser.feed(dec.flush()) + parser.finish())
+        print(show.reset if show.end else "", flush=True)
+    else:
+        print(dec.flush())
     dt = time.time() - t0
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
 

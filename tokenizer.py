@@ -277,7 +277,13 @@ class ReplyParser:
     (one whose JSON does not parse stays in the content as written). A tag split across pieces is
     held until it is complete. Whitespace at either end of the reasoning and of the content is left
     out (held back until more text follows), so the events of any split of a reply add up to
-    `parse_reply` of the whole."""
+    `parse_reply` of the whole.
+
+    Think tags the content should not hold (a weak model writes them after the prompt's empty think
+    block) are never shown: a <think> before any content opens the reasoning, as one at the very
+    beginning does; any other <think>, and a lone </think>, is dropped. (MiniMind-3's template, reading
+    a message back, would make the text before a lone </think> reasoning; a stream cannot, that text
+    has gone out as content by then, and a reply must read the same streamed or not.)"""
 
     def __init__(self, thinking: bool = False):
         self.mode = "reasoning" if thinking else "content"  # or "tool": inside a <tool_call> block
@@ -285,6 +291,7 @@ class ReplyParser:
         self.started = False  # past a possible <think> at the very beginning
         self.held = []  # whitespace at the end of what the channel has released so far, in pieces
         self.spoke = False  # whether the channel has released any text (leading whitespace is dropped)
+        self.settled = False  # a think block ended or a tool call was read: later think tags are dropped
         self.events = []
 
     def feed(self, text: str) -> list:
@@ -322,7 +329,8 @@ class ReplyParser:
             if head.startswith(THINK):
                 self.mode, self.buf = "reasoning", head[len(THINK):]
         buf, i = self.buf, 0  # buf[i:] is not handled yet (slicing off each block copied the rest: quadratic)
-        while True:
+        found = {}  # tag -> where it next occurs at or after i (len(buf) + 1: nowhere), each searched again
+        while True:  # only once passed: a tag absent from a long reply is searched for once, not per block
             if self.mode == "tool":
                 end = buf.find(TOOL_CALL_END, i)
                 if end < 0:
@@ -336,19 +344,33 @@ class ReplyParser:
                     self._say(buf[i:stop])
                 i = stop
                 continue
-            tag = THINK_END if self.mode == "reasoning" else TOOL_CALL
-            at = buf.find(tag, i)
-            if at < 0:
-                keep = max(i, len(buf) - _partial_tag(buf, tag))
+            tags = (THINK_END,) if self.mode == "reasoning" else (TOOL_CALL, THINK, THINK_END)
+            for t in tags:
+                if found.get(t, -1) < i:
+                    found[t] = buf.find(t, i) % (len(buf) + 1)  # not found (-1) -> len(buf)
+            at, tag = min((found[t], t) for t in tags)  # the first
+            if at > len(buf) - len(tag):
+                keep = max(i, len(buf) - max(_partial_tag(buf, t) for t in tags))
                 self._say(buf[i:keep])
                 i = keep
                 break
+            if self.mode == "content" and tag != TOOL_CALL:  # a think tag in the content
+                self._stray_think(buf[i:at], tag)
+                i = at + len(tag)
+                continue
             self._say(buf[i:at])
             if self.mode == "reasoning":  # on to the content, a channel of its own
-                self.mode, i, self.held, self.spoke = "content", at + len(tag), [], False
+                self.mode, i, self.held, self.spoke, self.settled = "content", at + len(tag), [], False, True
             else:
-                self.mode, i = "tool", at
+                self.mode, i, self.settled = "tool", at, True
         self.buf = buf[i:]
+
+    def _stray_think(self, before: str, tag: str):
+        """A <think> or a lone </think> in the content, `before` it the content not yet released: a <think>
+        before any content opens the reasoning; otherwise the tag is dropped."""
+        self._say(before)
+        if tag == THINK and not (self.spoke or self.settled):
+            self.mode = "reasoning"
 
 
 def parse_reply(text: str, thinking: bool = False):

@@ -43,7 +43,6 @@ uninterrupted one, also when it resumes with another number of processes (the to
 are kept; gradient accumulation makes up the difference).
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -67,7 +66,7 @@ from data import DPOData, PretrainData, PromptData, SFTData
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
-from runtime import (Processes, autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops,
+from runtime import (Clock, Processes, autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops,
                      pick_dtype, setup_distributed)
 from scoring import count_bytes, token_byte_lengths
 from tokenizer import Tokenizer
@@ -78,6 +77,7 @@ DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1
 DEFAULT_OPTIMIZER = {"pretrain": "muon", "sft": "adamw", "dpo": "adamw", "grpo": "adamw", "ppo": "adamw",
                      "distill": "adamw"}
 DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04, "ppo": 0.02}  # DPO's beta; RL's weight of the KL to the reference
+DPO_MICRO_TOKENS = 4096  # a DPO micro-batch: as many rows (each as long as the longest pair) as fit in this
 STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}  # a stage's default start
 DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
 RL_MODES = ("grpo", "ppo")
@@ -190,6 +190,9 @@ def add_objective_flags(p):
     g.add_argument("--beta", type=positive(float, zero=True), default=None,
                    help="strength of the KL tie to the frozen reference: DPO's beta; grpo/ppo: weight of the k3 KL "
                         "penalty, 0 = no reference (default: " + ", ".join(f"{m} {b:g}" for m, b in DEFAULT_BETA.items()) + ")")
+    g.add_argument("--dpo-live-reference", action="store_true",
+                   help="run the frozen reference on every batch (default: each document scored by it once, "
+                        "cached in the data directory as reference_logprobs.npz; a batch met again runs the policy alone)")
     g.add_argument("--dpo-length-norm", action="store_true",
                    help="DPO: average completion log-probabilities over tokens instead of summing them")
     g = p.add_argument_group("rl (grpo, ppo)")
@@ -394,35 +397,6 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
 # -----------------------------------------------------------------------------
 # setup
 
-class Clock:
-    """Training time against a --max-time budget. fraction() is the share of the budget used once
-    the final evaluation and save (timed as the last ones took) are set aside; under DDP rank 0's
-    value is broadcast, so every rank follows the same schedule and stops at the same step."""
-
-    def __init__(self, minutes, start: float, spent_before: float, ddp: bool):
-        self.budget = minutes * 60 if minutes else None
-        self.start, self.before, self.ddp = start, spent_before, ddp
-        self.last = {"eval": 0.0, "save": 0.0}
-
-    def spent(self) -> float:
-        return self.before + time.time() - self.start
-
-    def left(self) -> float:
-        return max(0.0, self.budget - self.spent()) if self.budget else 0.0
-
-    def fraction(self) -> float:
-        f = torch.tensor([self.spent() / max(1e-9, self.budget - sum(self.last.values()))], dtype=torch.float64)
-        if self.ddp:
-            dist.broadcast(f, 0)
-        return f.item()
-
-    @contextlib.contextmanager
-    def measure(self, what: str):
-        t0 = time.time()
-        yield
-        self.last[what] = time.time() - t0
-
-
 def prepare_run_dir(out: Path, args):
     """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
     train.py wrote there); every run removes the temporaries a killed save left."""
@@ -519,7 +493,7 @@ def plan_batches(args, model, world: int):
                 fail(f"{args.data}: no DPO data here (make it with `python prepare.py dpo`)")
             seq_len = min(max(64, -(-longest // 64) * 64), model.config.max_seq_len)
     if batch_size is None:
-        batch_size = max(1, 4096 // seq_len) if args.mode == "dpo" else 16
+        batch_size = max(1, DPO_MICRO_TOKENS // seq_len) if args.mode == "dpo" else 16
     tokens_per_micro = batch_size * seq_len
     batch_tokens = args.batch_tokens or tokens_per_micro * world
     if batch_tokens % (tokens_per_micro * world):
@@ -650,6 +624,10 @@ def setup(argv) -> Run:
         objective = make_objective(args, model)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
+    if isinstance(objective, DPO) and not args.dpo_live_reference:
+        line = objective.use_cache(data, dtype, device, procs.rank, procs.world)
+        if procs.master:
+            print(line)
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     clipped = list(model.parameters())
     if objective.module is not None:
@@ -827,6 +805,8 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
 def save(run: Run, step: int):
     """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0."""
     a = run.args
+    if isinstance(run.objective, DPO):
+        run.objective.save_cache()  # the reference's scores so far, every process's
     if run.procs.master:
         state = {"kind": a.mode, "args": vars(a), "data": {"dir": str(run.data.dir), "meta": run.data.meta},
                  "train_seconds": round(run.clock.spent(), 3)}
@@ -850,7 +830,9 @@ def main(argv=None):
     run.t_start = run.t_last = time.time()
     run.model.train()
     if a.mode in RL_MODES and not a.resume:  # RL curves start from the held-out reward of the start point
-        log_eval(run, 0, evaluate(run))
+        with run.clock.measure("eval"):  # --max-time: the final evaluation is set aside, as long as this one
+            rec = evaluate(run)
+        log_eval(run, 0, rec)
     step = run.start_step
     while True:
         step += 1
@@ -861,6 +843,8 @@ def main(argv=None):
         # forward, backward, update (RL: the rollout first, then its updates)
         metrics = train_step(run, step)
         run.tokens_since += run.batch_tokens
+        if step == run.start_step + 1 and a.max_time:
+            run.clock.guess_eval(run.eval_batches, (time.time() - run.t_start) / run.accum)
         last = run.clock.fraction() >= 1 if a.max_time else step >= a.max_iters
         # log: the step's metrics, speed, ETA
         if step % a.log_interval == 0 or last or step == run.start_step + 1:

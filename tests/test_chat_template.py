@@ -354,33 +354,27 @@ PARSE = [
     ("text <tool_call>\n{\"name\": \"a\"", False, ("", "text <tool_call>\n{\"name\": \"a\"", [])),  # cut off
     ("a reasoning cut off by the token limit", True, ("a reasoning cut off by the token limit", "", [])),
     ("<think>opened by the model\n</think>\nanswer", False, ("opened by the model", "answer", [])),
-    ("no think block, a stray </think> is text", False, ("", "no think block, a stray </think> is text", [])),
     ("<thin", False, ("", "<thin", [])),
     ("", True, ("", "", [])),
 ]
 
 
-@pytest.mark.parametrize("text, thinking, expected", PARSE)
+# template debris a weak model writes after the prompt's empty think block: never shown, read the same streamed
+DEBRIS = [
+    ("no think block, a stray </think> is dropped", False, ("", "no think block, a stray  is dropped", [])),
+    ("\n</think>\n\n你好！", False, ("", "你好！", [])),
+    ("a <think> b </think> c </think> d", False, ("", "a  b  c  d", [])),
+    ("  <think>late open\n</think>\nanswer", False, ("late open", "answer", [])),
+    ("好的 <tool_call>\n{\"name\": \"a\", \"arguments\": {}}\n</tool_call> </think> end", False,
+     ("", "好的   end", calls(("a", "{}")))),
+    ("想</think>答</think>", True, ("想", "答", [])),
+    ("<think>\nthe field wins\n</think>\n\n<think>ignored</think>6", False, ("the field wins", "ignored6", [])),
+]
+
+
+@pytest.mark.parametrize("text, thinking, expected", PARSE + DEBRIS)
 def test_parse_reply(text, thinking, expected):
     assert shape(parse_reply(text, thinking)) == expected
-
-
-def test_parse_reply_undoes_the_template():
-    for name in ("tool calls, tool responses, reasoning", "text before a tool call, null content",
-                 "reasoning inside the content"):
-        messages, kw, _ = CASES[name]
-        for m in messages:
-            if m["role"] != "assistant":
-                continue
-            written = chat_segments([m])[1][0][:-len("<|im_end|>")]
-            reasoning, content, tool_calls = shape(parse_reply(written))
-            template_calls = [(c.get("function", c)["name"], c.get("function", c)["arguments"])
-                              for c in m.get("tool_calls") or []]
-            assert [(n, json.loads(a)) for n, a in tool_calls] == \
-                   [(n, a if isinstance(a, dict) else json.loads(a)) for n, a in template_calls]
-            assert render_chat([{"role": "assistant", "content": content, "reasoning_content": reasoning,
-                                 "tool_calls": [{"name": n, "arguments": a} for n, a in tool_calls]}]) \
-                == render_chat([m])
 
 
 def streamed(pieces, thinking):
@@ -393,7 +387,7 @@ def streamed(pieces, thinking):
                   [v for k, v in events if k == "tool_call"]))
 
 
-@pytest.mark.parametrize("text, thinking, expected", PARSE)
+@pytest.mark.parametrize("text, thinking, expected", PARSE + DEBRIS)
 def test_streamed_replies_give_the_same_parts_however_they_are_split(text, thinking, expected):
     assert streamed(list(text), thinking) == expected  # one character at a time
     for cut in range(len(text) + 1):

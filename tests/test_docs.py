@@ -32,7 +32,7 @@ PAGES = sorted((ROOT / "docs").glob("*.md"))
 DOCS = [README, ROOT / "BENCHMARKS.md", *PAGES]
 CARD = ['python train.py --mode=pretrain', 'torchrun --nproc_per_node=4 train.py --mode=dpo',
         'python sample.py --prompt "人工智能是"']
-QUICK_START = ["pip install torch==2.13.0 && pip install -r requirements.txt && bash speedrun.sh", "STEPS=20 bash speedrun.sh",
+QUICK_START = ["pip install torch==2.13.0 && pip install -r requirements.txt && bash speedrun.sh", "BUDGET=10 bash speedrun.sh",
                "python -m pytest -q"]
 FIRST_SCREEN = 40  # lines
 SCRIPTS = ("prepare", "train", "sample", "serve", "export", "eval", "bench")
@@ -49,6 +49,20 @@ def read(path: Path) -> str:
 def test_readme_is_at_most_15000_characters():
     n = len(read(README))
     assert n <= 15_000, f"README.md has {n} characters: move depth into docs/"
+
+
+def test_readme_and_speedrun_say_what_the_code_does():
+    """The DPO step size the README gives is train.py's; the speedrun's budget and shares are the ones
+    its comments and the README state, and it sets no step count."""
+    import train
+    readme, speedrun = read(README), read(ROOT / "speedrun.sh")
+    assert f"as many rows as fit in {train.DPO_MICRO_TOKENS:,} tokens" in re.sub(r"\s+", " ", readme)
+    assert "25,600" not in readme and "STEPS" not in readme + speedrun and "--max-iters" not in speedrun
+    default = re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", speedrun)[1]
+    assert f"`BUDGET={default}` minutes" in re.sub(r"\s+", " ", readme) and f"{default} minutes wall-clock" in speedrun
+    shares = dict(re.findall(r"T_(\w+)=\$\(share (\d+)\)", speedrun))
+    stated = re.sub(r"\s*#\s*", " ", re.search(r"share through train.py --max-time(.*?);", speedrun, re.S)[1])
+    assert len(shares) == 4 and all(f"{k.lower()} {v}%" in stated.lower() for k, v in shares.items()), (stated, shares)
 
 
 @pytest.mark.parametrize("command", CARD + QUICK_START)

@@ -16,6 +16,7 @@ Builds its own items and models: no benchmark data, no network.
 """
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -392,3 +393,27 @@ def test_pretraining_logs_val_bpb(pretrain_dir, tmp_path):
     bytes_per_token = len(tok.decode(val.tolist(), skip_special_tokens=True).encode("utf-8")) / len(val)
     for r in evals:
         assert r["val_bpb"] == pytest.approx(r["val_loss"] / math.log(2) / bytes_per_token, rel=1e-9)
+
+
+def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
+    """eval.py --card on tiny runs: each stage's training from its log, held-out bits per byte in Chinese
+    and English, DPO's held-out reward accuracy with its standard error, the replies counted clean, curves."""
+    import report
+    dpo = tmp_path / "dpo"
+    run(["train.py", "--mode", "dpo", "--init-from", sft_ckpt, "--data", dpo_dir, "--out", dpo, "--seq-len", "128",
+         "--batch-size", "4", "--eval-iters", "1", "--max-iters", "3", "--eval-interval", "3"], env=ONE_THREAD)
+    card = tmp_path / "report.md"
+    r = run(["eval.py", "--card", card, "--ckpt", base_ckpt, "--ckpt", sft_ckpt, "--ckpt", dpo,
+             "--max-new-tokens", "8", "--quiet", "--wall-seconds", "90"], env=ONE_THREAD)
+    text = card.read_text()
+    assert "report card" in r.stdout and (tmp_path / "report.png").stat().st_size > 1000
+    assert "| dpo | `" + str(dpo) + "` | 3 |" in text and "the run up to this report: 1.5 min" in text
+    assert "held-out reply loss" in text and "model name" not in text
+    acc = re.search(r"DPO held-out reward accuracy: ([\d.]+) ± ([\d.]+) \((\d+) pairs", text)
+    assert acc and 0 <= float(acc[1]) <= 1 and float(acc[2]) > 0 and int(acc[3]) == len(
+        __import__("data").DPOData(dpo_dir, 128, 0).splits["val"][2])
+    for name in ("zh-text", "zh-chat", "en-chat"):
+        assert name in text
+    assert len(re.findall(r"replies template-clean as shown", text)) == 2  # sft, dpo: chat; pretrain: raw
+    assert report.template_clean("你好") and not report.template_clean("a</think>b")
+    assert not report.template_clean("assistant\nhi") and report.template_clean(report.reply_parts("x</think>y")[1])

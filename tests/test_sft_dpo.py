@@ -22,7 +22,7 @@ from tokenizer import EMPTY_THINK, EOS, Tokenizer, render_chat
 from conftest import ANSWERS, OBJECTS, ONE_THREAD, ROOT, SYSTEM, qa, read_log, run, run_single_and_ddp
 from minimind import MiniMind, ModelConfig
 from data import DPOData, SFTData, fit_pair, pack_rows
-from losses import DPO, DPOConfig, sequence_logprobs
+from losses import DPO, DPOConfig, ReferenceCache, reference_logprobs, sequence_logprobs, weights_hash
 
 
 def write_jsonl(path, records):
@@ -334,6 +334,48 @@ def test_dpo_evaluation_covers_every_held_out_pair_with_its_standard_error(dpo_d
     assert out["val_pairs"] == len(margins) == data.stats["val"]["items"]
     assert out["val_reward_acc"] == pytest.approx(acc, abs=1e-6)
     assert out["val_reward_acc_se"] == pytest.approx(math.sqrt(acc * (1 - acc) / len(margins)), abs=1e-6)
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_dpo_cached_reference_gives_the_live_reference_loss(dpo_dir, random_ckpt, tmp_path, use_lora):
+    """The reference's scores, computed the first time a batch meets them and cached (ReferenceCache),
+    give the loss and metrics of the reference run on every batch, train and val; saved, a new run with
+    the same reference reads them back (and frees a copied reference once every pair is scored); another
+    reference starts over. LoRA's reference is the same model with its adapters off."""
+    import lora
+    data_dir = tmp_path / "dpo"
+    shutil.copytree(dpo_dir, data_dir)
+    data = DPOData(data_dir, 128, seed=0)
+    policy, _, _ = load_checkpoint(random_ckpt)
+    if use_lora:
+        lora.apply_lora(policy, 4, 8.0, ["q", "v"])
+    live, cached = (DPO(policy, DPOConfig(beta=0.1)) for _ in range(2))
+    assert "0 of" in cached.use_cache(data, torch.float32, "cpu")
+    batches = [data.batch(split, step, index, 2, "cpu") for split, step, index in (("train", 1, 0), ("val", 0, 0))]
+    for batch in batches:  # at the start the policy is the reference
+        assert cached(policy, batch)[0].item() == pytest.approx(math.log(2), abs=1e-6)
+    with torch.no_grad():  # the policy moves away from the reference
+        for name, p in policy.named_parameters():
+            p.add_(0.01 * torch.randn_like(p)) if (not use_lora or "lora_B" in name) else None
+    for batch in batches:
+        assert cached.cache.lookup(batch) is not None  # met before: the policy alone runs
+        (l1, m1), (l2, m2) = live(policy, batch), cached(policy, batch)
+        assert l1.item() != pytest.approx(math.log(2), abs=1e-4)
+        assert l2.item() == pytest.approx(l1.item(), abs=1e-5)
+        assert m2["reward_margin"].item() == pytest.approx(m1["reward_margin"].item(), abs=1e-5)
+    cached.save_cache()
+    # every pair scored (reference_logprobs) and saved: a new run reads them all
+    full = ReferenceCache.open(data, weights_hash(live.reference), torch.float32, "cpu")
+    full.scores = reference_logprobs(live.reference, live.ref_mode, data, 4, "cpu", torch.float32)
+    full.dirty = True
+    full.save()
+    again = DPO(policy, DPOConfig(beta=0.1))
+    line = again.use_cache(data, torch.float32, "cpu")
+    if use_lora:  # the base did not move: its scores are read back
+        n = sum(len(a) for a in full.scores.values())
+        assert f"{n:,} of {n:,}" in line and again.reference is policy
+        assert torch.allclose(again(policy, batches[0])[0], live(policy, batches[0])[0], atol=1e-5)
+    else:  # the moved policy is another reference
+        assert "0 of" in line
 
 
 def test_dpo_of_a_moe_policy_adds_the_balance_loss(dpo_dir):

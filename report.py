@@ -1,0 +1,229 @@
+"""The report card of a run of every stage (speedrun.sh): what the machine was, what each stage cost
+and reached, how the models do on held-out data, what they answer. eval.py --card writes it:
+
+    python eval.py --card out/report.md --ckpt out/pretrain --ckpt out/sft --ckpt out/dpo --ckpt out/grpo
+
+Per stage, from the run's own log.jsonl and state.json: wall time, tokens, tokens/s, final train and
+val loss (SFT's val loss is its held-out reply loss). Measured here: bits per byte of every model on
+text held out from the embedded corpora (held_out_texts: the documents prepare.py puts in val, Chinese
+and English), DPO's held-out reward accuracy with its standard error (dpo_reward_accuracy), GRPO's
+held-out metrics before and after (its log's step 0 and last evaluation), replies to eval.py's
+prompts and how many are template-clean (template_clean). Loss curves: a png beside the markdown.
+"""
+import contextlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import corpus
+from checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
+from data import DPOData
+from losses import reference_logprobs
+from tokenizer import parse_reply
+
+# what a reply shown to a user never holds: the chat template's markers and tags
+TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",
+                    "</tool_call>", "<tool_response>", "</tool_response>")
+
+
+def template_clean(text: str) -> bool:
+    """No template marker and no role header ("assistant\\n" opening a turn) in `text`."""
+    return not any(m in text for m in TEMPLATE_MARKERS) and not any(
+        line.strip() in ("assistant", "user", "system") for line in text.splitlines()[:1])
+
+
+def reply_parts(raw: str, thinking: bool = False) -> tuple:
+    """(reasoning, content, tool calls) of a raw reply, as every front end shows it (tokenizer.parse_reply)."""
+    return parse_reply(raw, thinking)
+
+
+def machine() -> dict:
+    """CPU model, its bf16 units (avx512_bf16, amx_bf16 in /proc/cpuinfo), threads, GPU; versions; commit."""
+    info = {"cpu": platform.processor() or platform.machine(), "bf16_units": [], "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "python": platform.python_version()}
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        info["cpu"] = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), info["cpu"])
+        flags = next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), [])
+        info["bf16_units"] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        info["commit"] = None
+    return info
+
+
+def run_dir(path) -> Path:
+    """The run directory of a --ckpt path (a run directory, or a checkpoint directory inside one)."""
+    path = Path(path)
+    return path if (path / "log.jsonl").exists() or not (path / "config.json").exists() else path.parent
+
+
+def read_log(run: Path) -> list:
+    path = run / "log.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            rows.append(json.loads(line))
+    return rows
+
+
+def stage_summary(run: Path) -> dict:
+    """One run's training from its log and newest state: wall time, tokens, tokens/s, final losses."""
+    state = json.loads((resolve_checkpoint(run) / "state.json").read_text())
+    args, log = state.get("args", {}), read_log(run)
+    last = lambda key: next((r[key] for r in reversed(log) if key in r), None)  # noqa: E731
+    seconds, steps = state.get("train_seconds"), state.get("step", 0)
+    tokens = steps * (args.get("batch_tokens_per_step") or 0)
+    return {"stage": state.get("kind", args.get("mode")), "run": str(run), "steps": steps, "seconds": seconds,
+            "tokens": tokens, "tok_s": tokens / seconds if seconds else None, "loss": last("loss"),
+            "val_loss": last("val_loss"), "val_bpb": last("val_bpb"), "model": args.get("model")}
+
+
+def held_out_texts(out_dir: Path, limit: int = 100) -> dict:
+    """The embedded corpora's held-out documents, as prepare.py splits them (every 100th text document:
+    pretrain's val; every 100th dialog: SFT's val), by language -> {name: jsonl path} written in out_dir."""
+    docs = {"zh-text": [t for i, (_, _, t) in enumerate(corpus.text_documents()) if i % 100 == 99],
+            "zh-chat": [], "en-chat": []}
+    for i, (path, _, lines) in enumerate(corpus.dialogs()):
+        if i % 100 == 99:
+            docs["en-chat" if "/english/" in path.replace(os.sep, "/") else "zh-chat"].append("\n".join(lines))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for name, texts in docs.items():
+        if texts:
+            files[name] = out_dir / f"{name}.jsonl"
+            atomic_write_text(files[name], "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n"
+                                                   for t in texts[:limit]))
+    return files
+
+
+def dpo_reward_accuracy(run: Path, device: str, dtype) -> Optional[dict]:
+    """Held-out pairs whose implicit reward (policy - reference log-probability) ranks chosen over
+    rejected: the fraction and its standard error, over the DPO run's val split."""
+    ckpt = resolve_checkpoint(run)
+    state = json.loads((ckpt / "state.json").read_text())
+    args = state.get("args", {})
+    if state.get("kind") != "dpo" or state.get("lora"):
+        return None
+    data = DPOData(state["data"]["dir"], args["seq_len"], args.get("seed", 0))
+    data.splits = {"val": data.splits["val"]}
+    scores = []
+    for path in (ckpt, args["init_from"]):
+        model, _, _ = load_checkpoint(path, device)
+        scores.append(reference_logprobs(model, contextlib.nullcontext, data, 8, device, dtype)["val"])
+        del model
+    reward = scores[0] - scores[1]  # (items, 2): chosen, rejected
+    wins = (reward[:, 0] > reward[:, 1]).astype(float)
+    n = len(wins)
+    return {"acc": float(wins.mean()), "stderr": float(wins.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, "n": n}
+
+
+def rl_before_after(run: Path) -> dict:
+    """The held-out metrics of an RL run's first evaluation (step 0, the start) and its last."""
+    evals = [r for r in read_log(run) if any(k.startswith("val_") for k in r)]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    return {k[4:]: (first.get(k), last[k], first["step"], last["step"]) for k in sorted(last)
+            if k.startswith("val_") and k != "val_loss" and isinstance(last[k], (int, float))}  # loss: -reward
+
+
+def plot_curves(runs: list, path: Path) -> Optional[Path]:
+    """Train and val loss of every run against its steps, a panel each (needs matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(runs), figsize=(4 * len(runs), 3.2), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        log = read_log(Path(run["run"]))
+        for key in ("loss", "val_loss"):
+            pts = [(r["step"], r[key]) for r in log if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=key, marker="o" if key == "val_loss" else None, markersize=3)
+        ax.set_title(f"{run['stage']} ({Path(run['run']).name})")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss (nats/token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], rl: dict, png: Optional[str],
+         wall: Optional[float] = None) -> str:
+    """The report card as markdown. results: eval.py's, one per model ("text" per held-out file,
+    "prompts" with the raw replies)."""
+    m = machine_info
+    lines = ["# minimind report card", "",
+             f"- machine: {m['cpu']}" + (f", bf16 units: {', '.join(m['bf16_units'])}" if m["bf16_units"] else
+                                        ", no bf16 units") + f", {m['threads']} threads" +
+             (f"; GPU {m['gpu']}" if m["gpu"] else "; no GPU"),
+             f"- versions: torch {m['torch']}, python {m['python']}, commit {m['commit'] or '-'}"]
+    if wall is not None:
+        lines.append(f"- the run up to this report: {wall / 60:.1f} min wall-clock (tokenizer and data included)")
+    lines += ["", "## Training", "", "| stage | run | steps | wall (s) | tokens | tokens/s | train loss | val loss |",
+              "|---|---|---|---|---|---|---|---|"]
+    for s in stages:
+        lines.append(f"| {s['stage']} | `{s['run']}` | {s['steps']} | {fmt(s['seconds'], '.0f')} | {s['tokens']:,} | "
+                     f"{fmt(s['tok_s'], ',.0f')} | {fmt(s['loss'])} | {fmt(s['val_loss'])} |")
+    sft = next((s for s in stages if s["stage"] == "sft"), None)
+    lines += ["", "## Held out", ""]
+    if sft:
+        lines.append(f"- SFT held-out reply loss: {fmt(sft['val_loss'])} nats/token")
+    if dpo:
+        lines.append(f"- DPO held-out reward accuracy: {dpo['acc']:.3f} ± {dpo['stderr']:.3f} ({dpo['n']} pairs; "
+                     "0.5 = chance)")
+    for k, (before, after, s0, s1) in rl.items():
+        lines.append(f"- GRPO held-out {k}: {fmt(before)} at step {s0} -> {fmt(after)} at step {s1}")
+    files = sorted({f for r in results for f in r.get("text", {}).get("files", {})})
+    if files:
+        lines += ["", "Bits per byte on held-out text (lower is better):", "",
+                  "| model | " + " | ".join(Path(f).stem for f in files) + " |", "|---" * (len(files) + 1) + "|"]
+        for r in results:
+            got = r.get("text", {}).get("files", {})
+            lines.append(f"| {r['model']['name']} | " + " | ".join(fmt(got.get(f, {}).get("bpb")) for f in files) + " |")
+    lines += replies_section(results)
+    if png:
+        lines += ["", "## Loss curves", "", f"![loss curves]({png})"]
+    return "\n".join(lines) + "\n"
+
+
+def replies_section(results: list) -> list:
+    """Each chat model's replies as every front end shows them (reasoning apart), and how many are clean."""
+    lines = ["", "## Replies", ""]
+    for r in results:
+        if not r.get("prompts") or r["prompts"][0]["format"] != "chat":
+            continue
+        turns = [t for p in r["prompts"] for t in p["turns"]]
+        shown = [reply_parts(t["reply"]) for t in turns]
+        clean = sum(template_clean(c) and template_clean(rs) for rs, c, _ in shown)
+        raw = sum(template_clean(t["reply"]) for t in turns)
+        lines += [f"### {r['model']['name']}: {clean}/{len(turns)} replies template-clean as shown "
+                  f"({raw}/{len(turns)} raw replies without any template tag)", ""]
+        for t, (reasoning, content, calls) in zip(turns, shown):
+            extra = (f" [reasoning: {reasoning[:80]!r}]" if reasoning else "") + \
+                    "".join(f" [tool call {c['function']['name']}]" for c in calls)
+            lines.append(f"- **{t['user']}** -> {content[:200]!r}{extra}")
+        lines.append("")
+    return lines
