@@ -343,6 +343,17 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
     return model.to(device).eval(), state, ckpt
 
 
+def reload_into(model, optimizer, ckpt: Path, device) -> None:
+    """Load a checkpoint of this run (resolve_checkpoint with fallback: verified) back into the live
+    model (its adapters only when it holds adapter.safetensors) and optimizer, in place: a run going
+    back to its last good state."""
+    if (ckpt / "adapter.safetensors").exists():
+        _load_weights(model, ckpt / "adapter.safetensors", lambda m, p: lora.load_lora_state_dict(m, load_file(str(p))))
+    else:
+        _load_weights(model, ckpt / "model.safetensors", lambda m, p: load_model(m, str(p), strict=True, device=device))
+    optimizer.load_state_dict(load_optimizer_state(ckpt, device))
+
+
 def merge_lora_checkpoint(ckpt, out) -> Path:
     """Write an adapter checkpoint's base + adapters as a full checkpoint (model.safetensors) in run
     directory `out`; state.json records where the adapters came from."""
@@ -450,6 +461,19 @@ def trained_kind(path) -> str:
         return json.loads((ckpt / "state.json").read_text()).get("kind", "")
     except (OSError, ValueError):
         return ""
+
+
+def stage_runs(mode: str) -> list:
+    """The run directories a stage wrote with its default --out: out/MODE, out/MODE-2, out/MODE-3, ..."""
+    runs = [p for p in Path("out").glob(f"{mode}*") if p.name == mode or
+            (p.name[len(mode):len(mode) + 1] == "-" and p.name[len(mode) + 1:].isdigit())]
+    return sorted((p for p in runs if (p / "latest").exists() or checkpoint_dirs(p) or (p / "log.jsonl").exists()),
+                  key=lambda p: run_number(p, mode))
+
+
+def run_number(run: Path, mode: str) -> int:
+    """out/MODE is run 1, out/MODE-N is run N."""
+    return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
 def newest_run(runs=None) -> Optional[Path]:

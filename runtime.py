@@ -1,5 +1,6 @@
 """Where and how tensors run: device and dtype choice, the processes of a torchrun run, mixed precision,
-and the matmul peak that MFU is measured against; the modes of the files a run publishes."""
+and the matmul peak that MFU is measured against; the modes of the files a run publishes; the clock of a
+--max-time run."""
 import contextlib
 import ctypes
 import os
@@ -182,3 +183,37 @@ def datasheet_flops(device: str, dtype: torch.dtype) -> Optional[float]:
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # tf32 on fp32
     return None
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class Clock:
+    """Training time against a --max-time budget. fraction() is the share of the budget used once
+    the final evaluation and save (timed as the last ones took) are set aside; under DDP rank 0's
+    value is broadcast, so every rank follows the same schedule and stops at the same step."""
+
+    def __init__(self, minutes, start: float, spent_before: float, ddp: bool):
+        self.budget = minutes * 60 if minutes else None
+        self.start, self.before, self.ddp = start, spent_before, ddp
+        self.last = {"eval": 0.0, "save": 0.0}
+
+    def spent(self) -> float:
+        return self.before + time.time() - self.start
+
+    def left(self) -> float:
+        return max(0.0, self.budget - self.spent()) if self.budget else 0.0
+
+    def fraction(self) -> float:
+        f = torch.tensor([self.spent() / max(1e-9, self.budget - sum(self.last.values()))], dtype=torch.float64)
+        if self.ddp:
+            dist.broadcast(f, 0)
+        return f.item()
+
+    @contextlib.contextmanager
+    def measure(self, what: str):
+        t0 = time.time()
+        yield
+        self.last[what] = time.time() - t0

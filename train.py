@@ -43,7 +43,6 @@ uninterrupted one, also when it resumes with another number of processes (the to
 are kept; gradient accumulation makes up the difference).
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -62,14 +61,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import lora
 import mmkernels
 from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, load_optimizer_state,
-                        newest_run, plot_log, resolve_checkpoint, save_checkpoint)
+                        newest_run, plot_log, reload_into, resolve_checkpoint, run_number, save_checkpoint, stage_runs)
 from data import DPOData, PretrainData, PromptData, SFTData
+from guard import Faults, Guard, agree, grad_norm, parse_steps
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
-from runtime import (Processes, autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops,
+from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, keep_freed_memory, measure_matmul_flops,
                      pick_dtype, setup_distributed)
-from scoring import count_bytes, token_byte_lengths
+from scoring import bytes_per_token
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -81,17 +81,14 @@ DEFAULT_BETA = {"dpo": 0.1, "grpo": 0.04, "ppo": 0.02}  # DPO's beta; RL's weigh
 STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}  # a stage's default start
 DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
 RL_MODES = ("grpo", "ppo")
+LM_MODES = ("pretrain", "sft", "distill")  # losses of next-token prediction: spikes are checked
+MAX_RELOADS = 3  # going back to the last good checkpoint more often than this before the next save: give up
 RL_PROMPTS = 4  # RL's default --batch-size: prompts (each with --num-generations episodes), not rows
 
 # mode -> its data reader (its objective: make_objective)
 MODES = {"pretrain": PretrainData, "sft": SFTData, "dpo": DPOData, "grpo": PromptData, "ppo": PromptData,
          "distill": SFTData}
 RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
-
-
-def fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def positive(kind, zero: bool = False):
@@ -106,6 +103,15 @@ def positive(kind, zero: bool = False):
         return value
     parse.__name__ = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
     return parse
+
+
+def step_list(text: str) -> str:
+    """argparse type of --skip-steps: checked here, read by guard.parse_steps (the flags keep the text)."""
+    try:
+        parse_steps(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def fail(message: str):
@@ -182,6 +188,16 @@ def add_optim_flags(p):
                    help="AdamW weight decay on >=2-D weights")
     g.add_argument("--grad-clip", type=positive(float, zero=True), default=1.0,
                    help="clip the global gradient norm (0: off)")
+    g = p.add_argument_group("unattended runs (guard.py)")
+    g.add_argument("--max-bad-steps", type=positive(int), default=5,
+                   help="a step with a non-finite loss or gradient norm is skipped; this many in a row go back to "
+                        f"the last good checkpoint (then the run goes on with new batches; {MAX_RELOADS} such "
+                        "reloads before the next save end the run)")
+    g.add_argument("--spike-factor", type=positive(float, zero=True), default=3.0,
+                   help="pretrain, sft, distill: a loss above this x its running mean also goes back to the last "
+                        "good checkpoint (0: off)")
+    g.add_argument("--skip-steps", type=step_list, default="", metavar="STEPS",
+                   help="steps whose batches are not trained on, e.g. 1200-1400,1530 (a bad stretch of data)")
 
 
 def add_objective_flags(p):
@@ -257,19 +273,6 @@ def add_lora_eval_system_flags(p):
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
     g.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="peak for MFU (default: known GPU or measured)")
-
-
-def stage_runs(mode: str) -> list:
-    """The run directories a stage wrote with its default --out: out/MODE, out/MODE-2, out/MODE-3, ..."""
-    runs = [p for p in Path("out").glob(f"{mode}*") if p.name == mode or
-            (p.name[len(mode):len(mode) + 1] == "-" and p.name[len(mode) + 1:].isdigit())]
-    return sorted((p for p in runs if (p / "latest").exists() or checkpoint_dirs(p) or (p / "log.jsonl").exists()),
-                  key=lambda p: run_number(p, mode))
-
-
-def run_number(run: Path, mode: str) -> int:
-    """out/MODE is run 1, out/MODE-N is run N."""
-    return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
 def given_flags(argv) -> set:
@@ -386,35 +389,6 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
 
 # -----------------------------------------------------------------------------
 # setup
-
-class Clock:
-    """Training time against a --max-time budget. fraction() is the share of the budget used once
-    the final evaluation and save (timed as the last ones took) are set aside; under DDP rank 0's
-    value is broadcast, so every rank follows the same schedule and stops at the same step."""
-
-    def __init__(self, minutes, start: float, spent_before: float, ddp: bool):
-        self.budget = minutes * 60 if minutes else None
-        self.start, self.before, self.ddp = start, spent_before, ddp
-        self.last = {"eval": 0.0, "save": 0.0}
-
-    def spent(self) -> float:
-        return self.before + time.time() - self.start
-
-    def left(self) -> float:
-        return max(0.0, self.budget - self.spent()) if self.budget else 0.0
-
-    def fraction(self) -> float:
-        f = torch.tensor([self.spent() / max(1e-9, self.budget - sum(self.last.values()))], dtype=torch.float64)
-        if self.ddp:
-            dist.broadcast(f, 0)
-        return f.item()
-
-    @contextlib.contextmanager
-    def measure(self, what: str):
-        t0 = time.time()
-        yield
-        self.last[what] = time.time() - t0
-
 
 def prepare_run_dir(out: Path, args):
     """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
@@ -613,6 +587,8 @@ class Run:
     flops_per_step: float
     peak: float  # FLOP/s over all processes that MFU is measured against
     datasheet: bool  # the peak is a datasheet's or --peak-tflops (else measured, and raised to the best seen)
+    guard: Guard  # counts bad steps, decides skip / reload
+    faults: Faults  # MINIMIND_FAULTS: faults injected on purpose (tests)
     t_start: float = 0.0  # when the loop started
     t_last: float = 0.0  # when the last progress line was printed
     tokens_since: int = 0  # tokens trained since then
@@ -639,7 +615,7 @@ def setup(argv) -> Run:
     # batch_tokens_per_step: recorded, so a resume with another world size keeps it
     args = updated(args, {**sizes, "batch_tokens_per_step": batch_tokens, "tokenizer_dir": str(tok_dir)})
     try:
-        objective = make_objective(args, model)
+        objective, faults = make_objective(args, model), Faults.from_env()
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
@@ -662,9 +638,11 @@ def setup(argv) -> Run:
                           procs.ddp),
               log=Log(out, start_step if args.resume else None, enabled=procs.master), lora_spec=lora_spec,
               tok_dir=tok_dir, eval_batches=data.val_batches(args.batch_size, args.eval_iters),
-              val_bytes_per_token=val_bytes_per_token(args.mode, data, tok_dir),
+              val_bytes_per_token=bytes_per_token(data.splits["val"], tok_dir) if args.mode == "pretrain" else None,
               flops_per_step=model.flops_per_token(args.seq_len) * batch_tokens,
-              peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet))
+              peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet),
+              guard=Guard(args.max_bad_steps, args.spike_factor if args.mode in LM_MODES else 0.0),
+              faults=faults)
     if procs.master:
         describe_run(run)
     return run
@@ -688,14 +666,6 @@ def setup_process(args):
     return procs, device, dtype
 
 
-def val_bytes_per_token(mode: str, data, tok_dir: Path) -> Optional[float]:
-    """Pretraining: UTF-8 bytes per token of the val split, for val_bpb (a tokenizer-independent val_loss)."""
-    if mode != "pretrain" or not (tok_dir / "tokenizer.json").exists():
-        return None
-    val_tokens = data.splits["val"]
-    return count_bytes(val_tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(val_tokens)
-
-
 # -----------------------------------------------------------------------------
 # the loop's phases
 
@@ -716,8 +686,12 @@ def train_step(run: Run, step: int) -> dict:
     An objective with several updates a step (PPO's epochs x minibatches of one rollout) repeats
     that per update, on the micro-batches it prepared once (the batch telling which update); it may
     stop early, deciding on the approx_kl of the coming update averaged over every micro-batch and
-    process (so every process stops together). -> the step's metrics, averaged over the updates done."""
+    process (so every process stops together). -> the step's metrics, averaged over the updates done
+    ({} when none was: --skip-steps, or guard.py's verdict on every update)."""
     a, procs, objective = run.args, run.procs, run.objective
+    if step in parse_steps(a.skip_steps):  # a bad stretch of data: its batches are not even read
+        run.log.write(step=step, skipped="--skip-steps")
+        return {}
     batches = [objective.prepare(run.data.batch("train", step, micro * procs.world + procs.rank, a.batch_size,
                                                 run.device)) for micro in range(run.accum)]
     metrics, done = {}, 0
@@ -730,35 +704,73 @@ def train_step(run: Run, step: int) -> dict:
                 run.train_model.require_backward_grad_sync = micro == run.accum - 1
             with autocast(run.device, run.dtype):
                 loss, extra = objective(run.train_model, batch)
+            loss = run.faults.loss(loss, step, procs.rank) if micro == 0 else loss
             run.scaler.scale(loss / run.accum).backward()
             for k, v in {"loss": loss, **extra}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / run.accum
         if update > 0 and objective.stop(procs.mean(sums["approx_kl"])):
             run.optimizer.zero_grad(set_to_none=True)
             break
-        optimizer_step(run)
-        done += 1
-        for k, v in sums.items():
-            metrics[k] = metrics.get(k, 0.0) + v
+        verdict = optimizer_step(run, step, sums["loss"])
+        if verdict == "reload":
+            break
+        if verdict == "ok":
+            done += 1
+            for k, v in sums.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+    if not done:
+        return {}
     metrics = {k: v / done for k, v in metrics.items()}
     if objective.updates > 1:
         metrics["updates"] = torch.tensor(float(done), device=run.device)
     return metrics
 
 
-def optimizer_step(run: Run):
-    """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, applied."""
-    module = run.objective.module
-    if run.procs.ddp and module is not None:
+def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> str:
+    """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, and
+    applied when the guard's verdict (the same on every process) is "ok"; else dropped. -> the verdict."""
+    module, procs = run.objective.module, run.procs
+    if procs.ddp and module is not None:
         for p in module.parameters():
             dist.all_reduce(p.grad)
-            p.grad /= run.procs.world
+            p.grad /= procs.world
     run.scaler.unscale_(run.optimizer)
-    if run.args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.clipped, run.args.grad_clip)
-    run.scaler.step(run.optimizer)
+    run.faults.grads(run.clipped, step, procs.rank)
+    norm = grad_norm(run.clipped, run.args.grad_clip)
+    mean, finite = agree(loss, None if run.scaler.is_enabled() else norm, procs.ddp, procs.world)
+    verdict = run.guard.verdict(mean, finite)
+    if verdict == "ok":
+        run.scaler.step(run.optimizer)
+    else:
+        run.log.write(step=step, skipped=run.guard.reason, bad_steps=run.guard.bad_total)
+        if procs.master:
+            print(f"step {step:5d} | skipped: {run.guard.reason} ({run.guard.bad_total} bad so far)", flush=True)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    return verdict
+
+
+def go_back(run: Run, step: int):
+    """The guard's "reload": the last good checkpoint's weights and optimizer state, then on with the
+    next step and its batches (the bad stretch's are not used again); the run ends, one line, when
+    that keeps happening."""
+    guard = run.guard
+    try:
+        ckpt = resolve_checkpoint(run.out, fallback=True)
+    except (FileNotFoundError, CheckpointError):
+        fail(f"step {step}: {guard.reason}, and no checkpoint to go back to yet (lower --lr, or check the data)")
+    if guard.reloads >= MAX_RELOADS:
+        fail(f"step {step}: {guard.reason}, again after {guard.reloads} reloads of {ckpt.name}: giving up (lower "
+             "--lr, --skip-steps the bad data, or --resume from an earlier checkpoint)")
+    try:
+        reload_into(run.model, run.optimizer, ckpt, run.device)
+    except CheckpointError as e:
+        fail(str(e))
+    guard.reloaded()
+    run.log.write(step=step, reloaded=ckpt.name, reason=guard.reason)
+    if run.procs.master:
+        print(f"step {step:5d} | {guard.reason}: reloaded {ckpt.name}, going on at step {step + 1} (the batches "
+              f"of steps {int(ckpt.name[5:]) + 1}-{step} are not used again)", flush=True)
 
 
 @torch.no_grad()
@@ -825,6 +837,7 @@ def save(run: Run, step: int):
                             weights=lora.lora_state_dict(run.model) if run.lora_spec else None)
         except CheckpointError as e:
             fail(str(e))
+    run.guard.saved()
     run.procs.barrier()
 
 
@@ -847,10 +860,12 @@ def main(argv=None):
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # forward, backward, update (RL: the rollout first, then its updates)
         metrics = train_step(run, step)
+        if run.guard.last == "reload":  # too many bad steps in a row, or a loss spike
+            go_back(run, step)
         run.tokens_since += run.batch_tokens
         last = run.clock.fraction() >= 1 if a.max_time else step >= a.max_iters
-        # log: the step's metrics, speed, ETA
-        if step % a.log_interval == 0 or last or step == run.start_step + 1:
+        # log: the step's metrics, speed, ETA (a skipped step has none)
+        if metrics and (step % a.log_interval == 0 or last or step == run.start_step + 1):
             log_progress(run, step, lr, metrics)
         # evaluate on the held-out batches; a measured peak is measured again (a busy machine reads low)
         if step % a.eval_interval == 0 or last:

@@ -1,0 +1,131 @@
+"""Training at scale and unattended: bad steps skipped and bad stretches undone (guard.py), under DDP
+too; activation checkpointing; two torchrun "nodes" on the loopback; experiment trackers.
+
+Faults are injected through MINIMIND_FAULTS (guard.py): the real code path, a loss made NaN or a
+gradient made inf on purpose. The reference of each is a clean run told to skip the same batches
+(--skip-steps): the two must agree bit for bit.
+
+    python -m pytest tests/test_scale.py -q
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from checkpoint import resolve_checkpoint
+from conftest import ONE_THREAD, ROOT, read_log, run
+from guard import Guard, parse_faults, parse_steps
+
+FAST = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-iters", "1", "--log-interval", "1"]
+
+
+def weights(out):
+    return load_file(resolve_checkpoint(out) / "model.safetensors")
+
+
+def same_weights(a, b):
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def losses(out):
+    return {r["step"]: r["loss"] for r in read_log(out) if "loss" in r}
+
+
+def train(out, *args, faults=None, check=True, torchrun=False):
+    env = {**ONE_THREAD, **({"MINIMIND_FAULTS": faults} if faults else {})}
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    cmd = [sys.executable, *launch, "train.py", "--out", str(out), *map(str, args)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} exited {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    return r
+
+
+# -----------------------------------------------------------------------------
+# the guard, in process
+
+def test_step_lists_and_fault_specs_parse():
+    assert parse_steps("3, 7-9") == {3, 7, 8, 9}
+    for bad in ("0", "9-7", "x", "3-"):
+        with pytest.raises(ValueError):
+            parse_steps(bad)
+    assert parse_faults("loss@3,grad@5:1") == {("loss", 3): None, ("grad", 5): 1}
+    with pytest.raises(ValueError, match="KIND@STEP"):
+        parse_faults("nan@3")
+
+
+def test_guard_skips_then_reloads_and_catches_spikes():
+    g = Guard(max_bad_steps=3, spike_factor=3.0)
+    assert [g.verdict(float("nan"), False) for _ in range(3)] == ["skip", "skip", "reload"]
+    g.reloaded()
+    assert g.verdict(2.0, True) == "ok" and g.bad_in_row == 0 and g.bad_total == 3
+    for _ in range(12):
+        assert g.verdict(2.0, True) == "ok"
+    assert g.verdict(5.9, True) == "ok"  # under 3 x the running mean
+    assert g.verdict(8.0, True) == "reload" and "spike" in g.reason  # the mean is now 2.39
+    assert Guard(spike_factor=0.0, good=50, mean=1.0).verdict(100.0, True) == "ok"  # off
+
+
+# -----------------------------------------------------------------------------
+# the guard in train.py
+
+def test_bad_batches_are_skipped_exactly_like_skipped_batches(pretrain_dir, tmp_path):
+    """A NaN loss at step 3 and an inf gradient at step 5: the run equals one that skipped both."""
+    common = ["--data", pretrain_dir, *FAST, "--max-iters", "7", "--eval-interval", "7", "--save-interval", "7"]
+    bad = tmp_path / "bad"
+    r = train(bad, *common, faults="loss@3,grad@5")
+    clean = tmp_path / "clean"
+    train(clean, *common, "--skip-steps", "3,5")
+    assert "skipped: non-finite loss or gradient norm (1 bad so far)" in r.stdout
+    skipped = [(x["step"], x.get("bad_steps")) for x in read_log(bad) if "skipped" in x]
+    assert skipped == [(3, 1), (5, 2)]
+    assert sorted(losses(bad)) == [1, 2, 4, 6, 7] and losses(bad) == losses(clean)
+    assert same_weights(bad, clean)
+
+
+def test_ddp_ranks_agree_to_skip_a_step_only_one_saw_go_bad(pretrain_dir, tmp_path):
+    """Under torchrun the inf gradient is on rank 1 only, the NaN loss on rank 0 only: both ranks skip
+    (else rank 0 would apply step 3, and its saved weights would differ from the reference's)."""
+    common = ["--data", pretrain_dir, *FAST, "--max-iters", "5", "--eval-interval", "5", "--save-interval", "5",
+              "--batch-tokens", str(2 * 2 * 32)]
+    ddp = tmp_path / "ddp"
+    train(ddp, *common, faults="grad@3:1,loss@4:0", torchrun=True)
+    single = tmp_path / "single"
+    train(single, *common, "--skip-steps", "3-4")
+    assert [x["step"] for x in read_log(ddp) if "skipped" in x] == [3, 4]
+    assert losses(ddp).keys() == losses(single).keys() == {1, 2, 5}
+    assert all(losses(ddp)[k] == pytest.approx(v, rel=1e-4) for k, v in losses(single).items())
+    wa, wb = weights(ddp), weights(single)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_bad_stretches_and_spikes_go_back_to_the_last_checkpoint(pretrain_dir, tmp_path):
+    """Two bad steps in a row (6, 7) go back to ckpt_000004, dropping step 5's update; a loss spike at
+    14 goes back to ckpt_000012, dropping 13's: the run equals one that skipped 5-7 and 13-14."""
+    common = ["--data", pretrain_dir, *FAST, "--max-iters", "16", "--eval-interval", "16", "--save-interval", "4"]
+    bad = tmp_path / "bad"
+    r = train(bad, *common, "--max-bad-steps", "2", faults="loss@6,grad@7,spike@14")
+    clean = tmp_path / "clean"
+    train(clean, *common, "--skip-steps", "5-7,13-14")
+    reloads = [(x["step"], x["reloaded"]) for x in read_log(bad) if "reloaded" in x]
+    assert reloads == [(7, "ckpt_000004"), (14, "ckpt_000012")]
+    assert "reloaded ckpt_000004, going on at step 8 (the batches of steps 5-7 are not used again)" in r.stdout
+    assert "loss spike" in r.stdout
+    assert same_weights(bad, clean)
+    assert all(losses(bad)[s] == losses(clean)[s] for s in losses(clean))  # 5 and 13: trained, then undone
+
+
+def test_a_run_that_keeps_going_bad_ends_with_one_line(pretrain_dir, tmp_path):
+    common = ["--data", pretrain_dir, *FAST, "--max-iters", "12", "--save-interval", "2", "--max-bad-steps", "1"]
+    r = train(tmp_path / "a", *common, faults=",".join(f"loss@{s}" for s in range(3, 13)), check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "giving up" in r.stderr.strip().splitlines()[-1]
+    assert r.stdout.count("reloaded ckpt_") == 3  # the saves between hold no progress: they do not count
+    r = train(tmp_path / "b", *common, faults="loss@1", check=False)
+    assert r.returncode != 0 and "no checkpoint to go back to yet" in r.stderr.strip().splitlines()[-1]
+    r = train(tmp_path / "c", *common, faults="nan@1", check=False)
+    assert r.returncode != 0 and "MINIMIND_FAULTS 'nan@1'" in r.stderr.strip().splitlines()[-1]
