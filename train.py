@@ -268,6 +268,9 @@ def add_lora_eval_system_flags(p):
                         "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
                         "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: backward recomputes each block from its input (less memory, "
+                        "~1/3 more compute; bench.py --only memory)")
     g.add_argument("--kernels", default=None, choices=mmkernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
@@ -607,6 +610,7 @@ def setup(argv) -> Run:
     procs.barrier()
 
     model, source_state, start_step, lora_spec = build_model(args, source, device, out)
+    model.grad_checkpoint = args.grad_checkpoint
     data, sizes, accum, batch_tokens = plan_batches(args, model, procs.world)
     check_tokenizer(data, source)
     tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's

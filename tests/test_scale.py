@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from checkpoint import resolve_checkpoint
 from conftest import ONE_THREAD, ROOT, read_log, run
 from guard import Guard, parse_faults, parse_steps
+from minimind import MiniMind, ModelConfig
 
 FAST = ["--model", "tiny", "--batch-size", "2", "--seq-len", "32", "--eval-iters", "1", "--log-interval", "1"]
 
@@ -129,3 +130,40 @@ def test_a_run_that_keeps_going_bad_ends_with_one_line(pretrain_dir, tmp_path):
     assert r.returncode != 0 and "no checkpoint to go back to yet" in r.stderr.strip().splitlines()[-1]
     r = train(tmp_path / "c", *common, faults="nan@1", check=False)
     assert r.returncode != 0 and "MINIMIND_FAULTS 'nan@1'" in r.stderr.strip().splitlines()[-1]
+
+
+# -----------------------------------------------------------------------------
+# activation checkpointing
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_grad_checkpoint_gives_the_same_gradients(moe):
+    """Recomputing each block in backward changes nothing but memory: loss and every gradient (the
+    MoE balance loss's included) are the same, and packed rows (a document mask) go through too."""
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48, qk_norm=True,
+                      **({"n_experts": 4, "top_k": 2, "aux_loss_coef": 0.1} if moe else {}))
+    torch.manual_seed(0)
+    model = MiniMind(cfg).train()
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    doc = torch.tensor([[0] * 7 + [1] * 9, [0] * 16])
+    grads = []
+    for recompute in (False, True):
+        model.grad_checkpoint = recompute
+        model.zero_grad(set_to_none=True)
+        _, loss = model(idx, targets, doc=doc)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (la, ga), (lb, gb) = grads
+    assert torch.equal(la, lb) and ga.keys() == gb.keys()
+    assert all(torch.allclose(ga[n], gb[n], rtol=1e-5, atol=1e-7) for n in ga), \
+        max((ga[n] - gb[n]).abs().max().item() for n in ga)
+    model.eval()  # inference never recomputes (no backward), with or without the flag
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], (model.__setattr__("grad_checkpoint", False), model(idx)[0])[1])
+
+
+def test_train_with_grad_checkpoint_follows_the_same_curve(pretrain_dir, tmp_path):
+    common = ["--data", pretrain_dir, *FAST, "--max-iters", "4", "--eval-interval", "4", "--save-interval", "4"]
+    train(tmp_path / "plain", *common)
+    train(tmp_path / "recompute", *common, "--grad-checkpoint")
+    a, b = losses(tmp_path / "plain"), losses(tmp_path / "recompute")
+    assert a.keys() == b.keys() and all(b[k] == pytest.approx(v, rel=1e-5) for k, v in a.items())
