@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils._python_dispatch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -139,6 +140,48 @@ def keep_freed_memory() -> bool:
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _find_mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):  # not glibc, or older than 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_mallinfo2 = _find_mallinfo2()
+
+
+def malloc_in_use() -> Optional[int]:
+    """Bytes the C allocator has handed out and not had back (glibc mallinfo2, every arena: heap in use +
+    mmapped blocks), whatever freed memory it keeps (keep_freed_memory): CPU tensors' memory, where RSS
+    would count the kept heap too. None off glibc (2.33+)."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakMalloc(torch.utils._python_dispatch.TorchDispatchMode):
+    """Within `with PeakMalloc() as p:`, p.peak is the most malloc_in_use() read after any aten op
+    (forward, backward and recomputation alike; an op's own temporaries, freed before it returns, are
+    not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = malloc_in_use() or 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, malloc_in_use() or 0)
+        return out
 
 
 def grad_scaler(device: str, dtype: torch.dtype):
