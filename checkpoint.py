@@ -114,6 +114,28 @@ def clean_stale(out_dir) -> list:
     return stale
 
 
+RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
+RUN_DIRS = ("tensorboard", "wandb", "swanlog")  # what tracking.py's trackers write there
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> list:
+    """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
+    train.py wrote there); every run removes the temporaries a killed save left (-> those removed)."""
+    if not resume and (checkpoint_dirs(out) or any((out / f).exists() for f in RUN_FILES)):
+        if not force:
+            raise CheckpointError(f"{out} holds a run already: --resume to continue it, --force to start over "
+                                  "(deletes its checkpoints and log), or another --out")
+        for p in checkpoint_dirs(out) + [out / d for d in RUN_DIRS if (out / d).is_dir()]:
+            shutil.rmtree(p)
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    return clean_stale(out)
+
+
 def checkpoint_dirs(out_dir) -> list:
     """The complete checkpoint directories of a run, oldest step first."""
     return sorted((p for p in Path(out_dir).glob("ckpt_*") if p.is_dir() and p.name[5:].isdigit()),

@@ -178,8 +178,8 @@ class PeakMalloc(torch.utils._python_dispatch.TorchDispatchMode):
         super().__init__()
         self.peak = malloc_in_use() or 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+    def __torch_dispatch__(self, func, types, inputs=(), kwargs=None):
+        out = func(*inputs, **(kwargs or {}))
         self.peak = max(self.peak, malloc_in_use() or 0)
         return out
 

@@ -46,7 +46,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -60,8 +59,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 import mmkernels
-from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, load_optimizer_state,
-                        newest_run, plot_log, reload_into, resolve_checkpoint, run_number, save_checkpoint, stage_runs)
+from checkpoint import (CheckpointError, Log, load_checkpoint, load_optimizer_state, newest_run,
+                        plot_log, prepare_run_dir, reload_into, resolve_checkpoint, run_number, save_checkpoint, stage_runs)
 from data import DPOData, PretrainData, PromptData, SFTData
 from guard import Faults, Guard, agree, grad_norm, parse_steps
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
@@ -88,7 +87,6 @@ RL_PROMPTS = 4  # RL's default --batch-size: prompts (each with --num-generation
 # mode -> its data reader (its objective: make_objective)
 MODES = {"pretrain": PretrainData, "sft": SFTData, "dpo": DPOData, "grpo": PromptData, "ppo": PromptData,
          "distill": SFTData}
-RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
 
 
 def positive(kind, zero: bool = False):
@@ -393,25 +391,6 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
 # -----------------------------------------------------------------------------
 # setup
 
-def prepare_run_dir(out: Path, args):
-    """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
-    train.py wrote there); every run removes the temporaries a killed save left."""
-    if not args.resume and (checkpoint_dirs(out) or any((out / f).exists() for f in RUN_FILES)):
-        if not args.force:
-            fail(f"{out} holds a run already: --resume to continue it, --force to start over (deletes its "
-                 "checkpoints and log), or another --out")
-        for p in checkpoint_dirs(out):
-            shutil.rmtree(p)
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"{out}: cannot create the run directory ({e.strerror})")
-    for p in clean_stale(out):
-        print(f"removed {p.name}, left by a save that was interrupted")
-
-
 def build_default_data(args, source):
     """Prepare the default data of a mode from the embedded corpora, or the built-in task, when it is
     missing (rank 0 only)."""
@@ -605,7 +584,11 @@ def setup(argv) -> Run:
     procs, device, dtype = setup_process(args)
     out = Path(args.out)
     if procs.master:
-        prepare_run_dir(out, args)
+        try:
+            for p in prepare_run_dir(out, args.resume, args.force):
+                print(f"removed {p.name}, left by a save that was interrupted")
+        except CheckpointError as e:
+            fail(str(e))
         build_default_data(args, source)
     procs.barrier()
 
