@@ -70,6 +70,7 @@ from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad
                      pick_dtype, setup_distributed)
 from scoring import bytes_per_token
 from tokenizer import Tokenizer
+from tracking import TRACKERS, Trackers, TrackerError, parse_trackers
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1e-4,  # fine-tuning: gentler
@@ -103,13 +104,16 @@ def positive(kind, zero: bool = False):
     return parse
 
 
-def step_list(text: str) -> str:
-    """argparse type of --skip-steps: checked here, read by guard.parse_steps (the flags keep the text)."""
-    try:
-        parse_steps(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def checked(parse):
+    """argparse type: the text itself once `parse` accepts it (the flags keep the text; the run parses it)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    check.__name__ = parse.__name__
+    return check
 
 
 def fail(message: str):
@@ -194,7 +198,7 @@ def add_optim_flags(p):
     g.add_argument("--spike-factor", type=positive(float, zero=True), default=3.0,
                    help="pretrain, sft, distill: a loss above this x its running mean also goes back to the last "
                         "good checkpoint (0: off)")
-    g.add_argument("--skip-steps", type=step_list, default="", metavar="STEPS",
+    g.add_argument("--skip-steps", type=checked(parse_steps), default="", metavar="STEPS",
                    help="steps whose batches are not trained on, e.g. 1200-1400,1530 (a bad stretch of data)")
 
 
@@ -259,6 +263,8 @@ def add_lora_eval_system_flags(p):
     g.add_argument("--eval-iters", type=positive(int), default=20, help="validation batches per evaluation")
     g.add_argument("--save-interval", type=positive(int), default=100, help="checkpoint every N steps (and at the end)")
     g.add_argument("--log-interval", type=positive(int), default=10, help="print every N steps")
+    g.add_argument("--log-to", type=checked(parse_trackers), default="", metavar="TRACKERS",
+                   help="also log to " + ", ".join(TRACKERS) + " (a comma list; their package installed: tracking.py)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
     g.add_argument("--dtype", default="auto",
@@ -571,6 +577,7 @@ class Run:
     datasheet: bool  # the peak is a datasheet's or --peak-tflops (else measured, and raised to the best seen)
     guard: Guard  # counts bad steps, decides skip / reload
     faults: Faults  # MINIMIND_FAULTS: faults injected on purpose (tests)
+    track: Trackers  # --log-to: wandb, swanlab, TensorBoard beside log.jsonl (rank 0; none elsewhere)
     t_start: float = 0.0  # when the loop started
     t_last: float = 0.0  # when the last progress line was printed
     tokens_since: int = 0  # tokens trained since then
@@ -629,10 +636,18 @@ def setup(argv) -> Run:
               flops_per_step=model.flops_per_token(args.seq_len) * batch_tokens,
               peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet),
               guard=Guard(args.max_bad_steps, args.spike_factor if args.mode in LM_MODES else 0.0),
-              faults=faults)
+              faults=faults, track=open_trackers(args, out, start_step, procs.master))
     if procs.master:
         describe_run(run)
     return run
+
+
+def open_trackers(args, out: Path, start_step: int, master: bool) -> Trackers:
+    try:
+        return Trackers(parse_trackers(args.log_to) if master else [], out, vars(args),
+                        start_step if args.resume else None)
+    except TrackerError as e:
+        fail(str(e))
 
 
 def setup_process(args):
@@ -786,6 +801,7 @@ def evaluate(run: Run) -> dict:
 
 def log_eval(run: Run, step: int, rec: dict):
     run.log.write(step=step, **rec)
+    run.track.log(step, rec)
     if run.procs.master:
         print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
 
@@ -804,7 +820,9 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
     mfu = tps * run.flops_per_step / run.batch_tokens / run.peak
     eta = run.clock.left() if a.max_time else (a.max_iters - step) * run.batch_tokens / tps
     run.t_last, run.tokens_since = now, 0
-    run.log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - run.t_start, 2))
+    record = {**rec, "lr": lr, "tok_per_s": round(tps, 1), "mfu": round(mfu, 4)}
+    run.log.write(step=step, **record, time=round(now - run.t_start, 2))
+    run.track.log(step, record)
     if procs.master:
         shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
         print(f"step {step:5d}/{a.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
@@ -862,13 +880,14 @@ def main(argv=None):
                 run.peak = max(run.peak, measure_matmul_flops(run.device, run.dtype, seconds=0.2) * run.procs.world)
             log_eval(run, step, rec)
             if run.procs.master:
-                plot_log(run.out)
+                run.track.image(step, plot_log(run.out))
         # checkpoint
         if step % a.save_interval == 0 or last:
             with run.clock.measure("save"):
                 save(run, step)
         if last:
             break
+    run.track.close()
     if run.procs.master:
         print(f"done in {fmt_time(time.time() - run.t_start)}; checkpoint in {run.out}")
     if run.procs.ddp:

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -231,3 +232,85 @@ def test_two_nodes_match_one_process_and_a_killed_node_resumes_exactly(pretrain_
     assert losses(killed).keys() == b.keys() and all(losses(killed)[k] == pytest.approx(v, rel=1e-6) for k, v in b.items())
     wa, wb = weights(killed), weights(nodes)
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-6) for k in wa)
+
+
+# -----------------------------------------------------------------------------
+# experiment trackers (their packages are in the test extra only)
+
+def test_tensorboard_and_wandb_offline_get_what_log_jsonl_gets(pretrain_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--data", str(pretrain_dir), *FAST,
+                        "--max-iters", "4", "--eval-interval", "2", "--log-to", "tensorboard,wandb"],
+                       cwd=ROOT, capture_output=True, text=True, env={**ONE_THREAD, **env}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    log = read_log(out)
+    for key in ("loss", "lr", "tok_per_s", "val_loss", "val_bpb"):
+        assert [(e.step, pytest.approx(e.value, rel=1e-5)) for e in events.Scalars(key)] == \
+            [(x["step"], x[key]) for x in log if key in x], key
+    assert [e.step for e in events.Images("loss_plot")] == [2, 4]
+    assert '"seq_len": 32' in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and (out / "wandb" / "run-id").read_text().strip() in runs[0].name
+    history, config = wandb_records(next(runs[0].glob("run-*.wandb")))
+    for key in ("loss", "lr", "tok_per_s", "val_loss"):
+        assert [(step, pytest.approx(h[key], rel=1e-6)) for step, h in history if key in h] == \
+            [(x["step"], x[key]) for x in log if key in x], key
+    assert [step for step, h in history if h.get("loss_plot/_type") == "image-file"] == [2, 4]
+    assert {"seq_len", "lr", "mode"} <= config
+
+
+def wandb_records(path):
+    """(history [(step, {key: value})], config keys) of a wandb offline run file: LevelDB-style log
+    blocks of 32 KiB, each chunk a 7-byte header (checksum, length, type: 1 whole, 2-4 first/middle/last),
+    after the file's own 7-byte header; each record a protobuf Record."""
+    from wandb.proto import wandb_internal_pb2
+    raw, pos, buf, history, config = path.read_bytes(), 7, b"", [], set()
+    while pos + 7 <= len(raw):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if length == 0 and kind == 0:  # the rest of a block: padding
+            pos += left
+            continue
+        buf, pos = buf + raw[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record.FromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+                history.append((record.history.step.num, items))
+            elif record.WhichOneof("record_type") == "run":
+                config |= {i.key for i in record.run.config.update}
+    return history, config
+
+
+def test_swanlab_offline_gets_the_config_and_metrics(pretrain_dir, tmp_path):
+    """swanlab has no reader of its offline run file: its config.yaml is read, the metric names are
+    looked for in the run file (protobuf records)."""
+    pytest.importorskip("swanlab")
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "train.py", "--out", str(out), "--data", str(pretrain_dir), *FAST,
+                        "--max-iters", "2", "--eval-interval", "2", "--log-to", "swanlab"],
+                       cwd=ROOT, capture_output=True, text=True, env={**ONE_THREAD, "SWANLAB_MODE": "offline"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list((out / "swanlog").glob("run-*"))
+    assert len(runs) == 1 and "seq_len" in (runs[0] / "files" / "config.yaml").read_text()
+    raw = next(runs[0].glob("run-*.swanlab")).read_bytes()
+    assert all(key in raw for key in (b"loss", b"val_loss", b"tok_per_s", b"loss_plot"))
+
+
+def test_a_tracker_not_installed_or_unknown_is_one_line(pretrain_dir, tmp_path):
+    hide = tmp_path / "hide"  # a wandb that cannot be imported, ahead of the real one
+    (hide / "wandb").mkdir(parents=True)
+    (hide / "wandb" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    common = ["train.py", "--out", str(tmp_path / "run"), "--data", str(pretrain_dir), *FAST, "--max-iters", "1"]
+    r = subprocess.run([sys.executable, *common, "--log-to", "wandb"], cwd=ROOT, capture_output=True, text=True,
+                       env={**ONE_THREAD, "PYTHONPATH": str(hide)})
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "the wandb package is not installed (pip install wandb" in r.stderr.strip().splitlines()[-1]
+    r = subprocess.run([sys.executable, *common, "--log-to", "mlflow"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown tracker(s) mlflow" in r.stderr
