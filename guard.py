@@ -142,6 +142,8 @@ def grad_norm(params, clip: float) -> torch.Tensor:
     """The global gradient norm of `params`, clipped to `clip` (0: measured only)."""
     params = [p for p in params if p.grad is not None]
     if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor, made whole
 

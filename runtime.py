@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.utils._python_dispatch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -90,6 +92,33 @@ def setup_distributed(device_flag: str):
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     return procs, device
+
+
+def parallelize(model, procs: Processes, device: str, dtype: torch.dtype, fsdp: bool = False,
+                compile: bool = False):
+    """-> what the training steps run: the model compiled if asked, under DDP (each process holds every
+    weight), or with fsdp sharded in place by FSDP2 (fully_shard: each block, then the rest; weights,
+    gradients and optimizer state split over the processes, each block's weights gathered for its
+    forward and backward; fp32 gradient reduction whatever the compute dtype). Evaluate and save the
+    model itself (FSDP: still the model, sharded)."""
+    if fsdp:
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    train_model = torch.compile(model) if compile else model
+    if procs.ddp and not fsdp:
+        train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+    return train_model
+
+
+def gradient_sync(model, train_model, on: bool):
+    """Gradient accumulation: reduce the gradients over the processes on this backward (the last
+    micro-batch), or keep them local."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
+    elif isinstance(train_model, DDP):
+        train_model.require_backward_grad_sync = on
 
 
 def cpu_has_bf16() -> bool:

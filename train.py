@@ -55,22 +55,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 import mmkernels
-from checkpoint import (CheckpointError, Log, load_checkpoint, load_optimizer_state, newest_run,
-                        plot_log, prepare_run_dir, reload_into, resolve_checkpoint, run_number, save_checkpoint, stage_runs)
-from data import DPOData, PretrainData, PromptData, SFTData
+from checkpoint import (CheckpointError, Log, gather_model, load_checkpoint, load_optimizer_into, newest_run,
+                        plot_log, prepare_run_dir, reload_into, resolve_checkpoint, run_number, save_checkpoint,
+                        save_sharded_optimizer, stage_runs)
+from data import DPOData, PretrainData, PromptData, SFTData, check_tokenizer
 from guard import Faults, Guard, agree, grad_norm, parse_steps
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
-from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, keep_freed_memory, measure_matmul_flops,
-                     pick_dtype, setup_distributed)
+from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, gradient_sync,
+                     keep_freed_memory, measure_matmul_flops, parallelize, pick_dtype, setup_distributed)
 from scoring import bytes_per_token
-from tokenizer import Tokenizer
-from tracking import TRACKERS, Trackers, TrackerError, parse_trackers
+from tracking import TRACKERS, Trackers, parse_trackers
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1e-4,  # fine-tuning: gentler
@@ -272,6 +271,9 @@ def add_lora_eval_system_flags(p):
                         "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
                         "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2 instead of DDP, weights, gradients and AdamW state sharded over the "
+                        "processes; sharded checkpoints that resume at any process count (pretrain, sft, dpo, distill)")
     g.add_argument("--grad-checkpoint", action="store_true",
                    help="activation checkpointing: backward recomputes each block from its input (less memory, "
                         "~1/3 more compute; bench.py --only memory)")
@@ -312,6 +314,8 @@ def resolve_args(args, argv):
     if source is not None:
         args = updated(args, inherited(args, saved, given))
     args = updated(args, mode_defaults(args, saved, given))
+    if args.fsdp and (args.mode in RL_MODES or args.lora_rank or args.optimizer == "muon"):
+        fail("--fsdp trains every weight with AdamW (not Muon, not LoRA adapters) in pretrain, sft, dpo or distill")
     if args.mode == "grpo" and args.num_generations < 2:
         fail("--num-generations must be at least 2 for grpo: advantages are relative to the prompt's group")
     if args.mode in RL_MODES and args.ppo_minibatches > args.batch_size * args.num_generations:
@@ -386,7 +390,7 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
     ppo = args.mode == "ppo"
     defaults = {"beta": DEFAULT_BETA.get(args.mode, 0.0), "ppo_epochs": 2 if ppo else 1,
                 "ppo_minibatches": 2 if ppo else 1, "reward": "exact" + (" tool:0.5" if args.tools is not None else ""),
-                "lr": DEFAULT_LR[args.mode], "optimizer": DEFAULT_OPTIMIZER[args.mode],
+                "lr": DEFAULT_LR[args.mode], "optimizer": "adamw" if args.fsdp else DEFAULT_OPTIMIZER[args.mode],
                 "schedule": "wsd" if args.max_time else "cosine"}
     values = {k: v for k, v in defaults.items() if getattr(args, k) is None}
     if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
@@ -448,17 +452,6 @@ def build_model(args, source, device, out: Path):
     else:
         model.requires_grad_(True)
     return model, state, start_step, lora_spec
-
-
-def check_tokenizer(data, source):
-    """The data must be tokenized by the tokenizer the checkpoint was trained with."""
-    tok_dir = source / "tokenizer" if source is not None else None
-    if tok_dir is None or not (tok_dir / "tokenizer.json").exists() or "tokenizer_hash" not in data.meta:
-        return
-    theirs = Tokenizer(tok_dir).hash()
-    if theirs != data.meta["tokenizer_hash"]:
-        fail(f"{data.dir} was tokenized by another tokenizer (hash {data.meta['tokenizer_hash']}) than the checkpoint "
-             f"{source} was trained with ({theirs}): prepare the data with --tokenizer {tok_dir}")
 
 
 def plan_batches(args, model, world: int):
@@ -602,26 +595,29 @@ def setup(argv) -> Run:
     model, source_state, start_step, lora_spec = build_model(args, source, device, out)
     model.grad_checkpoint = args.grad_checkpoint
     data, sizes, accum, batch_tokens = plan_batches(args, model, procs.world)
-    check_tokenizer(data, source)
     tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's
     if not tok_dir.exists() and source is not None:
         tok_dir = source / "tokenizer"
     # batch_tokens_per_step: recorded, so a resume with another world size keeps it
     args = updated(args, {**sizes, "batch_tokens_per_step": batch_tokens, "tokenizer_dir": str(tok_dir)})
     try:
+        check_tokenizer(data.meta, data.dir, source / "tokenizer" if source is not None else None)
         objective, faults = make_objective(args, model), Faults.from_env()
+        track = Trackers(parse_trackers(args.log_to) if procs.master else [], out, vars(args),
+                         start_step if args.resume else None)  # (TrackerError: a ValueError)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
+    train_model = parallelize(model, procs, device, dtype, args.fsdp and procs.ddp, args.compile)  # FSDP: first
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     clipped = list(model.parameters())
     if objective.module is not None:
         optimizer = WithModule(optimizer, objective.module, objective.module_lr / args.lr)
         clipped += list(objective.module.parameters())
     if args.resume:
-        optimizer.load_state_dict(load_optimizer_state(source, device))
-    train_model = torch.compile(model) if args.compile else model
-    if procs.ddp:
-        train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+        try:
+            load_optimizer_into(model, optimizer, source, device)
+        except CheckpointError as e:
+            fail(str(e))
 
     datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
     run = Run(args=args, procs=procs, device=device, dtype=dtype, out=out, model=model, train_model=train_model,
@@ -636,18 +632,10 @@ def setup(argv) -> Run:
               flops_per_step=model.flops_per_token(args.seq_len) * batch_tokens,
               peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet),
               guard=Guard(args.max_bad_steps, args.spike_factor if args.mode in LM_MODES else 0.0),
-              faults=faults, track=open_trackers(args, out, start_step, procs.master))
+              faults=faults, track=track)
     if procs.master:
         describe_run(run)
     return run
-
-
-def open_trackers(args, out: Path, start_step: int, master: bool) -> Trackers:
-    try:
-        return Trackers(parse_trackers(args.log_to) if master else [], out, vars(args),
-                        start_step if args.resume else None)
-    except TrackerError as e:
-        fail(str(e))
 
 
 def setup_process(args):
@@ -702,8 +690,7 @@ def train_step(run: Run, step: int) -> dict:
         for micro, batch in enumerate(batches):
             if objective.updates > 1:
                 batch = {**batch, "update": update}
-            if procs.ddp:
-                run.train_model.require_backward_grad_sync = micro == run.accum - 1
+            gradient_sync(run.model, run.train_model, micro == run.accum - 1)
             with autocast(run.device, run.dtype):
                 loss, extra = objective(run.train_model, batch)
             loss = run.faults.loss(loss, step, procs.rank) if micro == 0 else loss
@@ -778,18 +765,19 @@ def go_back(run: Run, step: int):
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
-    A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
+    Every rank runs as many batches (those past the last with weight 0): the same keys all-reduced,
+    and FSDP's forwards, which gather weights from every rank, matched."""
     model, procs = run.model, run.procs
     model.eval()
-    mine = [i for i in range(run.eval_batches) if i % procs.world == procs.rank]
-    totals = {}
-    for i in mine or [procs.rank]:
+    totals, mine = {}, 0
+    for i in range(procs.rank, -(-run.eval_batches // procs.world) * procs.world, procs.world):
         with autocast(run.device, run.dtype):
             loss, extra = run.objective.evaluate(model, run.data.batch("val", 0, i, run.args.batch_size, run.device))
         for k, v in {"loss": loss, **extra}.items():
-            totals[k] = totals.get(k, 0.0) + (float(v) if mine else 0.0)
+            totals[k] = totals.get(k, 0.0) + (float(v) if i < run.eval_batches else 0.0)
+        mine += i < run.eval_batches
     keys = sorted(totals)
-    vals = torch.tensor([totals[k] for k in keys] + [len(mine)], dtype=torch.float64)
+    vals = torch.tensor([totals[k] for k in keys] + [mine], dtype=torch.float64)
     if procs.ddp:
         dist.all_reduce(vals)
     model.train()
@@ -830,15 +818,22 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
 
 
 def save(run: Run, step: int):
-    """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0."""
-    a = run.args
+    """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0 (FSDP:
+    the weights gathered to it, the optimizer state written in shards by every rank)."""
+    a, fsdp = run.args, run.args.fsdp and run.procs.ddp
+    staging = run.out / f".ckpt_{step:06d}.optim" if fsdp else None  # (a .ckpt_* left by a kill: removed at start)
+    weights = gather_model(run.model, run.procs.master) if fsdp else run.model
+    if fsdp:
+        save_sharded_optimizer(run.model, run.optimizer, staging)
+        run.procs.barrier()
     if run.procs.master:
         state = {"kind": a.mode, "args": vars(a), "data": {"dir": str(run.data.dir), "meta": run.data.meta},
                  "train_seconds": round(run.clock.spent(), 3)}
         if run.lora_spec:
             state["lora"] = run.lora_spec
         try:
-            save_checkpoint(run.out, step, run.model, state, run.optimizer, run.tok_dir if run.tok_dir.exists() else None,
+            save_checkpoint(run.out, step, weights, state, None if fsdp else run.optimizer,
+                            run.tok_dir if run.tok_dir.exists() else None, optimizer_dir=staging,
                             weights=lora.lora_state_dict(run.model) if run.lora_spec else None)
         except CheckpointError as e:
             fail(str(e))
