@@ -70,9 +70,9 @@ class Faults:
         return loss * 100.0 if self.hit("spike", step, rank) else loss
 
     def grads(self, params, step: int, rank: int):
-        if self.hit("grad", step, rank):
-            p = next(p for p in params if p.grad is not None)
-            p.grad.view(-1)[0] = float("inf")
+        if self.hit("grad", step, rank):  # (FSDP: into this process's shard; a DTensor view would be collective)
+            grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in params if p.grad is not None]
+            next(g for g in grads if g.numel()).view(-1)[0] = float("inf")
 
 
 def agree(loss: torch.Tensor, grad_norm: Optional[torch.Tensor], ddp: bool, world: int) -> tuple:

@@ -758,8 +758,9 @@ def go_back(run: Run, step: int):
     guard.reloaded()
     run.log.write(step=step, reloaded=ckpt.name, reason=guard.reason)
     if run.procs.master:
+        undone = f"steps {int(ckpt.name[5:]) + 1}-{step}" if int(ckpt.name[5:]) + 1 < step else f"step {step}"
         print(f"step {step:5d} | {guard.reason}: reloaded {ckpt.name}, going on at step {step + 1} (the batches "
-              f"of steps {int(ckpt.name[5:]) + 1}-{step} are not used again)", flush=True)
+              f"of {undone} are not used again)", flush=True)
 
 
 @torch.no_grad()

@@ -348,6 +348,26 @@ def test_fsdp_follows_one_process_and_its_sharded_checkpoints_resume_at_4_2_1(pr
     assert state["args"]["fsdp"] and torch.equal(model.embed.weight, load_file(out / "ckpt_000004" / "model.safetensors")["embed.weight"])
 
 
+def test_fsdp_skips_bad_steps_and_goes_back_like_ddp(pretrain_dir, tmp_path):
+    """Under FSDP a NaN loss at step 4 is skipped and an inf gradient in rank 1's shard at step 5 makes
+    two in a row: back to ckpt_000004 (sharded weights and optimizer state reloaded in place), as if
+    steps 4-5 were skipped."""
+    common = ["--data", pretrain_dir, *FAST, "--optimizer", "adamw", "--batch-tokens", str(2 * 2 * 32),
+              "--max-iters", "6", "--eval-interval", "6", "--save-interval", "2"]
+    out, clean = tmp_path / "fsdp", tmp_path / "clean"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "--out", str(out), *map(str, common), "--fsdp", "--max-bad-steps", "2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**ONE_THREAD, "MINIMIND_FAULTS": "loss@4,grad@5:1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "reloaded ckpt_000004, going on at step 6 (the batches of step 5 are not used again)" in r.stdout
+    train(clean, *common, "--skip-steps", "4-5")
+    a, b = losses(clean), losses(out)
+    assert a.keys() == b.keys() == {1, 2, 3, 6} and all(b[k] == pytest.approx(v, rel=1e-4) for k, v in a.items())
+    wa, wb = weights(clean), weights(out)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 5e-4
+
+
 def test_fsdp_refuses_what_it_does_not_shard(pretrain_dir, tmp_path):
     r = train(tmp_path / "x", "--data", pretrain_dir, *FAST, "--fsdp", "--optimizer", "muon", check=False)
     assert r.returncode != 0 and "--fsdp trains every weight with AdamW" in r.stderr.strip().splitlines()[-1]
