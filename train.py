@@ -9,6 +9,7 @@
     python train.py --mode=ppo                       # out/sft + data/ppo -> out/ppo (value head, GAE)
     python train.py --mode=distill --teacher=out/big-sft --model=tiny       # data/sft -> out/distill
     torchrun --standalone --nproc_per_node=4 train.py --mode=dpo
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=NODE0:29500 train.py --fsdp  # docs/scale.md
     python train.py --mode=pretrain --resume         # continue out/pretrain after a crash / kill -9
     python train.py --mode=pretrain --model=minimind-3 --data=data/big --out=out/m3 --epochs=1
     python train.py --mode=sft --lora-rank=8 --out=out/sft-lora   # adapters only, base frozen
@@ -36,9 +37,10 @@ with positions restarting and attention confined to each; the loss covers the as
 
 Per step it prints loss, lr, tokens/s, MFU and ETA, and appends to OUT/log.jsonl (training steps
 with "step" and "loss", evaluations with "step" and "val_loss", and for pretraining "val_bpb", bits per
-byte of the held-out text); OUT/loss.png plots them.
-Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see checkpoint.py). Every batch is a pure function
-of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
+byte of the held-out text); OUT/loss.png plots them; --log-to sends the same to trackers (tracking.py).
+A step with a non-finite loss or gradient norm is skipped on every process; a bad stretch or a loss
+spike goes back to the last checkpoint (guard.py). Checkpoints go to OUT/ckpt_XXXXXX/ atomically
+(see checkpoint.py). Every batch is a pure function of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
 uninterrupted one, also when it resumes with another number of processes (the tokens per step
 are kept; gradient accumulation makes up the difference).
 """
