@@ -13,6 +13,8 @@ Sections:
           each as MFU = achieved FLOP/s / the matmul peak of that dtype measured above
   optim   optimizer step time, AdamW vs Muon (five Newton-Schulz iterations per matrix), against
           the forward + backward of the training batch it updates
+  memory  train.py --grad-checkpoint at minimind-3 (else the last of --models): a step's peak memory
+          above weights, gradients and optimizer state, and its time, as ratios to the plain step
   decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
           weight once: bandwidth / weight bytes), eager and compiled (MiniMind.step under torch.compile:
           compile time cold and warm, tokens until it pays), then KV-cache eager / compiled vs naive
@@ -54,7 +56,8 @@ from mmkernels.rms_norm import rms_norm_torch
 from mmkernels.rope import rope_torch
 from losses import DPO, DPOConfig, ReferenceCache, lm_loss
 from optim import make_optimizer
-from runtime import autocast, keep_freed_memory, measure_matmul_flops, pick_device, pick_dtype
+from runtime import (PeakMalloc, autocast, keep_freed_memory, malloc_in_use, measure_matmul_flops, pick_device,
+                     pick_dtype)
 from tokenizer import SPECIAL_TOKENS
 
 
@@ -199,6 +202,43 @@ def bench_optim(device, out, models, seq_len, steps):
               f"AdamW step {row['adamw_ms']:7.1f} ms | Muon step {row['muon_ms']:7.1f} ms "
               f"({100 * row['muon_ms'] / row['fwd_bwd_ms']:.0f}% of fwd+bwd)", flush=True)
         del model
+
+
+def bench_memory(device, out, name: str, seq_len: int, steps: int):
+    """--grad-checkpoint: a training step's (fp32, AdamW) peak memory above weights, gradients (zeroed in
+    place) and optimizer state, and its time, without and with. CUDA: max_memory_allocated; CPU: the
+    most bytes malloc has handed out (runtime.PeakMalloc) after any aten op: not RSS, which keeps freed heap."""
+    sync, B, rows = sync_fn(device), bench_batch(device, name), {}
+    x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = MiniMind(PRESETS[name]).to(device).train()
+        model.grad_checkpoint = recompute
+        opt = make_optimizer(model, "adamw", 1e-4, 0.1, device)
+
+        def step():
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+        dt = train_step_time(model, step, steps, sync)
+        if device == "cuda":
+            base, _ = torch.cuda.memory_allocated(), torch.cuda.reset_peak_memory_stats()
+            step()
+            peak = torch.cuda.max_memory_allocated() - base  # (the host allocates at launch: no sync needed)
+        else:
+            base = malloc_in_use()
+            with PeakMalloc() as probe:
+                step()
+            peak = probe.peak - base if base is not None else float("nan")
+        rows[recompute] = {"step_ms": round(1e3 * dt, 1), "peak_mib": round(peak / 2**20, 1)}
+        del model, opt
+    plain, ckpt = rows[False], rows[True]
+    r = out["memory"] = {"model": name, "batch": B, "seq_len": seq_len, "plain": plain, "grad_checkpoint": ckpt,
+                         "memory_ratio": round(ckpt["peak_mib"] / plain["peak_mib"], 3),
+                         "time_ratio": round(ckpt["step_ms"] / plain["step_ms"], 3)}
+    print(f"memory {name} B={B} T={seq_len}: step peak above weights/grads/optimizer {plain['peak_mib']:.0f} MiB, "
+          f"--grad-checkpoint {ckpt['peak_mib']:.0f} MiB ({r['memory_ratio']:.2f}x), step time {r['time_ratio']:.2f}x")
 
 
 def timed_rates(variants: dict, reps: int, sync, probe=None):
@@ -817,7 +857,7 @@ def _bench_tokenizer() -> str:
     return d
 
 
-SECTIONS = ("peak", "train", "optim", "dpo", "decode", "server", "kernels", "moe")
+SECTIONS = ("peak", "train", "optim", "dpo", "memory", "decode", "server", "kernels", "moe")
 
 
 def main(argv=None):
@@ -865,6 +905,8 @@ def main(argv=None):
         bench_optim(device, out, models, args.seq_len, args.steps)
     if "dpo" in sections:
         bench_dpo(device, out, models[0], args.seq_len, args.steps)
+    if "memory" in sections:
+        bench_memory(device, out, "minimind-3" if "minimind-3" in models else models[-1], args.seq_len, args.steps)
     if "decode" in sections:
         out["decode_load"] = [os.getloadavg()[0]]
         bench_decode_limit(device, out, models, compile_too=not args.no_compile)

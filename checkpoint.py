@@ -10,6 +10,8 @@ Checkpoint layout (written by train.py, read by sample.py, serve.py, export.py):
         config.json          ModelConfig
         state.json           step, args, data state, kind (pretrain|sft|dpo)
         optim.pt             optimizer state (for --resume)
+        optim/               or: the optimizer state sharded by torch.distributed.checkpoint
+                             (an FSDP run's: each process wrote its shard; loads at any world size)
         tokenizer/           the tokenizer the model was trained with
 
 A checkpoint directory is written under a temporary name (.ckpt_*), fsynced, and renamed when
@@ -30,7 +32,11 @@ import sys
 from typing import Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule
 
 import lora
 import mmkernels
@@ -99,15 +105,18 @@ def atomic_write_bytes(path, data: bytes):
 
 HASHED = ("model.safetensors", "adapter.safetensors", "config.json", "optim.pt")  # what state.json vouches for,
 TOKENIZER = "tokenizer"  # with every file of the tokenizer directory
+OPTIM_DIR = "optim"  # with every file of the sharded optimizer state (FSDP runs)
 MAX_STATE_BYTES = 16 << 20  # state.json holds flags, data meta and hashes: kilobytes
 
 
 def hashed_files(ckpt: Path) -> list:
     """The files of a checkpoint directory that state.json must list: the HASHED ones present and
     every file of tokenizer/ (as "tokenizer/NAME"; a tokenizer directory is flat)."""
-    tok = ckpt / TOKENIZER
-    return ([f for f in HASHED if (ckpt / f).is_file()] +
-            sorted(f"{TOKENIZER}/{p.name}" for p in (tok.iterdir() if tok.is_dir() else ()) if not p.is_dir()))
+    listed = [f for f in HASHED if (ckpt / f).is_file()]
+    for folder in (TOKENIZER, OPTIM_DIR):  # both flat
+        d = ckpt / folder
+        listed += sorted(f"{folder}/{p.name}" for p in (d.iterdir() if d.is_dir() else ()) if not p.is_dir())
+    return listed
 
 
 def clean_stale(out_dir) -> list:
@@ -118,6 +127,28 @@ def clean_stale(out_dir) -> list:
     return stale
 
 
+RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
+RUN_DIRS = ("tensorboard", "wandb", "swanlog")  # what tracking.py's trackers write there
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> list:
+    """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
+    train.py wrote there); every run removes the temporaries a killed save left (-> those removed)."""
+    if not resume and (checkpoint_dirs(out) or any((out / f).exists() for f in RUN_FILES)):
+        if not force:
+            raise CheckpointError(f"{out} holds a run already: --resume to continue it, --force to start over "
+                                  "(deletes its checkpoints and log), or another --out")
+        for p in checkpoint_dirs(out) + [out / d for d in RUN_DIRS if (out / d).is_dir()]:
+            shutil.rmtree(p)
+        for f in RUN_FILES:
+            (out / f).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"{out}: cannot create the run directory ({e.strerror})") from None
+    return clean_stale(out)
+
+
 def checkpoint_dirs(out_dir) -> list:
     """The complete checkpoint directories of a run, oldest step first."""
     return sorted((p for p in Path(out_dir).glob("ckpt_*") if p.is_dir() and p.name[5:].isdigit()),
@@ -125,9 +156,10 @@ def checkpoint_dirs(out_dir) -> list:
 
 
 def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=None, tokenizer_dir=None,
-                    keep: int = 2, weights: dict = None) -> Path:
+                    keep: int = 2, weights: dict = None, optimizer_dir: Optional[Path] = None) -> Path:
     """Write OUT/ckpt_{step}/ atomically, point OUT/latest at it, keep the newest `keep`.
-    `weights` (name -> tensor) replaces the full model weights (e.g. LoRA adapters only).
+    `weights` (name -> tensor) replaces the full model weights (e.g. LoRA adapters only);
+    `optimizer_dir` (save_sharded_optimizer's) is moved in as optim/ instead of optim.pt.
     Every file is fsynced before the rename; state.json records each file's SHA-256."""
     out_dir = Path(out_dir)
     name = f"ckpt_{step:06d}"
@@ -141,7 +173,9 @@ def save_checkpoint(out_dir, step: int, model: MiniMind, state: dict, optimizer=
                 save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()},
                           str(tmp / "adapter.safetensors"))
             (tmp / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-            if optimizer is not None:
+            if optimizer_dir is not None:
+                os.replace(optimizer_dir, tmp / OPTIM_DIR)
+            elif optimizer is not None:
                 torch.save(optimizer.state_dict(), tmp / "optim.pt")
             if tokenizer_dir is not None:
                 shutil.copytree(tokenizer_dir, tmp / TOKENIZER)
@@ -200,7 +234,8 @@ def check_state(state, ckpt: Path) -> dict:
                               "verified (edited, or saved before hashes were recorded)")
     for name, digest in files.items():
         parts = name.split("/")
-        if name not in HASHED and not (len(parts) == 2 and parts[0] == TOKENIZER and parts[1] not in ("", ".", "..")):
+        if name not in HASHED and not (len(parts) == 2 and parts[0] in (TOKENIZER, OPTIM_DIR)
+                                       and parts[1] not in ("", ".", "..")):
             raise CheckpointError(f"{where}: \"files\": {_short(name)} is not a file of a checkpoint")
         if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
             raise CheckpointError(f"{where}: \"files\": {_short(name)} has no SHA-256")
@@ -347,6 +382,57 @@ def load_checkpoint(path, device: str = "cpu", merge_lora: bool = True):
     return model.to(device).eval(), state, ckpt
 
 
+def reload_into(model, optimizer, ckpt: Path, device) -> None:
+    """Load a checkpoint of this run (resolve_checkpoint with fallback: verified) back into the live
+    model (its adapters only when it holds adapter.safetensors; FSDP: sharded as it is) and optimizer,
+    in place: a run going back to its last good state."""
+    if (ckpt / "adapter.safetensors").exists():
+        _load_weights(model, ckpt / "adapter.safetensors", lambda m, p: lora.load_lora_state_dict(m, load_file(str(p))))
+    elif isinstance(model, FSDPModule):  # the full weights into a plain copy, then sharded into the live model
+        plain = MiniMind(model.config)
+        _load_weights(plain, ckpt / "model.safetensors", lambda m, p: load_model(m, str(p), strict=True))
+        set_model_state_dict(model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+    else:
+        _load_weights(model, ckpt / "model.safetensors", lambda m, p: load_model(m, str(p), strict=True, device=device))
+    load_optimizer_into(model, optimizer, ckpt, device)
+
+
+# -----------------------------------------------------------------------------
+# FSDP: full weights gathered for the checkpoint, the optimizer state sharded (DCP)
+
+def gather_model(model, master: bool) -> Optional[MiniMind]:
+    """Every process calls it: an FSDP model's full weights, as a plain CPU MiniMind on the master
+    (None elsewhere), what save_checkpoint writes as model.safetensors (sample, serve, export read it)."""
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not master:
+        return None
+    plain = MiniMind(model.config)
+    plain.load_state_dict(weights)  # (the tied head: the embedding's tensor, given twice)
+    return plain
+
+
+def save_sharded_optimizer(model, optimizer, staging: Path):
+    """Every process calls it: each writes its shard of the optimizer state into `staging`
+    (torch.distributed.checkpoint), which save_checkpoint(optimizer_dir=) then moves into place."""
+    dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=str(staging))
+
+
+def load_optimizer_into(model, optimizer, ckpt: Path, device) -> None:
+    """A checkpoint's optimizer state into this run's optimizer: optim.pt, or optim/ (sharded,
+    resharded to this run's processes whatever their number, one process without torchrun too)."""
+    if not (ckpt / OPTIM_DIR).is_dir():
+        optimizer.load_state_dict(load_optimizer_state(ckpt, device))
+        return
+    state = get_optimizer_state_dict(model, optimizer)  # the layout to fill (this initializes the state)
+    try:
+        dcp.load(state, checkpoint_id=str(ckpt / OPTIM_DIR))
+    except Exception as e:  # DCP's CheckpointException lists every rank's traceback
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"{ckpt / OPTIM_DIR}: the sharded optimizer state does not load "
+                              f"({_short(first[0]) if first else type(e).__name__})") from None
+    set_optimizer_state_dict(model, optimizer, state)
+
+
 def merge_lora_checkpoint(ckpt, out) -> Path:
     """Write an adapter checkpoint's base + adapters as a full checkpoint (model.safetensors) in run
     directory `out`; state.json records where the adapters came from."""
@@ -454,6 +540,19 @@ def trained_kind(path) -> str:
         return json.loads((ckpt / "state.json").read_text()).get("kind", "")
     except (OSError, ValueError):
         return ""
+
+
+def stage_runs(mode: str) -> list:
+    """The run directories a stage wrote with its default --out: out/MODE, out/MODE-2, out/MODE-3, ..."""
+    runs = [p for p in Path("out").glob(f"{mode}*") if p.name == mode or
+            (p.name[len(mode):len(mode) + 1] == "-" and p.name[len(mode) + 1:].isdigit())]
+    return sorted((p for p in runs if (p / "latest").exists() or checkpoint_dirs(p) or (p / "log.jsonl").exists()),
+                  key=lambda p: run_number(p, mode))
+
+
+def run_number(run: Path, mode: str) -> int:
+    """out/MODE is run 1, out/MODE-N is run N."""
+    return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
 def newest_run(runs=None) -> Optional[Path]:

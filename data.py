@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rl.tasks import is_val_key, prompt_messages
-from tokenizer import ROLES
+from tokenizer import ROLES, Tokenizer
 
 _SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -588,3 +588,16 @@ class PromptData:
             spares = [records[i] for i in order if i not in set(ids)][:self.spares]
         return {"records": [records[i] for i in ids], "spares": spares, "generator": generator, "seed": seed,
                 "step": step, "index": index}
+
+
+def check_tokenizer(meta: dict, data_dir, tok_dir) -> None:
+    """Data must be tokenized by the tokenizer the checkpoint in tok_dir's parent was trained with (tok_dir
+    None or without tokenizer.json, or data without a recorded hash: nothing to check); a ValueError
+    naming both otherwise."""
+    if tok_dir is None or not (Path(tok_dir) / "tokenizer.json").exists() or "tokenizer_hash" not in meta:
+        return
+    theirs = Tokenizer(tok_dir).hash()
+    if theirs != meta["tokenizer_hash"]:
+        raise ValueError(f"{data_dir} was tokenized by another tokenizer (hash {meta['tokenizer_hash']}) than the "
+                         f"checkpoint {Path(tok_dir).parent} was trained with ({theirs}): prepare the data with "
+                         f"--tokenizer {tok_dir}")

@@ -23,6 +23,8 @@ Architecture choices (all presets):
   repetition/frequency/presence penalties, a seeded generator per row; used by generate, sample.py,
   engine.py (serve.py) alike
 - no host syncs in forward: the dense model compiles with `fullgraph=True`
+- optional activation checkpointing per block (`grad_checkpoint`, torch.utils.checkpoint without
+  reentrance): backward recomputes each block's insides from its input
 """
 import math
 from dataclasses import asdict, dataclass, replace
@@ -31,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import mmkernels
 
@@ -442,6 +445,7 @@ class MiniMind(nn.Module):
         self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.embed.weight  # tied
         self.rope_len = 0
+        self.grad_checkpoint = False  # training: keep each block's input only, recompute its insides in backward
         self._grow_rope(4096)
         self.init_weights()
 
@@ -512,8 +516,12 @@ class MiniMind(nn.Module):
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (B, T, D)
         else:
             cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D)
+        recompute = self.grad_checkpoint and self.training and cache is None and torch.is_grad_enabled()
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache)
+            if recompute:  # activation checkpointing: ~1 block's activations at a time, ~1/3 more compute
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.len += T
             x = x[:, -1:]

@@ -1,5 +1,6 @@
 """Where and how tensors run: device and dtype choice, the processes of a torchrun run, mixed precision,
-and the matmul peak that MFU is measured against; the modes of the files a run publishes."""
+and the matmul peak that MFU is measured against; the modes of the files a run publishes; the clock of a
+--max-time run."""
 import contextlib
 import ctypes
 import os
@@ -11,6 +12,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.utils._python_dispatch
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -90,6 +94,33 @@ def setup_distributed(device_flag: str):
     return procs, device
 
 
+def parallelize(model, procs: Processes, device: str, dtype: torch.dtype, fsdp: bool = False,
+                compile: bool = False):
+    """-> what the training steps run: the model compiled if asked, under DDP (each process holds every
+    weight), or with fsdp sharded in place by FSDP2 (fully_shard: each block, then the rest; weights,
+    gradients and optimizer state split over the processes, each block's weights gathered for its
+    forward and backward; fp32 gradient reduction whatever the compute dtype). Evaluate and save the
+    model itself (FSDP: still the model, sharded)."""
+    if fsdp:
+        policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+    train_model = torch.compile(model) if compile else model
+    if procs.ddp and not fsdp:
+        train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+    return train_model
+
+
+def gradient_sync(model, train_model, on: bool):
+    """Gradient accumulation: reduce the gradients over the processes on this backward (the last
+    micro-batch), or keep them local."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
+    elif isinstance(train_model, DDP):
+        train_model.require_backward_grad_sync = on
+
+
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and a bf16 matmul can be 100x slower than fp32."""
@@ -140,6 +171,48 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _find_mallinfo2():
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (AttributeError, OSError):  # not glibc, or older than 2.33
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_mallinfo2 = _find_mallinfo2()
+
+
+def malloc_in_use() -> Optional[int]:
+    """Bytes the C allocator has handed out and not had back (glibc mallinfo2, every arena: heap in use +
+    mmapped blocks), whatever freed memory it keeps (keep_freed_memory): CPU tensors' memory, where RSS
+    would count the kept heap too. None off glibc (2.33+)."""
+    if _mallinfo2 is None:
+        return None
+    info = _mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+class PeakMalloc(torch.utils._python_dispatch.TorchDispatchMode):
+    """Within `with PeakMalloc() as p:`, p.peak is the most malloc_in_use() read after any aten op
+    (forward, backward and recomputation alike; an op's own temporaries, freed before it returns, are
+    not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = malloc_in_use() or 0
+
+    def __torch_dispatch__(self, func, types, inputs=(), kwargs=None):
+        out = func(*inputs, **(kwargs or {}))
+        self.peak = max(self.peak, malloc_in_use() or 0)
+        return out
+
+
 def grad_scaler(device: str, dtype: torch.dtype):
     """fp16 training needs its loss scaled against underflow; bf16 and fp32 do not (disabled scaler)."""
     return torch.amp.GradScaler(device.split(":")[0], enabled=dtype == torch.float16)
@@ -182,6 +255,11 @@ def datasheet_flops(device: str, dtype: torch.dtype) -> Optional[float]:
             if key in name:
                 return flops if dtype != torch.float32 else flops / 2  # tf32 on fp32
     return None
+
+
+def fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class Clock:

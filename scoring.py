@@ -22,6 +22,7 @@ The conventions are lm-evaluation-harness's, so that numbers compare:
 """
 import codecs
 import math
+from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMind
-from tokenizer import token_bytes
+from tokenizer import Tokenizer, token_bytes
 
 
 # -----------------------------------------------------------------------------
@@ -171,6 +172,14 @@ def count_bytes(tokens: np.ndarray, lengths: np.ndarray, chunk: int = 1 << 24) -
     counting 0; read in chunks, so a split of billions of tokens needs little memory."""
     return int(sum(lengths[np.asarray(tokens[i:i + chunk], dtype=np.int64)].sum()
                    for i in range(0, len(tokens), chunk)))
+
+
+def bytes_per_token(tokens: np.ndarray, tok_dir) -> Optional[float]:
+    """UTF-8 bytes per token of a split (for bits per byte, a tokenizer-independent loss); None without
+    the tokenizer (tok_dir/tokenizer.json)."""
+    if not (Path(tok_dir) / "tokenizer.json").exists():
+        return None
+    return count_bytes(tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(tokens)
 
 
 # -----------------------------------------------------------------------------

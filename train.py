@@ -9,6 +9,7 @@
     python train.py --mode=ppo                       # out/sft + data/ppo -> out/ppo (value head, GAE)
     python train.py --mode=distill --teacher=out/big-sft --model=tiny       # data/sft -> out/distill
     torchrun --standalone --nproc_per_node=4 train.py --mode=dpo
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=NODE0:29500 train.py --fsdp  # docs/scale.md
     python train.py --mode=pretrain --resume         # continue out/pretrain after a crash / kill -9
     python train.py --mode=pretrain --model=minimind-3 --data=data/big --out=out/m3 --epochs=1
     python train.py --mode=sft --lora-rank=8 --out=out/sft-lora   # adapters only, base frozen
@@ -36,9 +37,10 @@ with positions restarting and attention confined to each; the loss covers the as
 
 Per step it prints loss, lr, tokens/s, MFU and ETA, and appends to OUT/log.jsonl (training steps
 with "step" and "loss", evaluations with "step" and "val_loss", and for pretraining "val_bpb", bits per
-byte of the held-out text); OUT/loss.png plots them.
-Checkpoints go to OUT/ckpt_XXXXXX/ atomically (see checkpoint.py). Every batch is a pure function
-of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
+byte of the held-out text); OUT/loss.png plots them; --log-to sends the same to trackers (tracking.py).
+A step with a non-finite loss or gradient norm is skipped on every process; a bad stretch or a loss
+spike goes back to the last checkpoint (guard.py). Checkpoints go to OUT/ckpt_XXXXXX/ atomically
+(see checkpoint.py). Every batch is a pure function of (seed, step, global micro-batch index), so on CPU a resumed run is bit-identical to an
 uninterrupted one, also when it resumes with another number of processes (the tokens per step
 are kept; gradient accumulation makes up the difference).
 """
@@ -46,7 +48,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -56,20 +57,21 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora
 import mmkernels
-from checkpoint import (CheckpointError, Log, checkpoint_dirs, clean_stale, load_checkpoint, load_optimizer_state,
-                        newest_run, plot_log, resolve_checkpoint, save_checkpoint)
-from data import DPOData, PretrainData, PromptData, SFTData
+from checkpoint import (CheckpointError, Log, gather_model, load_checkpoint, load_optimizer_into, newest_run,
+                        plot_log, prepare_run_dir, reload_into, resolve_checkpoint, run_number, save_checkpoint,
+                        save_sharded_optimizer, stage_runs)
+from data import DPOData, PretrainData, PromptData, SFTData, check_tokenizer
+from guard import Faults, Guard, agree, grad_norm, parse_steps
 from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
-from runtime import (Clock, Processes, autocast, datasheet_flops, grad_scaler, keep_freed_memory, measure_matmul_flops,
-                     pick_dtype, setup_distributed)
-from scoring import count_bytes, token_byte_lengths
-from tokenizer import Tokenizer
+from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, gradient_sync,
+                     keep_freed_memory, measure_matmul_flops, parallelize, pick_dtype, setup_distributed)
+from scoring import bytes_per_token
+from tracking import TRACKERS, Trackers, parse_trackers
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_LR = {"pretrain": 6e-3, "sft": 1e-3, "dpo": 1e-4, "grpo": 1e-4, "ppo": 1e-4,  # fine-tuning: gentler
@@ -81,17 +83,13 @@ DPO_MICRO_TOKENS = 4096  # a DPO micro-batch: as many rows (each as long as the 
 STARTS_FROM = {"sft": "pretrain", "dpo": "sft", "grpo": "sft", "ppo": "sft"}  # a stage's default start
 DEFAULT_DATA = {"distill": "data/sft"}  # else data/<mode>
 RL_MODES = ("grpo", "ppo")
+LM_MODES = ("pretrain", "sft", "distill")  # losses of next-token prediction: spikes are checked
+MAX_RELOADS = 3  # going back to the last good checkpoint more often than this before the next save: give up
 RL_PROMPTS = 4  # RL's default --batch-size: prompts (each with --num-generations episodes), not rows
 
 # mode -> its data reader (its objective: make_objective)
 MODES = {"pretrain": PretrainData, "sft": SFTData, "dpo": DPOData, "grpo": PromptData, "ppo": PromptData,
          "distill": SFTData}
-RUN_FILES = ("latest", "log.jsonl", "loss.png")  # what a run directory holds besides ckpt_* (train.py wrote them)
-
-
-def fmt_time(s: float) -> str:
-    s = int(s)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def positive(kind, zero: bool = False):
@@ -106,6 +104,18 @@ def positive(kind, zero: bool = False):
         return value
     parse.__name__ = f"{'non-negative' if zero else 'positive'} {kind.__name__}"
     return parse
+
+
+def checked(parse):
+    """argparse type: the text itself once `parse` accepts it (the flags keep the text; the run parses it)."""
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    check.__name__ = parse.__name__
+    return check
 
 
 def fail(message: str):
@@ -182,6 +192,16 @@ def add_optim_flags(p):
                    help="AdamW weight decay on >=2-D weights")
     g.add_argument("--grad-clip", type=positive(float, zero=True), default=1.0,
                    help="clip the global gradient norm (0: off)")
+    g = p.add_argument_group("unattended runs (guard.py)")
+    g.add_argument("--max-bad-steps", type=positive(int), default=5,
+                   help="a step with a non-finite loss or gradient norm is skipped; this many in a row go back to "
+                        f"the last good checkpoint (then the run goes on with new batches; {MAX_RELOADS} such "
+                        "reloads before the next save end the run)")
+    g.add_argument("--spike-factor", type=positive(float, zero=True), default=3.0,
+                   help="pretrain, sft, distill: a loss above this x its running mean also goes back to the last "
+                        "good checkpoint (0: off)")
+    g.add_argument("--skip-steps", type=checked(parse_steps), default="", metavar="STEPS",
+                   help="steps whose batches are not trained on, e.g. 1200-1400,1530 (a bad stretch of data)")
 
 
 def add_objective_flags(p):
@@ -255,6 +275,8 @@ def add_lora_eval_system_flags(p):
     g.add_argument("--keep-checkpoints", type=positive(int), default=2, metavar="N",
                    help="checkpoints kept in --out, the newest N (more: to start later stages from earlier steps)")
     g.add_argument("--log-interval", type=positive(int), default=10, help="print every N steps")
+    g.add_argument("--log-to", type=checked(parse_trackers), default="", metavar="TRACKERS",
+                   help="also log to " + ", ".join(TRACKERS) + " (a comma list; their package installed: tracking.py)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps, ...")
     g.add_argument("--dtype", default="auto",
@@ -262,24 +284,17 @@ def add_lora_eval_system_flags(p):
                         "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
                         "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: FSDP2 instead of DDP, weights, gradients and AdamW state sharded over the "
+                        "processes; sharded checkpoints that resume at any process count (pretrain, sft, dpo, distill)")
+    g.add_argument("--grad-checkpoint", action="store_true",
+                   help="activation checkpointing: backward recomputes each block from its input (less memory, "
+                        "~1/3 more compute; bench.py --only memory)")
     g.add_argument("--kernels", default=None, choices=mmkernels.BACKENDS,
                    help="kernel implementation (default: $MINIMIND_KERNELS or auto)")
     g.add_argument("--seed", type=int, default=1337, help="seeds weights and data order")
     g.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="peak for MFU (default: known GPU or measured)")
-
-
-def stage_runs(mode: str) -> list:
-    """The run directories a stage wrote with its default --out: out/MODE, out/MODE-2, out/MODE-3, ..."""
-    runs = [p for p in Path("out").glob(f"{mode}*") if p.name == mode or
-            (p.name[len(mode):len(mode) + 1] == "-" and p.name[len(mode) + 1:].isdigit())]
-    return sorted((p for p in runs if (p / "latest").exists() or checkpoint_dirs(p) or (p / "log.jsonl").exists()),
-                  key=lambda p: run_number(p, mode))
-
-
-def run_number(run: Path, mode: str) -> int:
-    """out/MODE is run 1, out/MODE-N is run N."""
-    return int(run.name[len(mode) + 1:]) if run.name != mode else 1
 
 
 def given_flags(argv) -> set:
@@ -312,6 +327,8 @@ def resolve_args(args, argv):
     if source is not None:
         args = updated(args, inherited(args, saved, given))
     args = updated(args, mode_defaults(args, saved, given))
+    if args.fsdp and (args.mode in RL_MODES or args.lora_rank or args.optimizer == "muon"):
+        fail("--fsdp trains every weight with AdamW (not Muon, not LoRA adapters) in pretrain, sft, dpo or distill")
     if args.mode == "grpo" and args.num_generations < 2:
         fail("--num-generations must be at least 2 for grpo: advantages are relative to the prompt's group")
     if args.mode in RL_MODES and args.ppo_minibatches > args.batch_size * args.num_generations:
@@ -386,8 +403,9 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
     ppo = args.mode == "ppo"
     defaults = {"beta": DEFAULT_BETA.get(args.mode, 0.0), "ppo_epochs": 2 if ppo else 1,
                 "ppo_minibatches": 2 if ppo else 1, "reward": "exact" + (" tool:0.5" if args.tools is not None else ""),
-                "lr": DEFAULT_LR[args.mode], "optimizer": DEFAULT_OPTIMIZER[args.mode],
-                "schedule": "wsd" if args.max_time else "cosine", "eval_iters": 10 ** 9 if args.mode == "dpo" else 20}
+                "lr": DEFAULT_LR[args.mode], "optimizer": "adamw" if args.fsdp else DEFAULT_OPTIMIZER[args.mode],
+                "schedule": "wsd" if args.max_time else "cosine",
+                "eval_iters": 10 ** 9 if args.mode == "dpo" else 20}
     values = {k: v for k, v in defaults.items() if getattr(args, k) is None}
     if args.mode in RL_MODES and "batch_size" not in given and saved.get("mode") not in RL_MODES:
         values["batch_size"] = RL_PROMPTS  # RL batches are prompts
@@ -396,25 +414,6 @@ def mode_defaults(args, saved: dict, given: set) -> dict:
 
 # -----------------------------------------------------------------------------
 # setup
-
-def prepare_run_dir(out: Path, args):
-    """A fresh run refuses an --out that holds a run (unless --force, which deletes only what
-    train.py wrote there); every run removes the temporaries a killed save left."""
-    if not args.resume and (checkpoint_dirs(out) or any((out / f).exists() for f in RUN_FILES)):
-        if not args.force:
-            fail(f"{out} holds a run already: --resume to continue it, --force to start over (deletes its "
-                 "checkpoints and log), or another --out")
-        for p in checkpoint_dirs(out):
-            shutil.rmtree(p)
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        fail(f"{out}: cannot create the run directory ({e.strerror})")
-    for p in clean_stale(out):
-        print(f"removed {p.name}, left by a save that was interrupted")
-
 
 def build_default_data(args, source):
     """Prepare the default data of a mode from the embedded corpora, or the built-in task, when it is
@@ -467,17 +466,6 @@ def build_model(args, source, device, out: Path):
     else:
         model.requires_grad_(True)
     return model, state, start_step, lora_spec
-
-
-def check_tokenizer(data, source):
-    """The data must be tokenized by the tokenizer the checkpoint was trained with."""
-    tok_dir = source / "tokenizer" if source is not None else None
-    if tok_dir is None or not (tok_dir / "tokenizer.json").exists() or "tokenizer_hash" not in data.meta:
-        return
-    theirs = Tokenizer(tok_dir).hash()
-    if theirs != data.meta["tokenizer_hash"]:
-        fail(f"{data.dir} was tokenized by another tokenizer (hash {data.meta['tokenizer_hash']}) than the checkpoint "
-             f"{source} was trained with ({theirs}): prepare the data with --tokenizer {tok_dir}")
 
 
 def plan_batches(args, model, world: int):
@@ -595,6 +583,9 @@ class Run:
     flops_per_step: float
     peak: float  # FLOP/s over all processes that MFU is measured against
     datasheet: bool  # the peak is a datasheet's or --peak-tflops (else measured, and raised to the best seen)
+    guard: Guard  # counts bad steps, decides skip / reload
+    faults: Faults  # MINIMIND_FAULTS: faults injected on purpose (tests)
+    track: Trackers  # --log-to: wandb, swanlab, TensorBoard beside log.jsonl (rank 0; none elsewhere)
     t_start: float = 0.0  # when the loop started
     t_last: float = 0.0  # when the last progress line was printed
     tokens_since: int = 0  # tokens trained since then
@@ -608,36 +599,44 @@ def setup(argv) -> Run:
     procs, device, dtype = setup_process(args)
     out = Path(args.out)
     if procs.master:
-        prepare_run_dir(out, args)
+        try:
+            for p in prepare_run_dir(out, args.resume, args.force):
+                print(f"removed {p.name}, left by a save that was interrupted")
+        except CheckpointError as e:
+            fail(str(e))
         build_default_data(args, source)
     procs.barrier()
 
     model, source_state, start_step, lora_spec = build_model(args, source, device, out)
+    model.grad_checkpoint = args.grad_checkpoint
     data, sizes, accum, batch_tokens = plan_batches(args, model, procs.world)
-    check_tokenizer(data, source)
     tok_dir = data.dir / "tokenizer"  # the data's tokenizer; RL prompts are text: the checkpoint's
     if not tok_dir.exists() and source is not None:
         tok_dir = source / "tokenizer"
     # batch_tokens_per_step: recorded, so a resume with another world size keeps it
     args = updated(args, {**sizes, "batch_tokens_per_step": batch_tokens, "tokenizer_dir": str(tok_dir)})
     try:
-        objective = make_objective(args, model)
+        check_tokenizer(data.meta, data.dir, source / "tokenizer" if source is not None else None)
+        objective, faults = make_objective(args, model), Faults.from_env()
+        track = Trackers(parse_trackers(args.log_to) if procs.master else [], out, vars(args),
+                         start_step if args.resume else None)  # (TrackerError: a ValueError)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         fail(str(e))
     if isinstance(objective, DPO) and not args.dpo_live_reference:
         line = objective.use_cache(data, dtype, device, procs.rank, procs.world)
         if procs.master:
             print(line)
+    train_model = parallelize(model, procs, device, dtype, args.fsdp and procs.ddp, args.compile)  # FSDP: first
     optimizer = make_optimizer(model, args.optimizer, args.lr, args.weight_decay, device)
     clipped = list(model.parameters())
     if objective.module is not None:
         optimizer = WithModule(optimizer, objective.module, objective.module_lr / args.lr)
         clipped += list(objective.module.parameters())
     if args.resume:
-        optimizer.load_state_dict(load_optimizer_state(source, device))
-    train_model = torch.compile(model) if args.compile else model
-    if procs.ddp:
-        train_model = DDP(train_model, device_ids=[procs.local_rank] if device.startswith("cuda") else None)
+        try:
+            load_optimizer_into(model, optimizer, source, device)
+        except CheckpointError as e:
+            fail(str(e))
 
     datasheet = args.peak_tflops * 1e12 if args.peak_tflops else datasheet_flops(device, dtype)
     run = Run(args=args, procs=procs, device=device, dtype=dtype, out=out, model=model, train_model=train_model,
@@ -648,9 +647,11 @@ def setup(argv) -> Run:
                           procs.ddp),
               log=Log(out, start_step if args.resume else None, enabled=procs.master), lora_spec=lora_spec,
               tok_dir=tok_dir, eval_batches=data.val_batches(args.batch_size, args.eval_iters),
-              val_bytes_per_token=val_bytes_per_token(args.mode, data, tok_dir),
+              val_bytes_per_token=bytes_per_token(data.splits["val"], tok_dir) if args.mode == "pretrain" else None,
               flops_per_step=model.flops_per_token(args.seq_len) * batch_tokens,
-              peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet))
+              peak=(datasheet or measure_matmul_flops(device, dtype)) * procs.world, datasheet=bool(datasheet),
+              guard=Guard(args.max_bad_steps, args.spike_factor if args.mode in LM_MODES else 0.0),
+              faults=faults, track=track)
     if procs.master:
         describe_run(run)
     return run
@@ -674,14 +675,6 @@ def setup_process(args):
     return procs, device, dtype
 
 
-def val_bytes_per_token(mode: str, data, tok_dir: Path) -> Optional[float]:
-    """Pretraining: UTF-8 bytes per token of the val split, for val_bpb (a tokenizer-independent val_loss)."""
-    if mode != "pretrain" or not (tok_dir / "tokenizer.json").exists():
-        return None
-    val_tokens = data.splits["val"]
-    return count_bytes(val_tokens, token_byte_lengths(Tokenizer(tok_dir))) / len(val_tokens)
-
-
 # -----------------------------------------------------------------------------
 # the loop's phases
 
@@ -702,8 +695,12 @@ def train_step(run: Run, step: int) -> dict:
     An objective with several updates a step (PPO's epochs x minibatches of one rollout) repeats
     that per update, on the micro-batches it prepared once (the batch telling which update); it may
     stop early, deciding on the approx_kl of the coming update averaged over every micro-batch and
-    process (so every process stops together). -> the step's metrics, averaged over the updates done."""
+    process (so every process stops together). -> the step's metrics, averaged over the updates done
+    ({} when none was: --skip-steps, or guard.py's verdict on every update)."""
     a, procs, objective = run.args, run.procs, run.objective
+    if step in parse_steps(a.skip_steps):  # a bad stretch of data: its batches are not even read
+        run.log.write(step=step, skipped="--skip-steps")
+        return {}
     batches = [objective.prepare(run.data.batch("train", step, micro * procs.world + procs.rank, a.batch_size,
                                                 run.device)) for micro in range(run.accum)]
     metrics, done = {}, 0
@@ -712,56 +709,95 @@ def train_step(run: Run, step: int) -> dict:
         for micro, batch in enumerate(batches):
             if objective.updates > 1:
                 batch = {**batch, "update": update}
-            if procs.ddp:
-                run.train_model.require_backward_grad_sync = micro == run.accum - 1
+            gradient_sync(run.model, run.train_model, micro == run.accum - 1)
             with autocast(run.device, run.dtype):
                 loss, extra = objective(run.train_model, batch)
+            loss = run.faults.loss(loss, step, procs.rank) if micro == 0 else loss
             run.scaler.scale(loss / run.accum).backward()
             for k, v in {"loss": loss, **extra}.items():
                 sums[k] = sums.get(k, 0.0) + v.detach() / run.accum
         if update > 0 and objective.stop(procs.mean(sums["approx_kl"])):
             run.optimizer.zero_grad(set_to_none=True)
             break
-        optimizer_step(run)
-        done += 1
-        for k, v in sums.items():
-            metrics[k] = metrics.get(k, 0.0) + v
+        verdict = optimizer_step(run, step, sums["loss"])
+        if verdict == "reload":
+            break
+        if verdict == "ok":
+            done += 1
+            for k, v in sums.items():
+                metrics[k] = metrics.get(k, 0.0) + v
+    if not done:
+        return {}
     metrics = {k: v / done for k, v in metrics.items()}
     if objective.updates > 1:
         metrics["updates"] = torch.tensor(float(done), device=run.device)
     return metrics
 
 
-def optimizer_step(run: Run):
-    """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, applied."""
-    module = run.objective.module
-    if run.procs.ddp and module is not None:
+def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> str:
+    """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, and
+    applied when the guard's verdict (the same on every process) is "ok"; else dropped. -> the verdict."""
+    module, procs = run.objective.module, run.procs
+    if procs.ddp and module is not None:
         for p in module.parameters():
             dist.all_reduce(p.grad)
-            p.grad /= run.procs.world
+            p.grad /= procs.world
     run.scaler.unscale_(run.optimizer)
-    if run.args.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(run.clipped, run.args.grad_clip)
-    run.scaler.step(run.optimizer)
+    run.faults.grads(run.clipped, step, procs.rank)
+    norm = grad_norm(run.clipped, run.args.grad_clip)
+    mean, finite = agree(loss, None if run.scaler.is_enabled() else norm, procs.ddp, procs.world)
+    verdict = run.guard.verdict(mean, finite)
+    if verdict == "ok":
+        run.scaler.step(run.optimizer)
+    else:
+        run.log.write(step=step, skipped=run.guard.reason, bad_steps=run.guard.bad_total)
+        if procs.master:
+            print(f"step {step:5d} | skipped: {run.guard.reason} ({run.guard.bad_total} bad so far)", flush=True)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
+    return verdict
+
+
+def go_back(run: Run, step: int):
+    """The guard's "reload": the last good checkpoint's weights and optimizer state, then on with the
+    next step and its batches (the bad stretch's are not used again); the run ends, one line, when
+    that keeps happening."""
+    guard = run.guard
+    try:
+        ckpt = resolve_checkpoint(run.out, fallback=True)
+    except (FileNotFoundError, CheckpointError):
+        fail(f"step {step}: {guard.reason}, and no checkpoint to go back to yet (lower --lr, or check the data)")
+    if guard.reloads >= MAX_RELOADS:
+        fail(f"step {step}: {guard.reason}, again after {guard.reloads} reloads of {ckpt.name}: giving up (lower "
+             "--lr, --skip-steps the bad data, or --resume from an earlier checkpoint)")
+    try:
+        reload_into(run.model, run.optimizer, ckpt, run.device)
+    except CheckpointError as e:
+        fail(str(e))
+    guard.reloaded()
+    run.log.write(step=step, reloaded=ckpt.name, reason=guard.reason)
+    if run.procs.master:
+        undone = f"steps {int(ckpt.name[5:]) + 1}-{step}" if int(ckpt.name[5:]) + 1 < step else f"step {step}"
+        print(f"step {step:5d} | {guard.reason}: reloaded {ckpt.name}, going on at step {step + 1} (the batches "
+              f"of {undone} are not used again)", flush=True)
 
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict:
     """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
-    A rank with none still runs one batch (weight 0), so every rank all-reduces the same keys."""
+    Every rank runs as many batches (those past the last with weight 0): the same keys all-reduced,
+    and FSDP's forwards, which gather weights from every rank, matched."""
     model, procs = run.model, run.procs
     model.eval()
-    mine = [i for i in range(run.eval_batches) if i % procs.world == procs.rank]
-    totals = {}
-    for i in mine or [procs.rank]:
+    totals, mine = {}, 0
+    for i in range(procs.rank, -(-run.eval_batches // procs.world) * procs.world, procs.world):
         with autocast(run.device, run.dtype):
             loss, extra = run.objective.evaluate(model, run.data.batch("val", 0, i, run.args.batch_size, run.device))
         for k, v in {"loss": loss, **extra}.items():
-            totals[k] = totals.get(k, 0.0) + (float(v) if mine else 0.0)
+            totals[k] = totals.get(k, 0.0) + (float(v) if i < run.eval_batches else 0.0)
+        mine += i < run.eval_batches
     keys = sorted(totals)
-    vals = torch.tensor([totals[k] for k in keys] + [len(mine)], dtype=torch.float64)
+    vals = torch.tensor([totals[k] for k in keys] + [mine], dtype=torch.float64)
     if procs.ddp:
         dist.all_reduce(vals)
     model.train()
@@ -774,6 +810,7 @@ def evaluate(run: Run) -> dict:
 
 def log_eval(run: Run, step: int, rec: dict):
     run.log.write(step=step, **rec)
+    run.track.log(step, rec)
     if run.procs.master:
         print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4f}" for k, v in rec.items()), flush=True)
 
@@ -792,7 +829,9 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
     mfu = tps * run.flops_per_step / run.batch_tokens / run.peak
     eta = run.clock.left() if a.max_time else (a.max_iters - step) * run.batch_tokens / tps
     run.t_last, run.tokens_since = now, 0
-    run.log.write(step=step, **rec, lr=lr, tok_per_s=round(tps, 1), mfu=round(mfu, 4), time=round(now - run.t_start, 2))
+    record = {**rec, "lr": lr, "tok_per_s": round(tps, 1), "mfu": round(mfu, 4)}
+    run.log.write(step=step, **record, time=round(now - run.t_start, 2))
+    run.track.log(step, record)
     if procs.master:
         shown = " | ".join(f"{k} {v:.4f}" for k, v in rec.items())
         print(f"step {step:5d}/{a.max_iters or '~'} | {shown} | lr {lr:.2e} | {tps:,.0f} tok/s | "
@@ -803,8 +842,14 @@ def log_progress(run: Run, step: int, lr: float, metrics: dict):
 
 
 def save(run: Run, step: int):
-    """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0."""
-    a = run.args
+    """A checkpoint of the raw model (LoRA: its adapters), the optimizer and the flags, by rank 0 (FSDP:
+    the weights gathered to it, the optimizer state written in shards by every rank)."""
+    a, fsdp = run.args, run.args.fsdp and run.procs.ddp
+    staging = run.out / f".ckpt_{step:06d}.optim" if fsdp else None  # (a .ckpt_* left by a kill: removed at start)
+    weights = gather_model(run.model, run.procs.master) if fsdp else run.model
+    if fsdp:
+        save_sharded_optimizer(run.model, run.optimizer, staging)
+        run.procs.barrier()
     if isinstance(run.objective, DPO):
         run.objective.save_cache()  # the reference's scores so far, every process's
     if run.procs.master:
@@ -813,11 +858,12 @@ def save(run: Run, step: int):
         if run.lora_spec:
             state["lora"] = run.lora_spec
         try:
-            save_checkpoint(run.out, step, run.model, state, run.optimizer, run.tok_dir if run.tok_dir.exists() else None,
-                            keep=a.keep_checkpoints,
+            save_checkpoint(run.out, step, weights, state, None if fsdp else run.optimizer,
+                            run.tok_dir if run.tok_dir.exists() else None, optimizer_dir=staging, keep=a.keep_checkpoints,
                             weights=lora.lora_state_dict(run.model) if run.lora_spec else None)
         except CheckpointError as e:
             fail(str(e))
+    run.guard.saved()
     run.procs.barrier()
 
 
@@ -842,12 +888,14 @@ def main(argv=None):
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # forward, backward, update (RL: the rollout first, then its updates)
         metrics = train_step(run, step)
+        if run.guard.last == "reload":  # too many bad steps in a row, or a loss spike
+            go_back(run, step)
         run.tokens_since += run.batch_tokens
         if step == run.start_step + 1 and a.max_time:
             run.clock.guess_eval(run.eval_batches, (time.time() - run.t_start) / run.accum)
         last = run.clock.fraction() >= 1 if a.max_time else step >= a.max_iters
-        # log: the step's metrics, speed, ETA
-        if step % a.log_interval == 0 or last or step == run.start_step + 1:
+        # log: the step's metrics, speed, ETA (a skipped step has none)
+        if metrics and (step % a.log_interval == 0 or last or step == run.start_step + 1):
             log_progress(run, step, lr, metrics)
         # evaluate on the held-out batches; a measured peak is measured again (a busy machine reads low)
         if step % a.eval_interval == 0 or last:
@@ -857,13 +905,14 @@ def main(argv=None):
                 run.peak = max(run.peak, measure_matmul_flops(run.device, run.dtype, seconds=0.2) * run.procs.world)
             log_eval(run, step, rec)
             if run.procs.master:
-                plot_log(run.out)
+                run.track.image(step, plot_log(run.out))
         # checkpoint
         if step % a.save_interval == 0 or last:
             with run.clock.measure("save"):
                 save(run, step)
         if last:
             break
+    run.track.close()
     if run.procs.master:
         print(f"done in {fmt_time(time.time() - run.t_start)}; checkpoint in {run.out}")
     if run.procs.ddp:

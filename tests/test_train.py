@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import losses
 import train
 from checkpoint import load_checkpoint, resolve_checkpoint
+from guard import Faults, Guard
 from minimind import MiniMind, ModelConfig
 from runtime import Processes, grad_scaler
 from conftest import ONE_THREAD, ROOT, loss_curve, read_log, run, run_single_and_ddp
@@ -164,10 +165,10 @@ def test_train_step_prepares_each_micro_batch_once_for_all_its_updates(stop_afte
         "targets": torch.randint(0, 64, (rows, 8), generator=torch.Generator().manual_seed(100 + index)),
         "index": index})
     objective = CountingObjective(stop_after_first)
-    run_ = SimpleNamespace(args=SimpleNamespace(batch_size=2, grad_clip=1.0), procs=Processes(), objective=objective,
-                           data=data, device="cpu", dtype=torch.float32, accum=2, model=model, train_model=model,
-                           scaler=grad_scaler("cpu", torch.float32), clipped=list(model.parameters()),
-                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    run_ = SimpleNamespace(args=SimpleNamespace(batch_size=2, grad_clip=1.0, skip_steps=""), procs=Processes(),
+                           objective=objective, data=data, device="cpu", dtype=torch.float32, accum=2, model=model,
+                           train_model=model, scaler=grad_scaler("cpu", torch.float32), clipped=list(model.parameters()),
+                           optimizer=torch.optim.SGD(model.parameters(), lr=0.1), guard=Guard(), faults=Faults())
     before = model.embed.weight.clone()
     metrics = train.train_step(run_, step=1)
     assert objective.prepared == [0, 1]  # once per micro-batch, not once per update
