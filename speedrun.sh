@@ -43,8 +43,8 @@ python train.py --mode=sft --max-time="$T_SFT" $FORCE
 stage "dpo ($T_DPO min)"
 python train.py --mode=dpo --max-time="$T_DPO" $FORCE
 stage "grpo ($T_GRPO min)"
-python train.py --mode=grpo --init-from=out/dpo --max-time="$T_GRPO" --batch-size=16 --num-generations=4 \
-    --max-new-tokens=8 --lr=2e-4 --eval-interval=10 --eval-iters=5 $FORCE
+python train.py --mode=grpo --init-from=out/dpo --max-time="$T_GRPO" --batch-size=8 --num-generations=8 \
+    --ppo-epochs=2 --ppo-minibatches=2 --max-new-tokens=8 --lr=2e-4 --eval-interval=10 --eval-iters=10 $FORCE
 # 3. the report card: machine, each stage's time/tokens/losses, held-out bits per byte, DPO reward
 #    accuracy, GRPO exact match before/after, replies to fixed prompts (template-clean), loss curves
 stage "evaluation -> out/report.md"
