@@ -1,9 +1,9 @@
 """A run that looks after itself: steps with a non-finite loss or gradient norm are skipped, and a
 run that keeps producing them, or whose loss spikes, goes back to its last good checkpoint.
 
-Per optimizer step train.py hands `agree` the step's loss and gradient norm; every process gets the
-same verdict (one all-reduce of [loss, bad]), so all skip or all step together. `Guard.verdict`
-then says what to do:
+Per optimizer step train.py calls `Guard.update`, which hands `agree` the step's loss and gradient
+norm; every process gets the same verdict (one all-reduce of [loss, bad]), so all skip or all step
+together. `Guard.verdict` then says what to do:
 
     "ok"      apply the update
     "skip"    drop the gradients (weights, optimizer state and loss scale untouched); the step's
@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from runtime import Processes
 
 FAULT_KINDS = ("loss", "grad", "spike")
 SPIKE_WARMUP = 10  # good steps before the running mean is trusted for spikes
@@ -126,6 +128,22 @@ class Guard:
         self.good += 1
         self.good_since_reload = True
         return "ok"
+
+    def update(self, optimizer, scaler, params: list, clip: float, loss: torch.Tensor, faults: Faults, step: int,
+               procs: Processes) -> str:
+        """One optimizer step under the guard: gradients unscaled, clipped, and applied when the verdict
+        (the same on every process) is "ok", else dropped; then the loss scale updated and the gradients
+        zeroed. -> the verdict."""
+        scaler.unscale_(optimizer)
+        faults.grads(params, step, procs.rank)
+        norm = grad_norm(params, clip)
+        mean, finite = agree(loss, None if scaler.is_enabled() else norm, procs.ddp, procs.world)
+        verdict = self.verdict(mean, finite)
+        if verdict == "ok":
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return verdict
 
     def reloaded(self):
         """After a reload: the bad stretch is over, the running mean stays (the checkpoint's level)."""

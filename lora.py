@@ -92,6 +92,13 @@ def apply_lora(model, rank: int, alpha: float, targets) -> list:
     return names
 
 
+def describe_lora(model, spec: dict) -> str:
+    """One line: the adapters' rank and targets (spec: state.json's "lora"), trainable parameters, base."""
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"LoRA rank {spec['rank']} on {','.join(spec['targets'])}: {n_lora / 1e6:.3f}M "
+            f"trainable params; base {spec['base']}")
+
+
 def lora_modules(model):
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import lora
 import rl
 from checkpoint import CheckpointError, atomic_write_bytes, file_hash, load_checkpoint
-from runtime import autocast
+from runtime import Processes, autocast
 from tokenizer import Tokenizer
 
 
@@ -66,6 +66,26 @@ class Objective:
     def summarize(self, rec: dict, batches: int) -> dict:
         """The evaluation's metrics, each the mean over `batches` validation batches, as logged."""
         return rec
+
+
+@torch.no_grad()
+def validation_metrics(objective: Objective, model, data, batches: int, batch_size: int, device: str, dtype,
+                       procs: Processes) -> dict:
+    """The objective's mean metrics (val_*) over the same `batches` validation batches each time, split
+    across the processes. Every process runs as many batches (those past the last with weight 0): the
+    same keys all-reduced, and FSDP's forwards, which gather weights from every process, matched."""
+    totals, mine = {}, 0
+    for i in range(procs.rank, -(-batches // procs.world) * procs.world, procs.world):
+        with autocast(device, dtype):
+            loss, extra = objective.evaluate(model, data.batch("val", 0, i, batch_size, device))
+        for k, v in {"loss": loss, **extra}.items():
+            totals[k] = totals.get(k, 0.0) + (float(v) if i < batches else 0.0)
+        mine += i < batches
+    keys = sorted(totals)
+    vals = torch.tensor([totals[k] for k in keys] + [mine], dtype=torch.float64)
+    if procs.ddp:
+        dist.all_reduce(vals)
+    return objective.summarize({f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)}, int(vals[-1]))
 
 
 def lm_loss(model, batch: dict):

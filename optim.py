@@ -154,3 +154,12 @@ class WithModule:
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
         self.module.load_state_dict(state["module"])
+
+
+def describe_optimizer(optimizer, asked: str) -> str:
+    """One line: what each optimizer trains (asked: the --optimizer the run was given)."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # WithModule: the model's
+    if isinstance(optimizer, Optimizers):
+        n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
+        return f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest"
+    return "optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if asked == "muon" else "")

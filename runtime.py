@@ -76,6 +76,23 @@ class Processes:
             x /= self.world
         return float(x)
 
+    def means(self, metrics: dict) -> dict:
+        """Each scalar tensor of `metrics` averaged over the processes, as floats: one all-reduce, one
+        host sync."""
+        keys = sorted(metrics)
+        vals = torch.stack([metrics[k].float() for k in keys])
+        if self.ddp:
+            dist.all_reduce(vals)
+            vals /= self.world
+        return dict(zip(keys, vals.tolist()))
+
+    def average_grads(self, module: torch.nn.Module):
+        """The gradients of a module outside DDP/FSDP averaged over the processes, in place."""
+        if self.ddp:
+            for p in module.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+
     def barrier(self):
         if self.ddp:
             dist.barrier()

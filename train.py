@@ -64,10 +64,11 @@ from checkpoint import (CheckpointError, Log, gather_model, load_checkpoint, loa
                         plot_log, prepare_run_dir, reload_into, resolve_checkpoint, run_number, save_checkpoint,
                         save_sharded_optimizer, stage_runs)
 from data import DPOData, PretrainData, PromptData, SFTData, check_tokenizer
-from guard import Faults, Guard, agree, grad_norm, parse_steps
-from losses import DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig
+from guard import Faults, Guard, parse_steps
+from losses import (DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGradient, PolicyGradientConfig,
+                    validation_metrics)
 from minimind import PRESETS, MiniMind, ModelConfig
-from optim import SCHEDULES, Optimizers, WithModule, lr_multiplier, make_optimizer
+from optim import SCHEDULES, WithModule, describe_optimizer, lr_multiplier, make_optimizer
 from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, gradient_sync,
                      keep_freed_memory, measure_matmul_flops, parallelize, pick_dtype, setup_distributed)
 from scoring import bytes_per_token
@@ -534,21 +535,14 @@ def policy_gradient_config(args) -> PolicyGradientConfig:
 
 def describe_run(run):
     a, model, procs = run.args, run.model, run.procs
-    optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # WithModule: the model's
     n, n_act = model.num_params(), model.num_params(active=True)
     print(f"{a.mode} | {n / 1e6:.2f}M params ({n_act / 1e6:.2f}M active) | {procs.world} process(es) on {run.device} "
           f"{str(run.dtype).replace('torch.', '')} | {run.batch_tokens:,} tokens/step = {procs.world} x {run.accum} x "
           f"{a.batch_size} x {a.seq_len} | " + (f"{a.max_time:g} minutes" if a.max_time else
           f"{a.max_iters} steps") + f" ({a.schedule}) | kernels {mmkernels.get_backend()}")
-    if isinstance(optimizer, Optimizers):
-        n_muon = sum(p.numel() for g in optimizer.optimizers["muon"].param_groups for p in g["params"])
-        print(f"optimizer: Muon on {n_muon / 1e6:.2f}M params (attention/FFN matrices), AdamW on the rest")
-    else:
-        print("optimizer: AdamW" + (" (LoRA adapters stay on AdamW)" if a.optimizer == "muon" else ""))
+    print(describe_optimizer(run.optimizer, a.optimizer))
     if run.lora_spec:
-        n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"LoRA rank {run.lora_spec['rank']} on {','.join(run.lora_spec['targets'])}: {n_lora / 1e6:.3f}M "
-              f"trainable params; base {run.lora_spec['base']}")
+        print(lora.describe_lora(model, run.lora_spec))
     print(run.data.describe())
 
 
@@ -737,24 +731,14 @@ def train_step(run: Run, step: int) -> dict:
 def optimizer_step(run: Run, step: int, loss: torch.Tensor) -> str:
     """Gradients averaged (the objective's module: here, it is not inside DDP), unscaled, clipped, and
     applied when the guard's verdict (the same on every process) is "ok"; else dropped. -> the verdict."""
-    module, procs = run.objective.module, run.procs
-    if procs.ddp and module is not None:
-        for p in module.parameters():
-            dist.all_reduce(p.grad)
-            p.grad /= procs.world
-    run.scaler.unscale_(run.optimizer)
-    run.faults.grads(run.clipped, step, procs.rank)
-    norm = grad_norm(run.clipped, run.args.grad_clip)
-    mean, finite = agree(loss, None if run.scaler.is_enabled() else norm, procs.ddp, procs.world)
-    verdict = run.guard.verdict(mean, finite)
-    if verdict == "ok":
-        run.scaler.step(run.optimizer)
-    else:
+    if run.objective.module is not None:
+        run.procs.average_grads(run.objective.module)
+    verdict = run.guard.update(run.optimizer, run.scaler, run.clipped, run.args.grad_clip, loss, run.faults, step,
+                               run.procs)  # (guard.py)
+    if verdict != "ok":
         run.log.write(step=step, skipped=run.guard.reason, bad_steps=run.guard.bad_total)
-        if procs.master:
+        if run.procs.master:
             print(f"step {step:5d} | skipped: {run.guard.reason} ({run.guard.bad_total} bad so far)", flush=True)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
     return verdict
 
 
@@ -782,27 +766,13 @@ def go_back(run: Run, step: int):
               f"of {undone} are not used again)", flush=True)
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> dict:
-    """Mean metrics over the same --eval-iters validation batches each time, split across ranks.
-    Every rank runs as many batches (those past the last with weight 0): the same keys all-reduced,
-    and FSDP's forwards, which gather weights from every rank, matched."""
-    model, procs = run.model, run.procs
-    model.eval()
-    totals, mine = {}, 0
-    for i in range(procs.rank, -(-run.eval_batches // procs.world) * procs.world, procs.world):
-        with autocast(run.device, run.dtype):
-            loss, extra = run.objective.evaluate(model, run.data.batch("val", 0, i, run.args.batch_size, run.device))
-        for k, v in {"loss": loss, **extra}.items():
-            totals[k] = totals.get(k, 0.0) + (float(v) if i < run.eval_batches else 0.0)
-        mine += i < run.eval_batches
-    keys = sorted(totals)
-    vals = torch.tensor([totals[k] for k in keys] + [mine], dtype=torch.float64)
-    if procs.ddp:
-        dist.all_reduce(vals)
-    model.train()
-    rec = run.objective.summarize({f"val_{k}": (vals[j] / vals[-1]).item() for j, k in enumerate(keys)},
-                                  int(vals[-1]))
+    """Mean metrics over the same --eval-iters validation batches each time, split across ranks
+    (losses.validation_metrics), in eval mode; pretraining's with bits per byte."""
+    run.model.eval()
+    rec = validation_metrics(run.objective, run.model, run.data, run.eval_batches, run.args.batch_size, run.device,
+                             run.dtype, run.procs)
+    run.model.train()
     if run.val_bytes_per_token:  # bits per byte: nats per token / ln 2 / bytes per token
         rec["val_bpb"] = rec["val_loss"] / (math.log(2) * run.val_bytes_per_token)
     return rec
@@ -818,12 +788,7 @@ def log_eval(run: Run, step: int, rec: dict):
 def log_progress(run: Run, step: int, lr: float, metrics: dict):
     """The step's metrics averaged over the processes, with lr, tokens/s, MFU and ETA: logged and printed."""
     a, procs = run.args, run.procs
-    keys = sorted(metrics)
-    vals = torch.stack([metrics[k].float() for k in keys])  # one host sync per logged step
-    if procs.ddp:
-        dist.all_reduce(vals)
-        vals /= procs.world
-    rec = dict(zip(keys, vals.tolist()))
+    rec = procs.means(metrics)  # one host sync per logged step
     now = time.time()
     tps = run.tokens_since / (now - run.t_last)
     mfu = tps * run.flops_per_step / run.batch_tokens / run.peak
