@@ -579,6 +579,10 @@ def test_a_failure_mid_stream_ends_with_an_error_event_and_done(loaded, monkeypa
             assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
             r = http.post("/v1/chat/completions", json={**body, "stream": False})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
+            # the engine thread drops a finished row just after it posts the end: wait for it, briefly
+            deadline = time.time() + 10
+            while engine.load() != {"active": 0, "queued": 0} and time.time() < deadline:
+                time.sleep(0.01)
             assert engine.load() == {"active": 0, "queued": 0}
     finally:
         engine.stop()
