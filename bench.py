@@ -14,7 +14,8 @@ Sections:
   optim   optimizer step time, AdamW vs Muon (five Newton-Schulz iterations per matrix), against
           the forward + backward of the training batch it updates
   memory  train.py --grad-checkpoint at minimind-3 (else the last of --models): a step's peak memory
-          above weights, gradients and optimizer state, and its time, as ratios to the plain step
+          above weights, gradients and optimizer state, and its time, as ratios to the plain step; then
+          --fsdp vs DDP on 2 torchrun processes: a step's peak per process, model state included
   decode  decode tokens/s at batch 1 against the weight-streaming limit (each new token reads every
           weight once: bandwidth / weight bytes), eager and compiled (MiniMind.step under torch.compile:
           compile time cold and warm, tokens until it pays), then KV-cache eager / compiled vs naive
@@ -49,7 +50,8 @@ from torch import nn
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 import mmkernels
-from benchlib import bench_batch, fresh_inductor_cache, measure_bandwidth, sync_fn, timed_rates, train_step_time
+from benchlib import (bench_batch, ddp_fsdp_peaks, fresh_inductor_cache, measure_bandwidth, sync_fn, timed_rates,
+                      train_step_time)
 from checkpoint import save_checkpoint
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from mmkernels import moe_experts, moe_route, rms_norm, rope
@@ -172,7 +174,8 @@ def bench_optim(device, out, models, seq_len, steps):
 def bench_memory(device, out, name: str, seq_len: int, steps: int):
     """--grad-checkpoint: a training step's (fp32, AdamW) peak memory above weights, gradients (zeroed in
     place) and optimizer state, and its time, without and with. CUDA: max_memory_allocated; CPU: the
-    most bytes malloc has handed out (runtime.PeakMalloc) after any aten op: not RSS, which keeps freed heap."""
+    most bytes malloc has handed out (runtime.PeakMalloc) after any aten op: not RSS, which keeps freed heap.
+    Then --fsdp against DDP: a step's peak per process, model state included (benchlib.ddp_fsdp_peaks)."""
     sync, B, rows = sync_fn(device), bench_batch(device, name), {}
     x = torch.randint(0, 6400, (B, seq_len + 1), device=device)
     for recompute in (False, True):
@@ -204,6 +207,12 @@ def bench_memory(device, out, name: str, seq_len: int, steps: int):
                          "time_ratio": round(ckpt["step_ms"] / plain["step_ms"], 3)}
     print(f"memory {name} B={B} T={seq_len}: step peak above weights/grads/optimizer {plain['peak_mib']:.0f} MiB, "
           f"--grad-checkpoint {ckpt['peak_mib']:.0f} MiB ({r['memory_ratio']:.2f}x), step time {r['time_ratio']:.2f}x")
+    # FSDP2 splits weights, gradients and AdamW state over the processes: 2 torchrun processes each way,
+    # a short batch (the model state is what differs; activations are the same per process)
+    f = r["fsdp_vs_ddp"] = ddp_fsdp_peaks(name, min(seq_len, 64), 1, device)
+    print(f"memory {name} B=1 T={f['seq_len']}, 2 processes ({f['device']}): step peak per process DDP "
+          f"{f['ddp_peak_mib']:.0f} MiB, --fsdp {f['fsdp_peak_mib']:.0f} MiB ({f['ratio']:.2f}x); model state "
+          f"{f['ddp_state_mib']:.0f} vs {f['fsdp_state_mib']:.0f} MiB ({f['state_ratio']:.2f}x)")
 
 
 def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=True):

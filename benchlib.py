@@ -1,13 +1,21 @@
 """Measuring on a shared, noisy machine, for bench.py: a device's sync, memory bandwidth, the time of a
 training step, the rows a timed step holds, variants timed interleaved (wall and CPU time), an empty
-inductor cache for cold compiles."""
+inductor cache for cold compiles, a training step's per-process peak memory under DDP and FSDP2."""
 import contextlib
+import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+
+from minimind import PRESETS, MiniMind
+from optim import make_optimizer
+from runtime import PeakMalloc, keep_freed_memory, malloc_in_use, parallelize, setup_distributed
 
 
 def sync_fn(device: str):
@@ -77,3 +85,76 @@ def fresh_inductor_cache():
             del os.environ["TORCHINDUCTOR_CACHE_DIR"]
         else:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = old
+
+
+def _local_bytes(t) -> int:
+    """Bytes this process holds of a tensor (an FSDP2 DTensor: its own shard)."""
+    return (t.to_local() if hasattr(t, "to_local") else t).nbytes
+
+
+def rank_step_peak(name: str, seq_len: int, batch: int, fsdp: bool, device_flag: str, out_dir: str) -> None:
+    """One process of a torchrun (see ddp_fsdp_peaks): a preset trained as train.py trains it (fp32,
+    AdamW, runtime.parallelize: DDP or FSDP2), and the peak of its second step above what the process
+    held before the model was built (weights, gradients, optimizer state, activations, and whatever
+    DDP's buckets or FSDP's gathered blocks add) written to out_dir/rank{R}.json. CUDA:
+    max_memory_allocated; CPU: runtime.PeakMalloc (malloc's bytes in use after any aten op)."""
+    procs, device = setup_distributed(device_flag)
+    cuda = device.startswith("cuda")
+    if not cuda:
+        keep_freed_memory()  # as train.py does on a CPU
+    base = torch.cuda.memory_allocated() if cuda else malloc_in_use()
+    torch.manual_seed(0)
+    model = MiniMind(PRESETS[name]).to(device).train()
+    train_model = parallelize(model, procs, device, torch.float32, fsdp=fsdp)  # FSDP: shards in place
+    opt = make_optimizer(model, "adamw", 1e-4, 0.1, device)
+    x = torch.randint(0, model.config.vocab_size, (batch, seq_len + 1),
+                      generator=torch.Generator().manual_seed(procs.rank))
+    x = x.to(device)  # (B, T+1): each process its own rows
+
+    def step():
+        train_model(x[:, :-1], x[:, 1:])[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    step()  # the optimizer state is allocated here
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        with PeakMalloc() as probe:
+            step()
+        peak = probe.peak - base
+    state = sum(_local_bytes(p) + _local_bytes(p.grad) for p in model.parameters())
+    state += sum(_local_bytes(v) for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+    tmp = Path(out_dir) / f".rank{procs.rank}.json"
+    tmp.write_text(json.dumps({"peak": peak, "state": state}))
+    os.replace(tmp, Path(out_dir) / f"rank{procs.rank}.json")
+    torch.distributed.destroy_process_group()
+
+
+def ddp_fsdp_peaks(name: str, seq_len: int, batch: int, device: str, nproc: int = 2, timeout: float = 600) -> dict:
+    """A training step's peak memory per process, DDP against FSDP2 (`train.py --fsdp`), each a torchrun
+    of nproc processes (rank_step_peak; on CUDA with nproc GPUs, else on the CPU over gloo); the larger
+    rank's peak and model state (weights + gradients + AdamW state) of each, in MiB, and their ratios.
+    RuntimeError with the run's last line where a torchrun fails."""
+    device = "cuda" if device.startswith("cuda") and torch.cuda.device_count() >= nproc else "cpu"
+    res = {"model": name, "batch": batch, "seq_len": seq_len, "processes": nproc, "device": device}
+    for kind in ("ddp", "fsdp"):
+        with tempfile.TemporaryDirectory(prefix="minimind-bench-fsdp") as out:
+            code = (f"import benchlib; benchlib.rank_step_peak({name!r}, {seq_len}, {batch}, {kind == 'fsdp'}, "
+                    f"{device!r}, {out!r})")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "--no-python", sys.executable, "-c", code]
+            r = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout,
+                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            if r.returncode != 0:
+                raise RuntimeError(f"{kind} torchrun exited {r.returncode}: {(r.stderr.strip() or '?').splitlines()[-1]}")
+            ranks = [json.loads((Path(out) / f"rank{i}.json").read_text()) for i in range(nproc)]
+        res[f"{kind}_peak_mib"] = round(max(x["peak"] for x in ranks) / 2**20, 1)
+        res[f"{kind}_state_mib"] = round(max(x["state"] for x in ranks) / 2**20, 1)
+    res["ratio"] = round(res["fsdp_peak_mib"] / res["ddp_peak_mib"], 3)
+    res["state_ratio"] = round(res["fsdp_state_mib"] / res["ddp_state_mib"], 3)
+    return res

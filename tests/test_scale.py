@@ -166,13 +166,17 @@ def test_grad_checkpoint_gives_the_same_gradients(moe):
         assert torch.equal(model(idx)[0], (model.__setattr__("grad_checkpoint", False), model(idx)[0])[1])
 
 
-def test_bench_memory_measures_less_with_grad_checkpoint():
-    """bench.py's memory section on tiny: the recomputing step holds less at its peak (malloc's bytes)."""
+def test_bench_memory_measures_less_with_grad_checkpoint_and_with_fsdp():
+    """bench.py's memory section on tiny: the recomputing step holds less at its peak (malloc's bytes),
+    and so does each of 2 torchrun processes under FSDP2 against DDP: half the model state, exactly."""
     import bench
     out = {}
     bench.bench_memory("cpu", out, "tiny", seq_len=128, steps=1)
-    r = out["memory"]
+    r, f = out["memory"], out["memory"]["fsdp_vs_ddp"]
     assert r["plain"]["peak_mib"] > 0 and r["memory_ratio"] < 0.8 and r["time_ratio"] > 0, r
+    assert f["processes"] == 2 and f["device"] == "cpu" and f["state_ratio"] == 0.5, f
+    # each peak holds the model state, and FSDP's is the smaller
+    assert f["ddp_peak_mib"] > f["ddp_state_mib"] and f["fsdp_peak_mib"] > f["fsdp_state_mib"] and f["ratio"] < 0.9, f
 
 
 def test_train_with_grad_checkpoint_follows_the_same_curve(pretrain_dir, tmp_path):
