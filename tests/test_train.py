@@ -109,7 +109,9 @@ def test_mode_defaults_fill_only_the_flags_left_unset():
     values = train.mode_defaults(args, saved={}, given={"lr", "beta"})
     assert "lr" not in values and "beta" not in values  # given: kept
     assert values == {"ppo_epochs": 2, "ppo_minibatches": 2, "reward": "exact", "optimizer": "adamw",
-                      "schedule": "cosine", "batch_size": train.RL_PROMPTS}
+                      "schedule": "cosine", "batch_size": train.RL_PROMPTS, "eval_iters": 20}
+    dpo = train.build_parser().parse_args(["--mode", "dpo"])  # dpo: every held-out pair, unless told
+    assert train.mode_defaults(dpo, saved={}, given=set())["eval_iters"] >= 10 ** 9
     args = train.build_parser().parse_args(["--mode", "grpo", "--tools", "--max-time", "5", "--batch-size", "3"])
     values = train.mode_defaults(args, saved={}, given={"tools", "max_time", "batch_size"})
     assert values["reward"] == "exact tool:0.5" and values["schedule"] == "wsd" and values["beta"] == 0.04
