@@ -584,8 +584,8 @@ class PromptData:
         generator = torch.Generator(device=device).manual_seed(seed)  # on the device the rollout samples on
         spares = []
         if split == "train" and self.spares:
-            order = np.random.default_rng([self.seed, step, index, 1]).permutation(n)
-            spares = [records[i] for i in order if i not in set(ids)][:self.spares]
+            order, taken = np.random.default_rng([self.seed, step, index, 1]).permutation(n), set(ids)
+            spares = [records[i] for i in order if i not in taken][:self.spares]
         return {"records": [records[i] for i in ids], "spares": spares, "generator": generator, "seed": seed,
                 "step": step, "index": index}
 
