@@ -196,8 +196,13 @@ class DPO(Objective):
         rec = dict(rec)
         n, correct = rec.pop("val_pairs") * batches, rec.pop("val_correct") * batches
         p = correct / max(n, 1)
-        rec.update(val_reward_acc=p, val_reward_acc_se=math.sqrt(p * (1 - p) / max(n, 1)), val_pairs=round(n))
+        rec.update(val_reward_acc=p, val_reward_acc_se=accuracy_se(p, n), val_pairs=round(n))
         return rec
+
+
+def accuracy_se(p: float, n: float) -> float:
+    """Standard error of an accuracy p measured on n items, sqrt(p (1 - p) / n) (0 for no items)."""
+    return math.sqrt(p * (1 - p) / n) if n > 0 else 0.0
 
 
 def weights_hash(model) -> str:

@@ -12,7 +12,6 @@ prompts and how many are template-clean (template_clean). Loss curves: a png bes
 """
 import contextlib
 import json
-import math
 import os
 import platform
 import subprocess
@@ -25,7 +24,7 @@ import torch
 import corpus
 from checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
 from data import DPOData
-from losses import reference_logprobs
+from losses import accuracy_se, reference_logprobs
 from tokenizer import parse_reply
 
 # what a reply shown to a user never holds: the chat template's markers and tags
@@ -111,7 +110,9 @@ def held_out_texts(out_dir: Path, limit: int = 100) -> dict:
 
 def dpo_reward_accuracy(run: Path, device: str, dtype) -> Optional[dict]:
     """Held-out pairs whose implicit reward (policy - reference log-probability) ranks chosen over
-    rejected: the fraction and its standard error, over the DPO run's val split."""
+    rejected: the fraction and its standard error, over the DPO run's val split. The run's own last
+    evaluation when it scored every held-out pair at the checkpoint's step (DPO's default), else
+    computed here from the checkpoint and its reference."""
     ckpt = resolve_checkpoint(run)
     state = json.loads((ckpt / "state.json").read_text())
     args = state.get("args", {})
@@ -119,15 +120,18 @@ def dpo_reward_accuracy(run: Path, device: str, dtype) -> Optional[dict]:
         return None
     data = DPOData(state["data"]["dir"], args["seq_len"], args.get("seed", 0))
     data.splits = {"val": data.splits["val"]}
+    n = len(data.splits["val"][2])
+    logged = [r for r in read_log(run) if "val_pairs" in r]
+    if logged and logged[-1]["val_pairs"] == n and logged[-1]["step"] == state.get("step"):
+        return {"acc": logged[-1]["val_reward_acc"], "stderr": logged[-1]["val_reward_acc_se"], "n": n}
     scores = []
     for path in (ckpt, args["init_from"]):
         model, _, _ = load_checkpoint(path, device)
         scores.append(reference_logprobs(model, contextlib.nullcontext, data, 8, device, dtype)["val"])
         del model
     reward = scores[0] - scores[1]  # (items, 2): chosen, rejected
-    wins = (reward[:, 0] > reward[:, 1]).astype(float)
-    n = len(wins)
-    return {"acc": float(wins.mean()), "stderr": float(wins.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0, "n": n}
+    acc = float((reward[:, 0] > reward[:, 1]).mean())
+    return {"acc": acc, "stderr": accuracy_se(acc, n), "n": n}
 
 
 def rl_before_after(run: Path) -> dict:

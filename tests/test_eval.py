@@ -412,6 +412,16 @@ def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
     acc = re.search(r"DPO held-out reward accuracy: ([\d.]+) ± ([\d.]+) \((\d+) pairs", text)
     assert acc and 0 <= float(acc[1]) <= 1 and float(acc[2]) > 0 and int(acc[3]) == len(
         __import__("data").DPOData(dpo_dir, 128, 0).splits["val"][2])
+    # a run whose last evaluation scored every held-out pair: the card reads it from the log, and it is what
+    # the card computes from the checkpoint and its reference
+    full = tmp_path / "dpo-full"
+    run(["train.py", "--mode", "dpo", "--init-from", sft_ckpt, "--data", dpo_dir, "--out", full, "--seq-len", "128",
+         "--batch-size", "4", "--max-iters", "3", "--eval-interval", "3"], env=ONE_THREAD)
+    logged = report.dpo_reward_accuracy(full, "cpu", torch.float32)
+    (full / "log.jsonl").rename(full / "log.jsonl.bak")
+    computed = report.dpo_reward_accuracy(full, "cpu", torch.float32)
+    assert logged["n"] == computed["n"] == int(acc[3])
+    assert logged["acc"] == pytest.approx(computed["acc"]) and logged["stderr"] == pytest.approx(computed["stderr"])
     for name in ("zh-text", "zh-chat", "en-chat"):
         assert name in text
     assert len(re.findall(r"replies template-clean as shown", text)) == 2  # sft, dpo: chat; pretrain: raw
