@@ -255,9 +255,11 @@ class ReferenceCache:
 
     @classmethod
     def open(cls, data, reference_hash: str, dtype, device: str, rank: int = 0, world: int = 1):
-        files = sorted(p for p in Path(data.dir).iterdir() if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
-        key = hashlib.sha256(json.dumps({"reference": reference_hash, "seq_len": data.seq_len, "dtype": str(dtype),
-                                         "data": {p.name: file_hash(p) for p in files}}, sort_keys=True).encode()).hexdigest()
+        files = sorted(p for p in Path(data.dir).iterdir()
+                       if p.suffix in (".bin", ".idx", ".mask") or p.name == "meta.json")
+        key = json.dumps({"reference": reference_hash, "seq_len": data.seq_len, "dtype": str(dtype),
+                          "data": {p.name: file_hash(p) for p in files}}, sort_keys=True)
+        key = hashlib.sha256(key.encode()).hexdigest()
         scores = {s: np.full((len(items), 2), np.nan, dtype=np.float32) for s, (_, _, items, _) in data.splits.items()}
         path = Path(data.dir) / REFERENCE_CACHE
         try:
@@ -441,7 +443,7 @@ class PolicyGradient(Objective):
         policy as it is); mixed_groups is their share with a signal, kept_mixed the share after refilling."""
         cfg, G, P = self.cfg, self.cfg.num_generations, len(batch["records"])
         ro, rewards, metrics = self.episodes(batch["records"], G, cfg.rollout_temperature, batch["generator"])
-        mixed = rewards.view(-1, G).std(dim=1) > 0  # (P,) groups whose episodes differ
+        mixed = rl.differing_groups(rewards, G)  # (P,) groups whose episodes differ
         metrics["mixed_groups"] = mixed.float().mean()
         if self.ppo or not cfg.dynamic_sampling:
             return ro, rewards, metrics
@@ -451,7 +453,7 @@ class PolicyGradient(Objective):
             chunk = spares[tried:tried + P]
             tried += len(chunk)
             more_ro, more_rewards, _ = self.episodes(chunk, G, cfg.rollout_temperature, batch["generator"])
-            found = (more_rewards.view(-1, G).std(dim=1) > 0).nonzero().flatten().tolist()
+            found = rl.differing_groups(more_rewards, G).nonzero().flatten().tolist()
             for i, g in zip([i for i, x in enumerate(groups) if x is None], found):
                 groups[i] = (more_ro, more_rewards, g)
         metrics["resampled"] = torch.tensor(tried / P, device=self.device)

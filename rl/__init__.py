@@ -19,8 +19,8 @@ policy.py (advantages, log-probs, GRPO / CISPO losses, GAE, value loss, KL; torc
 for one job (`from rl.tasks import make_task`); this file only re-exports.
 """
 from rl.answers import THINK_END, answers_match, extract_answer, last_number, normalize, split_think
-from rl.policy import (POLICY_LOSSES, approx_kl, cispo_loss, completion_logprobs, completion_mask, gae,
-                       gather_logprobs, group_advantages, grpo_loss, kl_early_stop, kl_k3, last_token_rewards,
+from rl.policy import (POLICY_LOSSES, approx_kl, cispo_loss, completion_logprobs, completion_mask, differing_groups,
+                       gae, gather_logprobs, group_advantages, grpo_loss, kl_early_stop, kl_k3, last_token_rewards,
                        masked_mean, reduce_tokens, token_entropy, value_loss, whiten)
 from rl.rewards import (REWARDS, RewardModel, compute_rewards, parse_reward_specs, repetition_penalty,
                         reward_exact, reward_length, reward_repetition, reward_think, reward_tool_calls)
@@ -35,9 +35,9 @@ __all__ = [
     # answers
     "THINK_END", "answers_match", "extract_answer", "last_number", "normalize", "split_think",
     # policy
-    "POLICY_LOSSES", "approx_kl", "cispo_loss", "completion_logprobs", "completion_mask", "gae", "gather_logprobs",
-    "group_advantages", "grpo_loss", "kl_early_stop", "kl_k3", "last_token_rewards", "masked_mean", "reduce_tokens",
-    "token_entropy", "value_loss", "whiten",
+    "POLICY_LOSSES", "approx_kl", "cispo_loss", "completion_logprobs", "completion_mask", "differing_groups", "gae",
+    "gather_logprobs", "group_advantages", "grpo_loss", "kl_early_stop", "kl_k3", "last_token_rewards", "masked_mean",
+    "reduce_tokens", "token_entropy", "value_loss", "whiten",
     # rewards
     "REWARDS", "RewardModel", "compute_rewards", "parse_reward_specs", "repetition_penalty", "reward_exact",
     "reward_length", "reward_repetition", "reward_think", "reward_tool_calls",

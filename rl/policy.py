@@ -32,6 +32,12 @@ def group_advantages(rewards, group_size: int, eps: float = 1e-4):
     return ((r - mean) / (std + eps)).view(-1)  # (P*G,)
 
 
+def differing_groups(rewards, group_size: int):
+    """(P*G,) rewards of G samples per prompt -> (P,) bool: the groups whose rewards are not all equal, the
+    only ones group_advantages gives a signal."""
+    return rewards.float().view(-1, group_size).std(dim=1, unbiased=False) > 0
+
+
 def gather_logprobs(logits, targets, mask=None):
     """log pi(targets | ...) per token: logits (B, T, V) (any dtype), targets (B, T) -> (B, T) fp32.
     Computed in fp32 (log-softmax of bf16 logits loses the small ratios PPO clips on). Positions with
