@@ -85,10 +85,17 @@ def completion_logprobs(model, prompt, completion, mask=None, pad=None, hidden: 
 
 
 @torch.no_grad()
-def token_entropy(logits, mask=None):
-    """Entropy of softmax(logits) per position, -sum p log p, in fp32: (B, T, V) -> (B, T), 0 where mask is 0."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    ent = -(logp.exp() * logp).sum(-1)  # (B, T)
+def token_entropy(logits, mask=None, chunk: int = 2 ** 24):
+    """Entropy of softmax(logits) per position, -sum p log p, in fp32: (B, T, V) -> (B, T), 0 where mask is 0.
+    Rows a few at a time, so that the fp32 log-softmax held at once stays under `chunk` elements (a
+    rollout's whole (B, T, V) in fp32 is what gather_logprobs avoids too)."""
+    B, T, V = logits.shape
+    step = max(1, chunk // max(1, T * V))
+    parts = []
+    for b in range(0, B, step):
+        logp = F.log_softmax(logits[b:b + step].float(), dim=-1)  # (step, T, V)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    ent = torch.cat(parts)  # (B, T)
     return ent if mask is None else ent * mask
 
 

@@ -676,3 +676,13 @@ def test_reward_model_as_a_reward_spec(tiny_rm):
     total, parts = rl.compute_rewards(specs, [P], ["The answer is 42."], [{"answer": "42"}])
     assert total.item() == pytest.approx(1 + 0.5 * rl.RewardModel(path, clip=None)(P, "The answer is 42.", {}),
                                          abs=1e-5)
+
+
+def test_token_entropy_is_minus_sum_p_log_p_whatever_the_chunk():
+    torch.manual_seed(0)
+    logits, mask = torch.randn(7, 5, 11), (torch.rand(7, 5) > 0.3).float()
+    p = torch.softmax(logits.double(), -1)
+    expected = (-(p * p.log()).sum(-1) * mask).float()
+    for chunk in (1, 60, 2 ** 24):  # one row at a time, a row of 55 values plus change, all at once
+        assert torch.allclose(rl.token_entropy(logits, mask, chunk=chunk), expected, atol=1e-6)
+    assert rl.token_entropy(torch.zeros(2, 3, 4)).allclose(torch.full((2, 3), math.log(4)))
