@@ -23,6 +23,8 @@ Sections:
   server  requests/s and tokens/s of serve.py (a subprocess) under 8 concurrent streaming clients
   kernels Triton kernels vs PyTorch eager / compiled / liger-kernel (GPU; a smoke run on CPU)
   dpo     DPO step / SFT step on the same tokens (first model): reference cached (the default) and live
+  contention  (CPU) training and decoding tokens/s of the default thread policy vs 1 thread vs all cores
+          (and all with OpenMP's PASSIVE wait), idle and beside a busy process it starts (~6 min)
   moe     MoE/dense training-step time (fp32, AdamW) of tiny-moe/tiny and minimind-3-moe/minimind-3,
           with our MoE layer and with MiniMind-3's (its loop over experts), at 1 and 2 threads
 """
@@ -50,8 +52,8 @@ from torch import nn
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
 import mmkernels
-from benchlib import (bench_batch, ddp_fsdp_peaks, fresh_inductor_cache, measure_bandwidth, sync_fn, timed_rates,
-                      train_step_time)
+from benchlib import (bench_batch, contention, contention_lines, ddp_fsdp_peaks, fresh_inductor_cache,
+                      measure_bandwidth, sync_fn, timed_rates, train_step_time)
 from checkpoint import save_checkpoint
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from mmkernels import moe_experts, moe_route, rms_norm, rope
@@ -798,7 +800,7 @@ def _bench_tokenizer() -> str:
     return d
 
 
-SECTIONS = ("peak", "train", "optim", "dpo", "memory", "decode", "server", "kernels", "moe")
+SECTIONS = ("peak", "train", "optim", "dpo", "memory", "decode", "server", "kernels", "contention", "moe")
 
 
 def main(argv=None):
@@ -871,6 +873,9 @@ def main(argv=None):
                   f"TTFT {s[k]['ttft_ms']:.0f} ms ({s['clients']} clients)")
     if "kernels" in sections:
         bench_kernels(device, out)
+    if "contention" in sections and device == "cpu":
+        out["contention"] = contention(models[0])
+        print("\n".join(contention_lines(out["contention"])))
     if "moe" in sections:
         pairs = [tuple(p.split(":")) for p in args.moe_pairs.split(",")]
         bench_moe(device, out, pairs, steps=args.steps, threads=(args.threads,) if args.threads else (1, 2))

@@ -1,6 +1,7 @@
 """Measuring on a shared, noisy machine, for bench.py: a device's sync, memory bandwidth, the time of a
 training step, the rows a timed step holds, variants timed interleaved (wall and CPU time), an empty
-inductor cache for cold compiles, a training step's per-process peak memory under DDP and FSDP2."""
+inductor cache for cold compiles, a training step's per-process peak memory under DDP and FSDP2, the
+thread policy's speed beside a competing busy process."""
 import contextlib
 import json
 import os
@@ -15,7 +16,7 @@ import torch
 
 from minimind import PRESETS, MiniMind
 from optim import make_optimizer
-from runtime import PeakMalloc, keep_freed_memory, malloc_in_use, parallelize, setup_distributed
+from runtime import CpuThreads, PeakMalloc, keep_freed_memory, malloc_in_use, parallelize, setup_distributed
 
 
 def sync_fn(device: str):
@@ -158,3 +159,84 @@ def ddp_fsdp_peaks(name: str, seq_len: int, batch: int, device: str, nproc: int 
     res["ratio"] = round(res["fsdp_peak_mib"] / res["ddp_peak_mib"], 3)
     res["state_ratio"] = round(res["fsdp_state_mib"] / res["ddp_state_mib"], 3)
     return res
+
+
+# -----------------------------------------------------------------------------
+# contention: the thread policy beside another busy process
+
+def contention_worker(name: str, kind: str, threads: int, warmup: float, seconds: float) -> float:
+    """Tokens/s of `kind` ("train": AdamW steps on 4 x 256 tokens; "decode": greedy batch-1 replies of 32
+    tokens) with `threads` (0: runtime.CpuThreads adapting), after `warmup` seconds, over `seconds`."""
+    torch.manual_seed(0)
+    model = MiniMind(PRESETS[name])
+    policy = CpuThreads(threads)
+    x, prompt = torch.randint(0, model.config.vocab_size, (4, 256)), torch.randint(0, model.config.vocab_size, (1, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def unit() -> int:
+        if kind == "train":
+            model(x, targets=x)[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            policy.tick()
+            return x.numel()
+        with torch.no_grad():
+            for n, _ in enumerate(model.generate_stream(prompt, 32, temperature=0), 1):
+                policy.tick()
+        return n
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warmup:
+        unit()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        n += unit()
+    return n / (time.perf_counter() - t0)
+
+
+def _contention_run(name: str, kind: str, config: str, warmup: float, seconds: float) -> float:
+    """One worker in a fresh process: config "auto", "N" threads, or "N passive" (OMP_WAIT_POLICY=PASSIVE,
+    which libgomp reads once, at start)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    if config.endswith("passive"):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    threads = 0 if config == "auto" else int(config.split()[0])
+    code = f"import benchlib; print(benchlib.contention_worker({name!r}, {kind!r}, {threads}, {warmup}, {seconds}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env, capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        raise RuntimeError(f"contention worker {kind} {config}: {r.stderr[-500:]}")
+    return float(r.stdout.split()[-1])
+
+
+def contention(name: str = "tiny", rounds: int = 2, warmup: float = 2.0, seconds: float = 5.0) -> dict:
+    """Training and decoding tokens/s of the default thread policy ("auto"), 1 thread, all cores (torch's
+    count) and all cores with OpenMP's PASSIVE wait policy, on an idle machine and beside one busy process
+    started here (a Python loop), each in a fresh process, rounds interleaved, the best round kept.
+    -> {"idle"|"busy": {"train"|"decode": {config: tok/s, "auto_vs_best": auto / the best fixed count}}}."""
+    most = torch.get_num_threads()
+    configs = ["auto", "1"] + ([str(most), f"{most} passive"] if most > 1 else [])
+    out = {}
+    for load in ("idle", "busy"):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load == "busy" else None
+        try:
+            rates = {k: {c: 0.0 for c in configs} for k in ("train", "decode")}
+            for _ in range(rounds):
+                for kind in rates:
+                    for c in configs:
+                        rates[kind][c] = max(rates[kind][c], _contention_run(name, kind, c, warmup, seconds))
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+        for kind, r in rates.items():
+            r["auto_vs_best"] = r["auto"] / max(v for c, v in r.items() if c.isdigit())  # of the thread counts
+        out[load] = rates
+    return out
+
+
+def contention_lines(result: dict) -> list:
+    """contention()'s result, a line per load and kind."""
+    return [f"contention {load:4s} {kind:6s}: " + ", ".join(f"{c} {v:.0f}" for c, v in r.items() if c != "auto_vs_best")
+            + f" tok/s; the default {r['auto_vs_best']:.2f}x the best thread count"
+            for load, kinds in result.items() for kind, r in kinds.items()]

@@ -41,7 +41,7 @@ from torch.distributed.fsdp import FSDPModule
 import lora
 import mmkernels
 from minimind import MiniMind, ModelConfig
-from runtime import pick_device, pick_dtype, publish_modes
+from runtime import pick_device, pick_dtype, publish_modes, share_cpu
 from tokenizer import Tokenizer
 
 DEFAULT_CONTEXT = 2048
@@ -508,12 +508,20 @@ def load_for_inference(ckpt, device: str = "auto", dtype: str = "auto", kernel_b
     return model, tok, device, min(int(context), cfg.max_seq_len)
 
 
+def whole_number(text: str) -> int:
+    """argparse type: an int >= 0 (argparse says "invalid whole_number value: '-1'" otherwise)."""
+    if not text.strip().isdigit():
+        raise ValueError(text)
+    return int(text)
+
+
 def add_device_args(p):
     """--device, --dtype, --threads: where inference runs (sample.py, serve.py, eval.py)."""
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 | mps ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16")
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for torch (0: torch's default; 1 is often fastest for small models)")
+    p.add_argument("--threads", type=whole_number, default=0,
+                   help="CPU threads for torch (0: as many as the other processes leave idle, re-chosen every "
+                        "second; OMP_NUM_THREADS fixes it too)")
 
 
 def add_model_args(p):
@@ -577,10 +585,10 @@ def run_or_newest(ckpt) -> Path:
 
 def load_or_exit(ckpt, device: str = "auto", dtype: str = "auto", kernel_backend: Optional[str] = None,
                  context: int = 0, rope_scaling: Optional[str] = None, threads: int = 0):
-    """load_for_inference() for a script, from add_model_args' flags: `threads` > 0 sets torch's CPU
-    threads; no `ckpt`: the newest run (run_or_newest); a missing or broken checkpoint exits with its message."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+    """load_for_inference() for a script, from add_model_args' flags: `threads` sets the process's CPU
+    thread policy (runtime.share_cpu); no `ckpt`: the newest run (run_or_newest); a missing or broken
+    checkpoint exits with its message."""
+    share_cpu(threads)
     ckpt = run_or_newest(ckpt)
     try:
         return load_for_inference(ckpt, device, dtype, kernel_backend, context, rope_scaling)

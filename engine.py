@@ -30,6 +30,7 @@ from typing import Callable, Optional
 import torch
 
 from minimind import Sampler, SamplingParams
+from runtime import tick_threads
 
 
 @dataclass
@@ -117,6 +118,7 @@ class Engine:
                 self._admit()
                 if self.rows:
                     self._step()
+                    tick_threads()
             except Exception as e:  # the batched forward failed: every active request ends, the engine goes on
                 msg = f"{type(e).__name__}: {e}"
                 print(f"engine error: {msg}", file=sys.stderr)

@@ -50,7 +50,7 @@ from checkpoint import (CheckpointError, DEFAULT_CONTEXT, add_device_args, atomi
                         load_for_inference, resolve_checkpoint)
 from data import DataError, iter_jsonl
 from minimind import MiniMind
-from runtime import pick_device, pick_dtype
+from runtime import pick_device, pick_dtype, share_cpu, ticking
 from tokenizer import Tokenizer
 
 try:
@@ -163,9 +163,9 @@ def generate(lm: LM, ids: list, max_new: int, temperature: float, top_p: float, 
         return []
     eos = lm.tok.eos_id
     if isinstance(lm.model, MiniMind):
-        out = [int(t[0]) for t in lm.model.generate_stream(idx, max_new, temperature=temperature,
-                                                           top_p=top_p if 0 < top_p < 1 else 1.0, eos_id=eos,
-                                                           seed=seed)]
+        out = [int(t[0]) for t in ticking(lm.model.generate_stream(idx, max_new, temperature=temperature,
+                                                                   top_p=top_p if 0 < top_p < 1 else 1.0,
+                                                                   eos_id=eos, seed=seed))]
     else:
         torch.manual_seed(seed)
         sampling = (dict(do_sample=True, temperature=temperature, top_p=top_p if 0 < top_p < 1 else 1.0)
@@ -655,8 +655,7 @@ def read_inputs(args):
 
 def run(args, texts: dict, mc: Optional[tuple], prompts: Optional[list]) -> list:
     """Load each model in turn (one in memory at a time) and evaluate it on the same inputs."""
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    share_cpu(args.threads)
     specs = model_specs(args)
     results, names = [], set()
     for kind, path in (tqdm(specs, desc="models", file=sys.stderr) if len(specs) > 2 and tqdm and not args.quiet

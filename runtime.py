@@ -312,3 +312,105 @@ class Clock:
         t0 = time.time()
         yield
         self.last[what] = time.time() - t0
+
+
+# -----------------------------------------------------------------------------
+# CPU threads on a machine shared with other work
+
+def _cpu_ticks(cpus: set) -> tuple:
+    """(busy, all) clock ticks of the listed CPUs since boot, from /proc/stat: busy at any priority (steal,
+    time the hypervisor gave another machine, included)."""
+    busy = total = 0
+    with open("/proc/stat") as f:
+        for line in f:
+            name, *vals = line.split()
+            if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+                continue
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in vals[:8])
+            busy += user + nice + system + irq + softirq + steal
+            total += user + nice + system + idle + iowait + irq + softirq + steal
+    return busy, total
+
+
+def _own_ticks() -> int:
+    """Clock ticks this process (every thread) has run, user + system, from /proc/self/stat."""
+    with open("/proc/self/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": the command may hold spaces
+    return int(fields[11]) + int(fields[12])  # utime, stime
+
+
+class CpuThreads:
+    """How many threads torch computes with on a CPU that other work shares, chosen again as it changes.
+
+        threads = CpuThreads()        # 0: adapt; N > 0: N threads, always
+        for step in ...:
+            threads.tick()            # in the thread that computes: cheap; re-chooses once a `interval`
+
+    torch's threads meet after every parallel op (OpenMP), so one of them taken off its core by another
+    process stalls all of them: beside one busy process on 2 cores, 2 threads trained tiny 4.4x and
+    decoded 3.4x slower than 1 thread (BENCHMARKS.md, contention). Every `interval` seconds tick()
+    reads how much of this process's CPUs (its affinity) the other processes used since the last reading
+    (/proc/stat less this process's own time) and uses the cores they left: round(CPUs - others' busy
+    cores), at least 1, at most torch's own default (its physical cores). Niced processes count: with
+    the kernel's autogroups (on by default in most distributions) a process of another session gets its
+    share whatever its nice value. OpenMP's wait policy is left as libgomp sets it (spin a
+    while, then sleep): PASSIVE, sleeping at once, cost a third of the idle training speed.
+
+    The count stays fixed (torch's, or `threads`) where the user chose it (OMP_NUM_THREADS), under
+    torchrun (processes that share the cores by design) and off Linux (no /proc)."""
+
+    def __init__(self, threads: int = 0, interval: float = 1.0):
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.most = torch.get_num_threads()
+        self.interval = interval
+        self.adapt = (threads == 0 and "OMP_NUM_THREADS" not in os.environ and "RANK" not in os.environ
+                      and os.path.exists("/proc/stat") and hasattr(os, "sched_getaffinity"))
+        if self.adapt:
+            self.cpus = os.sched_getaffinity(0)
+            self.last = (time.monotonic(), _cpu_ticks(self.cpus), _own_ticks())
+            time.sleep(0.05)  # a first reading, so that the first steps already run with a fitting count
+            self._choose()
+
+    def others(self) -> float:
+        """The cores the other processes kept busy since the last reading (then a new reading starts)."""
+        (busy0, total0), own0 = self.last[1:]
+        (busy, total), own = _cpu_ticks(self.cpus), _own_ticks()
+        self.last = (time.monotonic(), (busy, total), own)
+        if total <= total0:
+            return 0.0
+        return max(0, busy - busy0 - (own - own0)) / (total - total0) * len(self.cpus)
+
+    def _choose(self):
+        n = max(1, min(self.most, int(len(self.cpus) - self.others() + 0.5)))
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    def tick(self):
+        if self.adapt and time.monotonic() - self.last[0] >= self.interval:
+            self._choose()
+
+
+_threads: Optional[CpuThreads] = None  # the process's policy, once a script has set one
+
+
+def share_cpu(threads: int = 0) -> CpuThreads:
+    """Set the process's thread policy (a script's --threads: 0 adapts, N > 0 fixes N); the loops that
+    compute call tick_threads()."""
+    global _threads
+    _threads = CpuThreads(threads)
+    return _threads
+
+
+def tick_threads():
+    """Let the process's thread policy re-choose, if one is set and its interval has passed: call it
+    once per unit of work (a step, a decoded token) from the thread that computes."""
+    if _threads is not None:
+        _threads.tick()
+
+
+def ticking(items):
+    """The items of an iterable, tick_threads() after each: `for nxt in ticking(model.generate_stream(...))`."""
+    for item in items:
+        yield item
+        tick_threads()

@@ -36,6 +36,7 @@ import torch
 
 from checkpoint import CHAT_KINDS, add_model_args, load_or_exit, run_or_newest, trained_kind
 from minimind import SamplingParams, left_pad
+from runtime import ticking
 from tokenizer import ReplyParser, TokenDecoder
 
 
@@ -51,8 +52,8 @@ def stream_tokens(model, ids: list, max_new_tokens: int, eos_id: Optional[int] =
     if max_new_tokens <= 0:
         return
     idx, pad = left_pad([ids], device=model.embed.weight.device)  # the batch path: the same alone or batched
-    for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad, compiled=compiled,
-                                     **sampling):
+    for nxt in ticking(model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad,
+                                             compiled=compiled, **sampling)):
         t = int(nxt[0])
         yield t
         if t == eos_id:
@@ -68,8 +69,8 @@ def generate_batch(model, prompts: list, max_new_tokens: int, eos_id: Optional[i
     if not prompts or max_new_tokens <= 0:
         return [[] for _ in prompts]
     idx, pad = left_pad(prompts, pad_id, device=model.embed.weight.device)  # (B, T), (B,)
-    steps = [nxt.tolist() for nxt in model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id, pad=pad,
-                                                           compiled=compiled, **sampling)]
+    steps = [nxt.tolist() for nxt in ticking(model.generate_stream(idx, max_new_tokens, params, eos_id=eos_id,
+                                                                   pad=pad, compiled=compiled, **sampling))]
     out = []
     for b in range(len(prompts)):
         row = [s[b] for s in steps]

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import MiniMind
+from runtime import tick_threads
 from tokenizer import Tokenizer, token_bytes
 
 
@@ -89,6 +90,7 @@ def score_jobs(model, jobs: Sequence[Job], batch_tokens: int = 8192, top_n: int 
             out[j] = Scored(lp.gather(1, target[:, None])[:, 0].cpu(), (lp.argmax(-1) == target).cpu(),
                             top.indices.cpu() if top else None, top.values.cpu() if top else None)
         i += len(rows)
+        tick_threads()
         if progress:
             progress(len(rows))
     return out

@@ -70,7 +70,8 @@ from losses import (DPO, Distill, DistillConfig, DPOConfig, Objective, PolicyGra
 from minimind import PRESETS, MiniMind, ModelConfig
 from optim import SCHEDULES, WithModule, describe_optimizer, lr_multiplier, make_optimizer
 from runtime import (Clock, Processes, autocast, datasheet_flops, fmt_time, grad_scaler, gradient_sync,
-                     keep_freed_memory, measure_matmul_flops, parallelize, pick_dtype, setup_distributed)
+                     keep_freed_memory, measure_matmul_flops, parallelize, pick_dtype, setup_distributed, share_cpu,
+                     tick_threads)
 from scoring import bytes_per_token
 from tracking import TRACKERS, Trackers, parse_trackers
 
@@ -285,6 +286,9 @@ def add_lora_eval_system_flags(p):
                         "autocast where it has bf16 units (AVX512-BF16, AMX), else fp32; fp32 on MPS), float32, "
                         "bfloat16, float16")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=positive(int, zero=True), default=0,
+                   help="CPU threads (0: as many as other processes leave idle, "
+                   "re-chosen every second; OMP_NUM_THREADS or torchrun fix it)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: FSDP2 instead of DDP, weights, gradients and AdamW state sharded over the "
                         "processes; sharded checkpoints that resume at any process count (pretrain, sft, dpo, distill)")
@@ -660,6 +664,7 @@ def setup_process(args):
         dtype = pick_dtype(args.dtype, device, training=True)
     except ValueError as e:
         fail(str(e))
+    share_cpu(args.threads)
     if device == "cpu":
         keep_freed_memory()  # each step's large tensors come back from the heap, not page faults
     if device.startswith("cuda"):
@@ -853,6 +858,7 @@ def main(argv=None):
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # forward, backward, update (RL: the rollout first, then its updates)
         metrics = train_step(run, step)
+        tick_threads()  # a busy machine: fewer threads (runtime.CpuThreads)
         if run.guard.last == "reload":  # too many bad steps in a row, or a loss spike
             go_back(run, step)
         run.tokens_since += run.batch_tokens

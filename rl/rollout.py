@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from minimind import left_pad
+from runtime import ticking
 from rl.answers import split_think
 from rl.tasks import prompt_messages
 from rl.tools import TOOLS, find_tool_calls, record_tools, tool_response_message, tools_system_prompt
@@ -109,8 +110,9 @@ def rollout(model, tok, prompts: list, max_new_tokens: int, *, temperature: floa
             idx, pad = left_pad([contexts[i] for i in active], pad_id, device)
             # the one sampler seeds row i from seed + i; the seed itself comes from `generator`
             seed = None if generator is None else int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-            steps = list(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or 0,
-                                               top_p=1.0 if top_p is None else top_p, eos_id=eos, pad=pad, seed=seed))
+            steps = list(ticking(model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k or 0,
+                                                       top_p=1.0 if top_p is None else top_p, eos_id=eos, pad=pad,
+                                                       seed=seed)))
             generated = torch.stack(steps, dim=1).tolist()  # (len(active), steps)
             running = []
             for i, row in zip(active, generated):

@@ -12,6 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# a fixed thread count for every test and the scripts they start (the count that torch would choose):
+# runtime.CpuThreads would otherwise change it with the machine's load in the middle of a run, and runs
+# that must agree to the last bit (resumed == uninterrupted) would not. tests/test_runtime.py unsets it.
+if "OMP_NUM_THREADS" not in os.environ:
+    import torch
+    os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 SUBJECTS = ["小明", "老师", "我们", "这只猫", "科学家", "The cat", "A student", "My friend"]
 VERBS = ["喜欢", "看见", "研究", "写了", "likes", "reads", "found"]
