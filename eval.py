@@ -742,11 +742,14 @@ def card_results(args, stages: list, texts: dict, prompts: list, started: float)
     budget = report.CardBudget(None if args.max_time is None else args.max_time * 60,
                                [p for c in chat for p in ("load", "text", "replies")[:2 + c]], started)
     rounds, replies = (None, None) if args.max_time is not None else (max(map(len, files.values())), len(order))
-    results = []
+    results, names = [], set()
     for (kind, path), is_chat in zip(model_specs(args), chat):
         t = time.monotonic()
         lm = load(kind, path, args)
         budget.done("load", time.monotonic() - t)
+        while lm.name in names:  # the same run twice: keep the labels apart, as run() does
+            lm.name += "'"
+        names.add(lm.name)
         result, t = {"model": lm.describe()}, time.monotonic()
         result["text"], rounds = card_text(lm, files, args, rounds, budget.until())
         budget.done("text", time.monotonic() - t)
