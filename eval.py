@@ -23,7 +23,9 @@ items and the summary puts them side by side. Without either, the newest run und
 --runs PATH...   every checkpoint of each run (checkpoint directories too), metrics plotted
                  against steps (--plot)
 --card FILE      the report card of the runs given with --ckpt (report.py): machine, each stage's
-                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies
+                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies;
+                 --max-time MINUTES: in a time budget, fewer held-out documents and prompts if they
+                 do not fit (the same for every model, in a fixed order), and the card says so
 
 Multiple choice is scored as lm-evaluation-harness scores it (docs/eval.md): `letter` ranks the log-
 likelihood of " A", " B", ... after the question with its options and "答案：" (lm-eval's ceval-valid

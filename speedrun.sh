@@ -10,15 +10,17 @@
 # it starts: BUDGET less the time spent so far and RESERVE seconds (default 30) kept for the reply, the
 # server and the export, split in proportion pretrain 30 : SFT 20 : DPO 10 : GRPO 17 : card 12 among
 # itself and the stages after it. So the data step and any overrun (a start-up, a slow machine) come
-# out of the stages after it, not out of the end. FORCE=1 starts the runs in out/ over; without it a
-# second speedrun refuses to replace them (train.py never deletes a run it was not told to).
+# out of the stages after it, not out of the end. A budget below the stages' floors (their start-ups,
+# GRPO's first evaluation, the card's minimum: about 4.5 minutes on a busy 2-core CPU) ends late.
+# FORCE=1 starts the runs in out/ over; without it a second speedrun refuses to replace them
+# (train.py never deletes a run it was not told to).
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:-tiny}
 BUDGET=${BUDGET:-30}
 FORCE=${FORCE:+--force}
 PORT=${PORT:-8765}
-RESERVE=${RESERVE:-30}  # seconds for the reply, the server and the export (about 10 on a busy 2-core CPU)
+RESERVE=${RESERVE:-30}  # seconds for the card's start-up, the reply, the server, the export (16 on a busy 2-core CPU)
 START=$(date +%s)
 share() {  # minutes for a stage of weight $1, $2 the weights of it and the stages after it (at least 0.05)
     awk -v b="$BUDGET" -v s="$(( $(date +%s) - START ))" -v r="$RESERVE" -v w="$1" -v all="$2" \
