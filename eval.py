@@ -23,7 +23,9 @@ items and the summary puts them side by side. Without either, the newest run und
 --runs PATH...   every checkpoint of each run (checkpoint directories too), metrics plotted
                  against steps (--plot)
 --card FILE      the report card of the runs given with --ckpt (report.py): machine, each stage's
-                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies
+                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies;
+                 --max-time MINUTES: in a time budget, fewer held-out documents and prompts if they
+                 do not fit (the same for every model, in a fixed order), and the card says so
 
 Multiple choice is scored as lm-evaluation-harness scores it (docs/eval.md): `letter` ranks the log-
 likelihood of " A", " B", ... after the question with its options and "答案：" (lm-eval's ceval-valid
@@ -203,18 +205,26 @@ def read_texts(path) -> list:
 def eval_text(lm: LM, files: dict, stride: int, batch_tokens: int, quiet: bool) -> dict:
     """{file: docs} -> nats, tokens and bytes per file and over all files, loss and bits per byte."""
     stride = min(stride or max(1, lm.context // 2), lm.context)
-    out, total = {"context": lm.context, "stride": stride, "files": {}}, np.zeros(3)
-    for name, docs in files.items():
-        jobs, counts = [], np.zeros(3)  # nats, tokens, bytes
-        for ids, text in zip(lm.tok.encode_batch(docs), docs):
-            jobs += scoring.window_jobs(lm.prefix + ids, lm.context, stride)
-            counts += (0, len(ids) - (0 if lm.prefix else 1), len(text.encode("utf-8")))
-        with Progress(len(jobs), f"{lm.name} {Path(name).name}", quiet) as bar:
-            scored = scoring.score_jobs(lm.model, jobs, batch_tokens, progress=bar)
-        counts[0] = -sum(float(s.logprobs.double().sum()) for s in scored)
-        out["files"][name] = text_metrics(*counts)
-        total += counts
-    out.update(text_metrics(*total))
+    return text_result(lm, stride, {name: text_counts(lm, name, docs, stride, batch_tokens, quiet)
+                                    for name, docs in files.items()})
+
+
+def text_counts(lm: LM, name: str, docs: list, stride: int, batch_tokens: int, quiet: bool) -> np.ndarray:
+    """Nats, tokens and bytes of a file's documents."""
+    jobs, counts = [], np.zeros(3)  # nats, tokens, bytes
+    for ids, text in zip(lm.tok.encode_batch(docs), docs):
+        jobs += scoring.window_jobs(lm.prefix + ids, lm.context, stride)
+        counts += (0, len(ids) - (0 if lm.prefix else 1), len(text.encode("utf-8")))
+    with Progress(len(jobs), f"{lm.name} {Path(name).name}", quiet) as bar:
+        scored = scoring.score_jobs(lm.model, jobs, batch_tokens, progress=bar)
+    counts[0] = -sum(float(s.logprobs.double().sum()) for s in scored)
+    return counts
+
+
+def text_result(lm: LM, stride: int, counts: dict) -> dict:
+    """{file: counts} -> each file's metrics and those over all files."""
+    out = {"context": lm.context, "stride": stride, "files": {n: text_metrics(*c) for n, c in counts.items()}}
+    out.update(text_metrics(*sum(counts.values(), np.zeros(3))))
     return out
 
 
@@ -422,13 +432,19 @@ def read_prompts(path) -> list:
     return out
 
 
-def answer_prompts(lm: LM, prompts: list, args) -> list:
+def raw_format(stage: Optional[str], args) -> bool:
+    """Whether prompts are continued raw (bos + text): pretrain checkpoints, or --prompt-format raw."""
+    return args.prompt_format == "raw" or (args.prompt_format == "auto" and stage == "pretrain")
+
+
+def answer_prompts(lm: LM, prompts: list, args, first: int = 0) -> list:
     """Each prompt's turns answered in order (the conversation kept); raw continuation (bos + text,
-    no history) for pretrain checkpoints or --prompt-format raw."""
-    raw = args.prompt_format == "raw" or (args.prompt_format == "auto" and lm.stage == "pretrain")
+    no history) for pretrain checkpoints or --prompt-format raw. Prompt k samples with seed
+    --seed + first + k (first: the number of the first prompt, when answering some of a list)."""
+    raw = raw_format(lm.stage, args)
     results = []
     with Progress(sum(len(t) for _, _, t in prompts), f"{lm.name} prompts", args.quiet) as bar:
-        for n, (category, lang, turns) in enumerate(prompts):
+        for n, (category, lang, turns) in enumerate(prompts, start=first):
             history, done = [], []
             for user in turns:
                 history.append({"role": "user", "content": user})
@@ -612,6 +628,10 @@ def build_parser():
                    help="markdown report card of the --ckpt runs (held-out text of the embedded corpora unless "
                         "--text, the built-in prompts unless --prompts FILE); loss curves in FILE's .png")
     g.add_argument("--wall-seconds", type=float, default=None, help="--card: the whole run's wall time, to show")
+    g.add_argument("--max-time", type=float, default=None, metavar="MINUTES",
+                   help="--card: its time budget; the card measures as it goes and scores fewer held-out documents "
+                        "and answers fewer prompts to fit (the same ones for every model, in a fixed order; at least "
+                        "one of each), and says what it cut (default: no budget, everything)")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="FILE", help="every result, per-item log-likelihoods included")
     g.add_argument("--plot", default=None, metavar="FILE",
@@ -669,36 +689,120 @@ def run(args, texts: dict, mc: Optional[tuple], prompts: Optional[list]) -> list
     return results
 
 
-def write_card(args) -> list:
+CARD_SEED = 0  # the order of the held-out documents a time budget cuts: fixed, so cards compare
+
+
+def doc_order(files: dict) -> dict:
+    """Each file's documents in a fixed seeded order: a cut to the first n is the same n every time."""
+    return {name: [docs[i] for i in np.random.default_rng(CARD_SEED).permutation(len(docs))]
+            for name, docs in files.items()}
+
+
+def prompt_order(prompts: list) -> list:
+    """Prompt numbers, one of each category in turn: a cut keeps as many categories as it can."""
+    groups = {}
+    for n, (category, _, _) in enumerate(prompts):
+        groups.setdefault(category, []).append(n)
+    return [n for k in range(max(map(len, groups.values()))) for g in groups.values() for n in g[k:k + 1]]
+
+
+def card_text(lm: LM, files: dict, args, rounds: Optional[int], until: Optional[float]) -> tuple:
+    """Bits per byte on the first `rounds` documents of each file, or (rounds None) on as many rounds (a
+    document of each file) as fit before `until`, measured as they go, at least one -> (result, rounds)."""
+    stride = min(args.stride or max(1, lm.context // 2), lm.context)
+    counts = {name: np.zeros(3) for name in files}
+    most, done, started = max(map(len, files.values())), 0, time.monotonic()
+    while done < (rounds or most):
+        step = 1 if rounds is None else rounds - done  # measured: a round at a time; else all in one go
+        for name, docs in files.items():
+            if docs[done:done + step]:
+                counts[name] += text_counts(lm, name, docs[done:done + step], stride, args.batch_tokens, args.quiet)
+        done += step
+        if rounds is None and not report.fits(started, done, until):
+            break
+    return text_result(lm, stride, counts), done
+
+
+def card_replies(lm: LM, prompts: list, order: list, args, count: Optional[int], until: Optional[float]) -> tuple:
+    """Replies to the first `count` prompts of `order`, or (count None) to as many as fit before `until`,
+    measured as they go, at least one -> (results in the prompts' own order, count)."""
+    done, started = {}, time.monotonic()
+    for n in order[:count]:
+        done[n] = answer_prompts(lm, [prompts[n]], args, first=n)[0]  # prompt n's seed, cut or not
+        if count is None and not report.fits(started, len(done), until):
+            break
+    return [done[n] for n in sorted(done)], len(done)
+
+
+def card_results(args, stages: list, texts: dict, prompts: list, started: float) -> tuple:
+    """Every --ckpt model on the held-out text and (chat models) the prompts. Within --max-time the first
+    model to do each measures as it goes how many documents and prompts fit its share (report.CardBudget),
+    and every later model does as many, the same ones, so the card compares them -> (results, cuts)."""
+    files, order = doc_order(texts), prompt_order(prompts)
+    chat = [not raw_format(s["stage"], args) for s in stages]
+    budget = report.CardBudget(None if args.max_time is None else args.max_time * 60,
+                               [p for c in chat for p in ("load", "text", "replies")[:2 + c]], started)
+    rounds, replies = (None, None) if args.max_time is not None else (max(map(len, files.values())), len(order))
+    results, names = [], set()
+    for (kind, path), is_chat in zip(model_specs(args), chat):
+        t = time.monotonic()
+        lm = load(kind, path, args)
+        budget.done("load", time.monotonic() - t)
+        while lm.name in names:  # the same run twice: keep the labels apart, as run() does
+            lm.name += "'"
+        names.add(lm.name)
+        result, t = {"model": lm.describe()}, time.monotonic()
+        result["text"], rounds = card_text(lm, files, args, rounds, budget.until())
+        budget.done("text", time.monotonic() - t)
+        if is_chat:
+            t = time.monotonic()
+            result["prompts"], replies = card_replies(lm, prompts, order, args, replies, budget.until())
+            budget.done("replies", time.monotonic() - t)
+        results.append(result)
+        del lm
+    return results, {"seconds": budget.seconds, "text": {n: (min(rounds, len(d)), len(d)) for n, d in files.items()},
+                     "replies": (replies, len(prompts)) if replies is not None else None}
+
+
+def write_card(args, started: float) -> list:
     """--card: evaluate the --ckpt runs on held-out text and the prompts, then the report card."""
     card = Path(args.card)
     if not card.resolve().parent.is_dir():
         raise EvalError(f"{card}: its directory does not exist")
     if args.runs or any(kind == "hf" for kind, _ in args.models):
         raise EvalError("--card reports on training runs: give them with --ckpt")
+    if args.mc:
+        raise EvalError("--card does not report multiple choice: run --mc apart")
     if not args.text:
         args.text = [str(p) for p in report.held_out_texts(card.parent / f"{card.stem}_text").values()]
     args.prompts = args.prompts or "builtin"
-    texts, mc, prompts = read_inputs(args)
-    results = run(args, texts, mc, prompts)
+    texts, _, prompts = read_inputs(args)
     stages = [report.stage_summary(report.run_dir(path)) for _, path in model_specs(args)]
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     dpo = next((report.dpo_reward_accuracy(Path(s["run"]), device, dtype) for s in stages if s["stage"] == "dpo"), None)
     rl = next((report.rl_before_after(Path(s["run"])) for s in stages if s["stage"] in ("grpo", "ppo")), {})
     png = report.plot_curves(stages, card.with_suffix(".png"))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    results, cuts = card_results(args, stages, texts, prompts, started)
+    budget = {**cuts, "spent": time.monotonic() - started} if args.max_time is not None else None
     atomic_write_text(card, report.card(report.machine(), stages, results, dpo, rl, png.name if png else None,
-                                        args.wall_seconds))
-    print(f"report card: {card}" + (f" (curves: {png})" if png else ""))
+                                        args.wall_seconds, budget))
+    print(f"report card: {card}" + (f" (curves: {png})" if png else "") +
+          (f" in {budget['spent']:.0f} s of its {budget['seconds']:.0f} s budget" if budget else ""))
     return results
 
 
 def main(argv=None):
+    started = time.monotonic()  # --card --max-time counts from here (the imports before it are the caller's)
     args = build_parser().parse_args(argv)
     try:
         check_optional_dependencies(args)
+        if args.max_time is not None and (args.max_time < 0 or not args.card):
+            raise EvalError("--max-time is the report card's time budget in minutes: >= 0, with --card")
         if args.card:
-            return write_card(args)
+            return write_card(args, started)
         texts, mc, prompts = read_inputs(args)
         results = run(args, texts, mc, prompts)
     except (EvalError, DataError, FileNotFoundError, CheckpointError) as e:

@@ -9,6 +9,10 @@ text held out from the embedded corpora (held_out_texts: the documents prepare.p
 and English), DPO's held-out reward accuracy with its standard error (dpo_reward_accuracy), GRPO's
 held-out metrics before and after (its log's step 0 and last evaluation), replies to eval.py's
 prompts and how many are template-clean (template_clean). Loss curves: a png beside the markdown.
+
+With a time budget (eval.py --card --max-time, CardBudget) the card measures its parts as it goes and
+scores fewer held-out documents and answers fewer prompts (the same ones for every model, in a fixed
+order), and says so.
 """
 import contextlib
 import json
@@ -16,6 +20,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -170,14 +175,51 @@ def plot_curves(runs: list, path: Path) -> Optional[Path]:
     return path
 
 
+class CardBudget:
+    """The report card's time budget: its work is a list of parts in order (each model's "load", "text",
+    "replies"). A kind of part measured once is taken to cost as much again; what is left after the
+    known parts still to come is shared evenly by the next part and the later parts of kinds not yet
+    measured. seconds=None: no budget (every part may take what it takes); start: when it began (clock's
+    time; default now)."""
+
+    def __init__(self, seconds: Optional[float], parts: list, start: Optional[float] = None, clock=time.monotonic):
+        self.seconds, self.clock, self.start = seconds, clock, clock() if start is None else start
+        self.parts, self.cost = list(parts), {}
+
+    def spent(self) -> float:
+        return self.clock() - self.start
+
+    def until(self) -> Optional[float]:
+        """The clock time by which the next part should end (None without a budget)."""
+        if self.seconds is None:
+            return None
+        later = self.parts[1:]
+        known = sum(self.cost[k] for k in later if k in self.cost)
+        shared_by = 1 + sum(k not in self.cost for k in later)
+        return self.clock() + max(0.0, (self.seconds - self.spent() - known) / shared_by)
+
+    def done(self, kind: str, seconds: float):
+        """The next part, of `kind`, took `seconds`: its kind's cost from now on, if it is the first."""
+        assert self.parts and self.parts[0] == kind, (kind, self.parts[:1])
+        self.parts.pop(0)
+        self.cost.setdefault(kind, seconds)
+
+
+def fits(started: float, done: int, until: Optional[float], clock=time.monotonic) -> bool:
+    """Whether another item, as long as the mean of the `done` ones since `started`, ends by `until`."""
+    now = clock()
+    return until is None or now + (now - started) / max(done, 1) <= until
+
+
 def fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
 def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], rl: dict, png: Optional[str],
-         wall: Optional[float] = None) -> str:
+         wall: Optional[float] = None, budget: Optional[dict] = None) -> str:
     """The report card as markdown. results: eval.py's, one per model ("text" per held-out file,
-    "prompts" with the raw replies)."""
+    "prompts" with the raw replies). budget (a time budget's): {"seconds", "spent", "text": {file: (scored,
+    of)}, "replies": (answered, of)}, said in the header and beside what it cut."""
     m = machine_info
     lines = ["# minimind report card", "",
              f"- machine: {m['cpu']}" + (f", bf16 units: {', '.join(m['bf16_units'])}" if m["bf16_units"] else
@@ -186,6 +228,8 @@ def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], r
              f"- versions: torch {m['torch']}, python {m['python']}, commit {m['commit'] or '-'}"]
     if wall is not None:
         lines.append(f"- the run up to this report: {wall / 60:.1f} min wall-clock (tokenizer and data included)")
+    if budget:
+        lines.append(budget_line(budget))
     lines += ["", "## Training", "", "| stage | run | steps | wall (s) | tokens | tokens/s | train loss | val loss |",
               "|---|---|---|---|---|---|---|---|"]
     for s in stages:
@@ -202,20 +246,45 @@ def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], r
         lines.append(f"- GRPO held-out {k}: {fmt(before)} at step {s0} -> {fmt(after)} at step {s1}")
     files = sorted({f for r in results for f in r.get("text", {}).get("files", {})})
     if files:
-        lines += ["", "Bits per byte on held-out text (lower is better):", "",
+        lines += ["", "Bits per byte on held-out text (lower is better" + text_cut(budget) + "):", "",
                   "| model | " + " | ".join(Path(f).stem for f in files) + " |", "|---" * (len(files) + 1) + "|"]
         for r in results:
             got = r.get("text", {}).get("files", {})
             lines.append(f"| {r['model']['name']} | " + " | ".join(fmt(got.get(f, {}).get("bpb")) for f in files) + " |")
-    lines += replies_section(results)
+    lines += replies_section(results, budget)
     if png:
         lines += ["", "## Loss curves", "", f"![loss curves]({png})"]
     return "\n".join(lines) + "\n"
 
 
-def replies_section(results: list) -> list:
+def cut(pair) -> bool:
+    return pair[0] < pair[1]
+
+
+def budget_line(budget: dict) -> str:
+    """The header's line on the time budget: what the card took of it and what it cut to fit."""
+    cuts = ([f"held-out text, {sum(n for n, _ in budget['text'].values())} of "
+             f"{sum(m for _, m in budget['text'].values())} documents"] if any(map(cut, budget["text"].values()))
+            else []) + ([f"replies, {budget['replies'][0]} of {budget['replies'][1]} prompts"]
+                        if budget["replies"] and cut(budget["replies"]) else [])
+    return (f"- this card: {budget['spent']:.0f} s of its {budget['seconds']:.0f} s time budget (--max-time); " +
+            ("cut to fit it: " + "; ".join(cuts) if cuts else "nothing cut"))
+
+
+def text_cut(budget: Optional[dict]) -> str:
+    """Beside the bits per byte: how many documents of each file were scored, when the budget cut any."""
+    if not budget or not any(map(cut, budget["text"].values())):
+        return ""
+    return ("; time budget: " + ", ".join(f"{Path(f).stem} {n} of {m}" for f, (n, m) in sorted(budget["text"].items()))
+            + " documents, the same ones for every model, in a fixed seeded order")
+
+
+def replies_section(results: list, budget: Optional[dict] = None) -> list:
     """Each chat model's replies as every front end shows them (reasoning apart), and how many are clean."""
     lines = ["", "## Replies", ""]
+    if budget and budget["replies"] and cut(budget["replies"]):
+        lines += [f"Replies to {budget['replies'][0]} of {budget['replies'][1]} prompts (time budget: one of each "
+                  "category in turn, the same prompts for every model).", ""]
     for r in results:
         if not r.get("prompts") or r["prompts"][0]["format"] != "chat":
             continue

@@ -94,6 +94,7 @@ CASES = [
     ("eval", ["--ckpt", "{ckpt}", "--mc", "{file}"]),
     ("eval", ["--ckpt", "{ckpt}", "--mc", "nowhere.csv", "--shots", "9"]),
     ("eval", ["--ckpt", "{broken}", "--text", "{file}"]),
+    ("eval", ["--ckpt", "{ckpt}", "--text", "{file}", "--max-time", "1"]),
     # bench.py
     ("bench", ["--only", "bogus"]),
     ("bench", ["--models", "nope", "--only", "train"]),

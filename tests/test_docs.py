@@ -53,16 +53,21 @@ def test_readme_is_at_most_15000_characters():
 
 def test_readme_and_speedrun_say_what_the_code_does():
     """The DPO step size the README gives is train.py's; the speedrun's budget and shares are the ones
-    its comments and the README state, and it sets no step count."""
+    its comments and the README state, each stage's share is of what is left for it and the stages
+    after it, and it sets no step count."""
     import train
     readme, speedrun = read(README), read(ROOT / "speedrun.sh")
     assert f"as many rows as fit in {train.DPO_MICRO_TOKENS:,} tokens" in re.sub(r"\s+", " ", readme)
     assert "25,600" not in readme and "STEPS" not in readme + speedrun and "--max-iters" not in speedrun
     default = re.search(r"BUDGET=\$\{BUDGET:-(\d+)\}", speedrun)[1]
     assert f"`BUDGET={default}` minutes" in re.sub(r"\s+", " ", readme) and f"{default} minutes wall-clock" in speedrun
-    shares = dict(re.findall(r"T_(\w+)=\$\(share (\d+)\)", speedrun))
-    stated = re.sub(r"\s*#\s*", " ", re.search(r"share through train.py --max-time(.*?);", speedrun, re.S)[1])
-    assert len(shares) == 4 and all(f"{k.lower()} {v}%" in stated.lower() for k, v in shares.items()), (stated, shares)
+    calls = re.findall(r"T=\$\(share (\d+) (\d+)\); stage \"(\w+)", speedrun)  # weight, of all left, stage
+    weights = [int(w) for w, _, _ in calls]
+    assert len(calls) == 5 and [int(a) for _, a, _ in calls] == [sum(weights[i:]) for i in range(5)], calls
+    stated = re.findall(r"(\w+) (\d+)", re.sub(r"\s*#\s*", " ", re.search(r"in proportion (.*?) among", speedrun,
+                                                                         re.S)[1]))
+    assert [(n.lower(), int(w)) for n, w in stated] == [(n, w) for (*_, n), w in zip(calls, weights)][:4] + \
+        [("card", weights[4])], (stated, calls)
 
 
 @pytest.mark.parametrize("command", CARD + QUICK_START)

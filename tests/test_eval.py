@@ -408,7 +408,7 @@ def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
     text = card.read_text()
     assert "report card" in r.stdout and (tmp_path / "report.png").stat().st_size > 1000
     assert "| dpo | `" + str(dpo) + "` | 3 |" in text and "the run up to this report: 1.5 min" in text
-    assert "held-out reply loss" in text and "model name" not in text
+    assert "held-out reply loss" in text and "model name" not in text and "time budget" not in text
     acc = re.search(r"DPO held-out reward accuracy: ([\d.]+) ± ([\d.]+) \((\d+) pairs", text)
     assert acc and 0 <= float(acc[1]) <= 1 and float(acc[2]) > 0 and int(acc[3]) == len(
         __import__("data").DPOData(dpo_dir, 128, 0).splits["val"][2])
@@ -427,3 +427,62 @@ def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
     assert len(re.findall(r"replies template-clean as shown", text)) == 2  # sft, dpo: chat; pretrain: raw
     assert report.template_clean("你好") and not report.template_clean("a</think>b")
     assert not report.template_clean("assistant\nhi") and report.template_clean(report.reply_parts("x</think>y")[1])
+
+
+def card_of(tmp_path, name, *flags):
+    """eval.py --card in this process on the given runs and flags -> the card's markdown."""
+    evaluate.main(["--card", str(tmp_path / f"{name}.md"), *map(str, flags), "--quiet"])
+    return (tmp_path / f"{name}.md").read_text()
+
+
+def test_report_card_in_a_time_budget(base_ckpt, sft_ckpt, tmp_path):
+    """--card --max-time 0 cuts to the minimum, a document of each file and a prompt, the same for every model,
+    and says so; every section is still there; what it keeps is what the card without a budget has; a budget
+    that fits everything cuts nothing."""
+    texts = [write_jsonl(tmp_path / "a.jsonl", [{"text": f"第{i}篇：小明喜欢一本书。"} for i in range(5)]),
+             write_jsonl(tmp_path / "b.jsonl", [{"text": "The cat likes the sea."}, {"text": "我们喜欢大海。"}])]
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "你好", "category": "x"},
+                                                 {"prompt": "Hello", "category": "x"},
+                                                 {"prompt": "中国的首都是哪里？", "category": "y"},
+                                                 {"turns": ["我叫小明。", "我叫什么名字？"], "category": "z"}])
+    common = ["--ckpt", base_ckpt, "--ckpt", sft_ckpt, "--text", *texts, "--prompts", prompts, "--max-new-tokens",
+              "6", "--threads", "1"]
+    full, cut, roomy = (card_of(tmp_path, "full", *common), card_of(tmp_path, "cut", *common, "--max-time", "0"),
+                        card_of(tmp_path, "roomy", *common, "--max-time", "30"))
+    assert "time budget" not in full
+    assert re.search(r"- this card: \d+ s of its 0 s time budget \(--max-time\); cut to fit it: held-out text, "
+                     r"2 of 7 documents; replies, 1 of 4 prompts", cut)
+    assert "(lower is better; time budget: a 1 of 5, b 1 of 2 documents" in cut
+    assert "Replies to 1 of 4 prompts (time budget" in cut
+    for section in ("## Training", "## Held out", "| base/ckpt_000000 |", "| sft/ckpt_000060 |", "## Replies",
+                    "## Loss curves"):
+        assert section in full and section in cut
+    # the one prompt kept is the first in the fixed order, answered with the seed it has in the full card
+    kept = re.findall(r"^- \*\*.*", cut, re.M)
+    assert kept == re.findall(r"^- \*\*你好\*\*.*", full, re.M) and "1/1 replies template-clean" in cut
+    assert evaluate.prompt_order([("c", "", [])] * 2 + [("d", "", [])] * 2 + [("e", "", [])]) == [0, 2, 4, 1, 3]
+    # the seeded order keeps the documents of a cut the same from card to card
+    assert evaluate.doc_order({"a": list("abcdef")}) == evaluate.doc_order({"a": list("abcdef")})
+    assert "nothing cut" in roomy
+    assert roomy.split("## Training")[1].replace("roomy.png", "full.png") == full.split("## Training")[1]
+
+
+def test_card_budget_shares_what_is_left():
+    """report.CardBudget: a measured kind costs as much again; what is left after the known parts to come is
+    shared by the next part and the later parts of kinds not yet measured."""
+    import report
+    now = [0.0]
+    budget = report.CardBudget(100, ["load", "text", "load", "text", "replies", "load", "text", "replies"],
+                               clock=lambda: now[0])
+    assert budget.until() == pytest.approx(100 / 8)  # nothing measured: an equal share
+    now[0] = 2
+    budget.done("load", 2)  # two more loads to come: 4 s known
+    assert budget.until() == pytest.approx(2 + (98 - 4) / 5)  # text, then text, replies, text, replies
+    now[0] = 20
+    budget.done("text", 18)
+    now[0] = 38
+    budget.done("load", 0.5)  # the kind's first measure stays its cost
+    budget.done("text", 17.5)
+    assert budget.until() == pytest.approx(38 + (62 - 2 - 18) / 2)  # these replies and the last ones
+    assert report.fits(0, 1, until=3, clock=lambda: 1.5) and not report.fits(0, 1, until=3, clock=lambda: 2)
+    assert report.CardBudget(None, ["load"]).until() is None and report.fits(0, 1, None)
