@@ -369,6 +369,7 @@ def tool_calls_section(results: list, budget: Optional[dict] = None) -> list:
         for t, (call, error) in zip(r["tools"], verdicts):
             fit = t["prompt_tokens"] < t["context"]
             reply = f": {t['reply'][:60]!r}" if t["reply"] else " (an empty reply)" if fit else ""
-            lines.append(f"- **{t['user']}** -> " + (f"valid: `{call[:120]}`" if error is None else error[:100] + reply))
+            lines.append(f"- **{t['user']}** -> " +
+                         (f"valid: `{call[:120]}`" if error is None else error[:100] + reply))
         lines.append("")
     return lines
