@@ -23,7 +23,8 @@ items and the summary puts them side by side. Without either, the newest run und
 --runs PATH...   every checkpoint of each run (checkpoint directories too), metrics plotted
                  against steps (--plot)
 --card FILE      the report card of the runs given with --ckpt (report.py): machine, each stage's
-                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies;
+                 training, held-out bits per byte, DPO reward accuracy, GRPO before/after, replies,
+                 tool-call validity (greedy replies to tool prompts);
                  --max-time MINUTES: in a time budget, fewer held-out documents and prompts if they
                  do not fit (the same for every model, in a fixed order), and the card says so
 
@@ -626,12 +627,13 @@ def build_parser():
     g = p.add_argument_group("report card (report.py)")
     g.add_argument("--card", default=None, metavar="FILE",
                    help="markdown report card of the --ckpt runs (held-out text of the embedded corpora unless "
-                        "--text, the built-in prompts unless --prompts FILE); loss curves in FILE's .png")
+                        "--text, the built-in prompts unless --prompts FILE, greedy replies to report.py's tool "
+                        "prompts); loss curves in FILE's .png")
     g.add_argument("--wall-seconds", type=float, default=None, help="--card: the whole run's wall time, to show")
     g.add_argument("--max-time", type=float, default=None, metavar="MINUTES",
                    help="--card: its time budget; the card measures as it goes and scores fewer held-out documents "
-                        "and answers fewer prompts to fit (the same ones for every model, in a fixed order; at least "
-                        "one of each), and says what it cut (default: no budget, everything)")
+                        "and answers fewer prompts and tool prompts to fit (the same ones for every model, in a "
+                        "fixed order; at least one of each), and says what it cut (default: no budget, everything)")
     g = p.add_argument_group("output")
     g.add_argument("--json", default=None, metavar="FILE", help="every result, per-item log-likelihoods included")
     g.add_argument("--plot", default=None, metavar="FILE",
@@ -734,15 +736,33 @@ def card_replies(lm: LM, prompts: list, order: list, args, count: Optional[int],
     return [done[n] for n in sorted(done)], len(done)
 
 
+def card_tools(lm: LM, args, count: Optional[int], until: Optional[float]) -> tuple:
+    """Greedy replies to the first `count` of report.TOOL_PROMPTS, or (count None) to as many as fit before
+    `until`, at least one; the prompt's tool offered as serve.py offers a request's tools (the chat
+    template) -> (results, count). A prompt longer than the context is not answered (the card says so)."""
+    done, started = [], time.monotonic()
+    for lang, name, user in report.TOOL_PROMPTS[:count]:
+        ids = lm.tok.encode_chat([{"role": "user", "content": user}], tools=report.tool_schemas([name]),
+                                 add_generation_prompt=True)
+        new = generate(lm, ids, args.max_new_tokens, 0.0, 1.0, args.seed)
+        done.append({"user": user, "language": lang, "tools": [name], "prompt_tokens": len(ids),
+                     "context": lm.context, "reply": lm.tok.decode(new, skip_special_tokens=True)})
+        if count is None and not report.fits(started, len(done), until):
+            break
+    return done, len(done)
+
+
 def card_results(args, stages: list, texts: dict, prompts: list, started: float) -> tuple:
-    """Every --ckpt model on the held-out text and (chat models) the prompts. Within --max-time the first
-    model to do each measures as it goes how many documents and prompts fit its share (report.CardBudget),
-    and every later model does as many, the same ones, so the card compares them -> (results, cuts)."""
+    """Every --ckpt model on the held-out text and (chat models) the prompts and tool prompts. Within --max-time
+    the first model to do each measures as it goes how many documents and prompts fit its share
+    (report.CardBudget), and every later model does as many, the same ones, so the card compares them
+    -> (results, cuts)."""
     files, order = doc_order(texts), prompt_order(prompts)
     chat = [not raw_format(s["stage"], args) for s in stages]
     budget = report.CardBudget(None if args.max_time is None else args.max_time * 60,
-                               [p for c in chat for p in ("load", "text", "replies")[:2 + c]], started)
-    rounds, replies = (None, None) if args.max_time is not None else (max(map(len, files.values())), len(order))
+                               [p for c in chat for p in ("load", "text", "replies", "tools")[:2 + 2 * c]], started)
+    rounds, replies, tools = ((None, None, None) if args.max_time is not None else
+                              (max(map(len, files.values())), len(order), len(report.TOOL_PROMPTS)))
     results, names = [], set()
     for (kind, path), is_chat in zip(model_specs(args), chat):
         t = time.monotonic()
@@ -758,10 +778,14 @@ def card_results(args, stages: list, texts: dict, prompts: list, started: float)
             t = time.monotonic()
             result["prompts"], replies = card_replies(lm, prompts, order, args, replies, budget.until())
             budget.done("replies", time.monotonic() - t)
+            t = time.monotonic()
+            result["tools"], tools = card_tools(lm, args, tools, budget.until())
+            budget.done("tools", time.monotonic() - t)
         results.append(result)
         del lm
     return results, {"seconds": budget.seconds, "text": {n: (min(rounds, len(d)), len(d)) for n, d in files.items()},
-                     "replies": (replies, len(prompts)) if replies is not None else None}
+                     "replies": (replies, len(prompts)) if replies is not None else None,
+                     "tools": (tools, len(report.TOOL_PROMPTS)) if tools is not None else None}
 
 
 def write_card(args, started: float) -> list:

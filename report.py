@@ -8,10 +8,11 @@ val loss (SFT's val loss is its held-out reply loss). Measured here: bits per by
 text held out from the embedded corpora (held_out_texts: the documents prepare.py puts in val, Chinese
 and English), DPO's held-out reward accuracy with its standard error (dpo_reward_accuracy), GRPO's
 held-out metrics before and after (its log's step 0 and last evaluation), replies to eval.py's
-prompts and how many are template-clean (template_clean). Loss curves: a png beside the markdown.
+prompts and how many are template-clean (template_clean), and how many greedy replies to TOOL_PROMPTS
+make a valid tool call (tool_call_verdict). Loss curves: a png beside the markdown.
 
 With a time budget (eval.py --card --max-time, CardBudget) the card measures its parts as it goes and
-scores fewer held-out documents and answers fewer prompts (the same ones for every model, in a fixed
+scores fewer held-out documents and answers fewer prompts and tool prompts (the same ones for every model, in a fixed
 order), and says so.
 """
 import contextlib
@@ -30,7 +31,8 @@ import corpus
 from checkpoint import atomic_write_text, load_checkpoint, resolve_checkpoint
 from data import DPOData
 from losses import accuracy_se, reference_logprobs
-from tokenizer import parse_reply
+from rl.tools import TOOLS, check_tool_call, find_tool_calls
+from tokenizer import TOOL_CALL, parse_reply
 
 # what a reply shown to a user never holds: the chat template's markers and tags
 TEMPLATE_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>",
@@ -46,6 +48,47 @@ def template_clean(text: str) -> bool:
 def reply_parts(raw: str, thinking: bool = False) -> tuple:
     """(reasoning, content, tool calls) of a raw reply, as every front end shows it (tokenizer.parse_reply)."""
     return parse_reply(raw, thinking)
+
+
+# the tool prompts of the card: (language, the tool offered, prompt), one for each tool of the sandbox
+# (rl/tools.py), Chinese and English; one tool each, so the prompt fits a speedrun model's context (every
+# tool's schema together is ~400 tokens of a 6400-token vocabulary); a cut keeps the first ones
+TOOL_PROMPTS = [("en", "calculator", "What is (17 + 25) * 3? Use the calculator."),
+                ("zh", "unit_convert", "把 5 公里换算成英里。"),
+                ("en", "lookup", "What is the capital of France? Look it up."),
+                ("zh", "calculator", "用计算器算一下 123 乘以 45 等于多少。")]
+
+
+def tool_schemas(names: list) -> list:
+    """The sandbox tools named, as OpenAI function specs (what render_chat takes as `tools`)."""
+    return [TOOLS[name].schema() for name in names]
+
+
+def tool_call_verdict(reply: str, offered: list) -> tuple:
+    """Whether a reply makes a valid tool call: parse_reply finds at least one call, and every call in it
+    (blocks whose JSON did not parse included: parse_reply leaves them in the content) passes
+    rl.tools.check_tool_call against the offered tools (`offered`: their names) -> (the calls as
+    `name(arguments)` text, None) or (None, what was wrong). Arguments are read as a client of serve.py
+    reads them: the JSON text of the parsed call."""
+    schemas = {name: TOOLS[name].parameters for name in offered}
+    _, content, calls = parse_reply(reply)
+    blocks = []
+    for c in calls:
+        try:
+            args = json.loads(c["function"]["arguments"])
+        except ValueError:
+            args = c["function"]["arguments"]  # not JSON: check_tool_call says the arguments are no object
+        blocks.append(json.dumps({"name": c["function"]["name"], "arguments": args}, ensure_ascii=False))
+    blocks += find_tool_calls(content)
+    if not blocks:
+        return None, "no tool call" + (" (an unclosed <tool_call>)" if TOOL_CALL in content else "")
+    shown = []
+    for block in blocks:
+        call, error = check_tool_call(block, schemas)
+        if error:
+            return None, error
+        shown.append(f"{call['name']}({json.dumps(call['arguments'], ensure_ascii=False)})")
+    return "; ".join(shown), None
 
 
 def machine() -> dict:
@@ -177,7 +220,7 @@ def plot_curves(runs: list, path: Path) -> Optional[Path]:
 
 class CardBudget:
     """The report card's time budget: its work is a list of parts in order (each model's "load", "text",
-    "replies"). A kind of part measured once is taken to cost as much again; what is left after the
+    "replies", "tools"). A kind of part measured once is taken to cost as much again; what is left after the
     known parts still to come is shared evenly by the next part and the later parts of kinds not yet
     measured. seconds=None: no budget (every part may take what it takes); start: when it began (clock's
     time; default now)."""
@@ -218,8 +261,9 @@ def fmt(x, spec: str = ".3f") -> str:
 def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], rl: dict, png: Optional[str],
          wall: Optional[float] = None, budget: Optional[dict] = None) -> str:
     """The report card as markdown. results: eval.py's, one per model ("text" per held-out file,
-    "prompts" with the raw replies). budget (a time budget's): {"seconds", "spent", "text": {file: (scored,
-    of)}, "replies": (answered, of)}, said in the header and beside what it cut."""
+    "prompts" with the raw replies, "tools" with the raw replies to TOOL_PROMPTS). budget (a time budget's):
+    {"seconds", "spent", "text": {file: (scored, of)}, "replies": (answered, of), "tools": (answered, of)},
+    said in the header and beside what it cut."""
     m = machine_info
     lines = ["# minimind report card", "",
              f"- machine: {m['cpu']}" + (f", bf16 units: {', '.join(m['bf16_units'])}" if m["bf16_units"] else
@@ -252,6 +296,7 @@ def card(machine_info: dict, stages: list, results: list, dpo: Optional[dict], r
             got = r.get("text", {}).get("files", {})
             lines.append(f"| {r['model']['name']} | " + " | ".join(fmt(got.get(f, {}).get("bpb")) for f in files) + " |")
     lines += replies_section(results, budget)
+    lines += tool_calls_section(results, budget)
     if png:
         lines += ["", "## Loss curves", "", f"![loss curves]({png})"]
     return "\n".join(lines) + "\n"
@@ -266,7 +311,9 @@ def budget_line(budget: dict) -> str:
     cuts = ([f"held-out text, {sum(n for n, _ in budget['text'].values())} of "
              f"{sum(m for _, m in budget['text'].values())} documents"] if any(map(cut, budget["text"].values()))
             else []) + ([f"replies, {budget['replies'][0]} of {budget['replies'][1]} prompts"]
-                        if budget["replies"] and cut(budget["replies"]) else [])
+                        if budget["replies"] and cut(budget["replies"]) else []) + \
+           ([f"tool calls, {budget['tools'][0]} of {budget['tools'][1]} tool prompts"]
+            if budget.get("tools") and cut(budget["tools"]) else [])
     return (f"- this card: {budget['spent']:.0f} s of its {budget['seconds']:.0f} s time budget (--max-time); " +
             ("cut to fit it: " + "; ".join(cuts) if cuts else "nothing cut"))
 
@@ -298,5 +345,31 @@ def replies_section(results: list, budget: Optional[dict] = None) -> list:
             extra = (f" [reasoning: {reasoning[:80]!r}]" if reasoning else "") + \
                     "".join(f" [tool call {c['function']['name']}]" for c in calls)
             lines.append(f"- **{t['user']}** -> {content[:200]!r}{extra}")
+        lines.append("")
+    return lines
+
+
+def tool_calls_section(results: list, budget: Optional[dict] = None) -> list:
+    """Each chat model's greedy replies to the tool prompts: how many make a valid call (tool_call_verdict),
+    and per prompt the call or what was wrong."""
+    answered = [r for r in results if r.get("tools")]
+    if not answered:
+        return []
+    lines = ["", "## Tool calls", "", "Greedy replies to prompts offered a tool each; valid: the reply parses into "
+             "a call of the offered tool whose arguments fit its schema.", ""]
+    if budget and budget.get("tools") and cut(budget["tools"]):
+        lines += [f"Tool prompts: {budget['tools'][0]} of {budget['tools'][1]} (time budget: the first ones, the "
+                  "same for every model).", ""]
+    for r in answered:
+        verdicts = [(None, f"the prompt ({t['prompt_tokens']} tokens) does not fit the context ({t['context']})")
+                    if t["prompt_tokens"] >= t["context"] else tool_call_verdict(t["reply"], t["tools"])
+                    for t in r["tools"]]
+        lines += [f"### {r['model']['name']}: tool calls: {sum(e is None for _, e in verdicts)} of "
+                  f"{len(verdicts)} valid", ""]
+        for t, (call, error) in zip(r["tools"], verdicts):
+            fit = t["prompt_tokens"] < t["context"]
+            reply = f": {t['reply'][:60]!r}" if t["reply"] else " (an empty reply)" if fit else ""
+            lines.append(f"- **{t['user']}** -> " +
+                         (f"valid: `{call[:120]}`" if error is None else error[:100] + reply))
         lines.append("")
     return lines

@@ -425,6 +425,13 @@ def test_report_card_of_tiny_runs(base_ckpt, sft_ckpt, dpo_dir, tmp_path):
     for name in ("zh-text", "zh-chat", "en-chat"):
         assert name in text
     assert len(re.findall(r"replies template-clean as shown", text)) == 2  # sft, dpo: chat; pretrain: raw
+    # tool-call validity of the chat models, a line per tool prompt
+    tools = text.split("## Tool calls")[1].split("## Loss curves")[0]
+    counts = re.findall(r"^### (\S+): tool calls: (\d+) of (\d+) valid$", tools, re.M)
+    assert [(int(k) <= 4, n) for _, k, n in counts] == [(True, "4")] * 2
+    assert len(re.findall(r"^- \*\*", tools, re.M)) == 8 and "What is the capital of France?" in tools
+    # the tiny models' context (their training's 128 tokens) holds no tool prompt: said, not answered
+    assert len(re.findall(r"-> the prompt \(\d+ tokens\) does not fit the context \(128\)", tools)) == 8
     assert report.template_clean("你好") and not report.template_clean("a</think>b")
     assert not report.template_clean("assistant\nhi") and report.template_clean(report.reply_parts("x</think>y")[1])
 
@@ -439,6 +446,7 @@ def test_report_card_in_a_time_budget(base_ckpt, sft_ckpt, tmp_path):
     """--card --max-time 0 cuts to the minimum, a document of each file and a prompt, the same for every model,
     and says so; every section is still there; what it keeps is what the card without a budget has; a budget
     that fits everything cuts nothing."""
+    import report
     texts = [write_jsonl(tmp_path / "a.jsonl", [{"text": f"第{i}篇：小明喜欢一本书。"} for i in range(5)]),
              write_jsonl(tmp_path / "b.jsonl", [{"text": "The cat likes the sea."}, {"text": "我们喜欢大海。"}])]
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "你好", "category": "x"},
@@ -446,7 +454,7 @@ def test_report_card_in_a_time_budget(base_ckpt, sft_ckpt, tmp_path):
                                                  {"prompt": "中国的首都是哪里？", "category": "y"},
                                                  {"turns": ["我叫小明。", "我叫什么名字？"], "category": "z"}])
     common = ["--ckpt", base_ckpt, "--ckpt", sft_ckpt, "--text", *texts, "--prompts", prompts, "--max-new-tokens",
-              "6", "--threads", "1"]
+              "6", "--threads", "1", "--context", "1024"]  # a context the tool prompts fit
     full, cut, roomy = (card_of(tmp_path, "full", *common), card_of(tmp_path, "cut", *common, "--max-time", "0"),
                         card_of(tmp_path, "roomy", *common, "--max-time", "30"))
     assert "time budget" not in full
@@ -454,17 +462,64 @@ def test_report_card_in_a_time_budget(base_ckpt, sft_ckpt, tmp_path):
                      r"2 of 7 documents; replies, 1 of 4 prompts", cut)
     assert "(lower is better; time budget: a 1 of 5, b 1 of 2 documents" in cut
     assert "Replies to 1 of 4 prompts (time budget" in cut
+    assert "; tool calls, 1 of 4 tool prompts" in cut and "Tool prompts: 1 of 4 (time budget" in cut
+    assert re.search(r"^### sft/ckpt_000060: tool calls: [01] of 1 valid$", cut, re.M) and "does not fit" not in full
     for section in ("## Training", "## Held out", "| base/ckpt_000000 |", "| sft/ckpt_000060 |", "## Replies",
-                    "## Loss curves"):
+                    "## Tool calls", "## Loss curves"):
         assert section in full and section in cut
     # the one prompt kept is the first in the fixed order, answered with the seed it has in the full card
-    kept = re.findall(r"^- \*\*.*", cut, re.M)
+    kept = re.findall(r"^- \*\*.*", cut.split("## Tool calls")[0], re.M)
     assert kept == re.findall(r"^- \*\*你好\*\*.*", full, re.M) and "1/1 replies template-clean" in cut
+    # the one tool prompt kept is the first, its greedy reply the same as in the full card
+    first = re.escape(report.TOOL_PROMPTS[0][1])
+    assert re.findall(rf"^- \*\*{first}\*\*.*", cut, re.M) == re.findall(rf"^- \*\*{first}\*\*.*", full, re.M)[:1]
     assert evaluate.prompt_order([("c", "", [])] * 2 + [("d", "", [])] * 2 + [("e", "", [])]) == [0, 2, 4, 1, 3]
     # the seeded order keeps the documents of a cut the same from card to card
     assert evaluate.doc_order({"a": list("abcdef")}) == evaluate.doc_order({"a": list("abcdef")})
     assert "nothing cut" in roomy
     assert roomy.split("## Training")[1].replace("roomy.png", "full.png") == full.split("## Training")[1]
+
+
+def test_tool_call_validity_counted():
+    """report.tool_call_verdict / tool_calls_section on hand-written replies: only a parsed call of an offered
+    tool whose arguments fit its schema is valid; every other reply says what was wrong."""
+    import report
+    call = lambda body: f"<tool_call>\n{body}\n</tool_call>"  # noqa: E731
+    offered = ["calculator", "unit_convert", "lookup"]
+    replies = {
+        "valid": call('{"name": "calculator", "arguments": {"expression": "(17 + 25) * 3"}}'),
+        "valid, said first": "Let me check. " + call('{"name": "lookup", "arguments": {"key": "France"}}'),
+        "bad JSON": call('{"name": "calculator", "arguments": {"expression": "1+"'),
+        "unknown tool": call('{"name": "weather", "arguments": {"city": "Paris"}}'),
+        "bad arguments": call('{"name": "unit_convert", "arguments": {"value": "five", "from_unit": "km", '
+                              '"to_unit": "mi"}}'),
+        "missing argument": call('{"name": "lookup", "arguments": {}}'),
+        "one of two bad": call('{"name": "lookup", "arguments": {"key": "iron"}}') + call('{"name": "calc"}'),
+        "no call": "The answer is 126.",
+        "unclosed": '<tool_call>{"name": "lookup", "arguments": {"key": "iron"}}',
+    }
+    verdicts = {k: report.tool_call_verdict(r, offered) for k, r in replies.items()}
+    assert verdicts["valid"] == ('calculator({"expression": "(17 + 25) * 3"})', None)
+    assert verdicts["valid, said first"] == ('lookup({"key": "France"})', None)
+    errors = {k: e for k, (c, e) in verdicts.items() if e is not None}
+    assert all(verdicts[k][0] is None for k in errors) and len(errors) == len(replies) - 2
+    assert "not valid JSON" in errors["bad JSON"] and "unknown tool 'weather'" in errors["unknown tool"]
+    assert "'value' must be a number" in errors["bad arguments"] and "missing argument(s): key" in errors[
+        "missing argument"]
+    assert errors["no call"] == "no tool call" and "unclosed" in errors["unclosed"]
+    assert "unknown tool 'calc'" in errors["one of two bad"]
+    # a tool the prompt did not offer is no valid call
+    assert "unknown tool 'calculator'" in report.tool_call_verdict(replies["valid"], ["lookup"])[1]
+    asked = [{"user": k, "tools": offered, "reply": r, "prompt_tokens": 100, "context": 128}
+             for k, r in replies.items()]
+    # a prompt longer than the context is no valid call, whatever the (empty) reply
+    asked.append({**asked[0], "user": "too long", "prompt_tokens": 128, "reply": ""})
+    lines = report.tool_calls_section([{"model": {"name": "m"}, "tools": asked}, {"model": {"name": "raw"}}])
+    assert "### m: tool calls: 2 of 10 valid" in lines and len([l for l in lines if l.startswith("- **")]) == 10
+    assert "- **unknown tool** -> unknown tool 'weather'" in "\n".join(lines)
+    assert "- **too long** -> the prompt (128 tokens) does not fit the context (128)" in lines
+    assert '- **valid** -> valid: `calculator({"expression": "(17 + 25) * 3"})`' in lines
+    assert report.tool_calls_section([{"model": {"name": "raw"}}]) == []
 
 
 def test_card_budget_shares_what_is_left():
