@@ -888,6 +888,9 @@ def main(argv=None):
         print(f"done in {fmt_time(time.time() - run.t_start)}; checkpoint in {run.out}")
     if run.procs.ddp:
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # everything is written: skip the interpreter's shutdown, which can hang gloo (pytorch#190489)
 
 
 if __name__ == "__main__":

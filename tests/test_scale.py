@@ -7,6 +7,7 @@ gradient made inf on purpose. The reference of each is a clean run told to skip 
 
     python -m pytest tests/test_scale.py -q
 """
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +207,25 @@ def launch_nodes(out, args, logs):
                              start_new_session=True) for log in logs]
 
 
+def kill_node(pid: int):
+    """SIGKILL a torchrun launch and every process under it: torch starts each worker in a session of
+    its own, so killing the launcher's process group leaves the workers training."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))  # ppid -> pids
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
 def wait_nodes(nodes, logs):
     for node, log in zip(nodes, logs):
         assert node.wait(timeout=600) == 0, open(log).read()[-3000:]
@@ -231,11 +252,11 @@ def test_two_nodes_match_one_process_and_a_killed_node_resumes_exactly(pretrain_
     deadline = time.time() + 300
     while not (killed / "latest").exists() and time.time() < deadline and running[1].poll() is None:
         time.sleep(0.05)
-    os.killpg(running[1].pid, signal.SIGKILL)  # node b: its launcher and both workers
+    kill_node(running[1].pid)  # node b: its launcher and both workers
     try:
         running[0].wait(timeout=120)  # node a's workers lose their peers and end
     except subprocess.TimeoutExpired:
-        os.killpg(running[0].pid, signal.SIGKILL)
+        kill_node(running[0].pid)
         running[0].wait()
     assert running[0].returncode != 0, "the run finished before a node could be killed"
     step = json.loads((resolve_checkpoint(killed) / "state.json").read_text())["step"]
