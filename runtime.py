@@ -347,14 +347,14 @@ class CpuThreads:
             threads.tick()            # in the thread that computes: cheap; re-chooses once a `interval`
 
     torch's threads meet after every parallel op (OpenMP), so one of them taken off its core by another
-    process stalls all of them: beside one busy process on 2 cores, 2 threads trained tiny 4.4x and
-    decoded 3.4x slower than 1 thread (BENCHMARKS.md, contention). Every `interval` seconds tick()
-    reads how much of this process's CPUs (its affinity) the other processes used since the last reading
-    (/proc/stat less this process's own time) and uses the cores they left: round(CPUs - others' busy
-    cores), at least 1, at most torch's own default (its physical cores). Niced processes count: with
-    the kernel's autogroups (on by default in most distributions) a process of another session gets its
-    share whatever its nice value. OpenMP's wait policy is left as libgomp sets it (spin a
-    while, then sleep): PASSIVE, sleeping at once, cost a third of the idle training speed.
+    process stalls all of them: beside one busy process on 2 cores, 2 threads trained tiny 1.6-1.8x and
+    decoded 2.5-2.8x slower than 1 thread (BENCHMARKS.md, contention; more with more jobs). Every
+    `interval` seconds tick() reads how much of this process's CPUs (its affinity) the other processes
+    used since the last reading (/proc/stat less this process's own time) and uses the cores they left:
+    round(CPUs - others' busy cores), at least 1, at most torch's own default (its physical cores).
+    Niced processes count: with the kernel's autogroups (on by default in most distributions) a process
+    of another session gets its share whatever its nice value. OpenMP's wait policy is left as libgomp
+    sets it (spin a while, then sleep): PASSIVE, sleeping at once, cost idle decoding 12-13%.
 
     The count stays fixed (torch's, or `threads`) where the user chose it (OMP_NUM_THREADS), under
     torchrun (processes that share the cores by design) and off Linux (no /proc)."""
