@@ -120,23 +120,63 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear with a faster decoding step on CPU: when torch.compile traces it for at most
-    DECODE_ROWS rows, y = x @ W^T becomes a multiply-and-sum over W's rows, which inductor turns into
-    one vectorised pass over the weight. At so few rows the extern sgemm copies (packs) the weight
-    before reading it, twice the memory traffic of a step that is nothing but weight reads: one
-    thread, the multiply-and-sum decodes 2-3x faster at batch 1, 1.2-1.8x at 2-4 rows; from ~6 rows
-    on, compute-bound, sgemm wins (minimind-3: 0.93x at 8 rows; bench.py decode). Eager calls,
-    training and CUDA (cuBLAS streams a gemv well) use F.linear."""
+    """nn.Linear with faster decoding steps on CPU, where a few rows make y = x @ W^T bound by reading W
+    (fp32, no autograd; training and CUDA, where cuBLAS streams a gemv well, use F.linear):
+    - at most DECODE_ROWS rows traced by torch.compile: a multiply-and-sum over W's rows, which
+      inductor turns into one vectorised pass over the weight. At so few rows the extern sgemm copies
+      (packs) the weight before reading it, twice the memory traffic: one thread, the
+      multiply-and-sum decodes 2-3x faster at batch 1, 1.2-1.8x at 2-4 rows;
+    - otherwise up to SPLIT_ROWS rows: `split_linear`, W's rows in slices that the threads share
+      (eager: `cpu_gemv`, a slice per thread; compiled: COMPILED_SLICES, since the thread count
+      cannot be read inside a graph)."""
     DECODE_ROWS = 4
+    SPLIT_ROWS = 16
+    COMPILED_SLICES = 8
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if torch.compiler.is_compiling() and x.device.type == "cpu" and rows <= self.DECODE_ROWS:
-            w = self.weight  # (O, I)
+        if rows > self.SPLIT_ROWS or x.device.type != "cpu":
+            return F.linear(x, self.weight, self.bias)
+        if not torch.compiler.is_compiling():
+            return cpu_gemv(x, self.weight, self.bias)
+        w = self.weight  # (O, I)
+        if rows <= self.DECODE_ROWS:
             y = (x.reshape(rows, 1, -1) * w[None]).sum(-1)  # (N, O)
-            y = y if self.bias is None else y + self.bias
-            return y.reshape(*x.shape[:-1], w.shape[0])
-        return F.linear(x, self.weight, self.bias)
+        elif splits(w, self.COMPILED_SLICES, x.dtype):
+            y = split_linear(x.reshape(rows, -1), w, self.COMPILED_SLICES)  # (N, O)
+        else:
+            return F.linear(x, w, self.bias)
+        y = y if self.bias is None else y + self.bias
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def splits(w, parts: int, dtype) -> bool:
+    """Whether x @ w^T goes through split_linear: fp32 (the dtype MKL's sgemm serves), no autograd,
+    `parts` > 1 dividing w's rows, and w at least 2**17 elements (a smaller one stays in cache,
+    where the bmm's own cost is the larger)."""
+    O, I = w.shape
+    return (parts > 1 and O % parts == 0 and O * I >= 2 ** 17 and dtype == w.dtype == torch.float32
+            and not torch.is_grad_enabled())
+
+
+def split_linear(x, w, parts: int):
+    """x (N, I) @ w^T for w (O, I), as one bmm over `parts` slices of w's rows, whose batch (the
+    slices) aten spreads over the threads -> (N, O)."""
+    rows, (O, I) = x.shape[0], w.shape
+    ws = w.view(parts, O // parts, I).transpose(1, 2)  # (P, I, O/P): slice p holds rows p*O/P.. of w
+    y = torch.bmm(x[None].expand(parts, rows, I), ws)  # (P, N, O/P)
+    return y.transpose(0, 1).reshape(rows, O)  # (N, O), the slices side by side
+
+
+def cpu_gemv(x, w, bias=None):
+    """F.linear(x, w, bias) for a few rows of x (..., I) on CPU, eager: a slice of w's rows per thread
+    (split_linear) where `splits` allows. MKL's sgemv, what F.linear runs for one row, uses one thread
+    (2-core EPYC, minimind-3's shapes, cold weights: 13-18 GB/s, split 24-30 GB/s, a plain read
+    26-30), and its sgemm at 4-64 rows ran 0.5-0.9x as fast as the split."""
+    if not splits(w, torch.get_num_threads(), x.dtype):
+        return F.linear(x, w, bias)
+    y = split_linear(x.reshape(-1, w.shape[1]), w, torch.get_num_threads()).view(*x.shape[:-1], w.shape[0])
+    return y if bias is None else y + bias
 
 
 def yarn_inv_freq(head_dim: int, theta: float, scaling: dict):

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from engine import Engine, GenRequest
-from minimind import WINDOW, MiniMind, ModelConfig, SamplingParams, cache_slots, left_pad
+import torch.nn.functional as F
+
+from minimind import WINDOW, Linear, MiniMind, ModelConfig, SamplingParams, cache_slots, left_pad
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=True)
 MOE = dict(SMALL, n_experts=4, top_k=1)
@@ -68,6 +70,27 @@ def test_compiled_greedy_equals_eager(cfg, batches):
     with torch.compiler.set_stance("fail_on_recompile"):  # new batch size, cache length, padding
         compiled = m.generate(idx, 30, temperature=0, pad=pad, compiled=True)
     assert torch.equal(compiled, m.generate(idx, 30, temperature=0, pad=pad))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("rows,op", [(1, "sum"), (4, "sum"), (6, "bmm"), (16, "bmm"), (17, "linear")])
+def test_compiled_cpu_linear_by_rows(rows, op):
+    """What a traced minimind.Linear computes on CPU, by rows: up to DECODE_ROWS a multiply-and-sum (one
+    streaming pass over W), up to SPLIT_ROWS one bmm over COMPILED_SLICES slices of W's rows (MKL runs
+    a few rows' sgemm on fewer threads than it has), then F.linear; the values are F.linear's."""
+    graphs = []
+
+    def capture(gm, example_inputs):  # the FX graph dynamo traced, run as it is
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch.manual_seed(0)
+    lin = Linear(512, 256 + 8, bias=False)  # 135k weights: large enough to split
+    x = torch.randn(rows, 512)
+    got = torch.compile(lin, backend=capture, fullgraph=True, dynamic=False)(x)
+    torch.testing.assert_close(got, F.linear(x, lin.weight), atol=1e-5, rtol=1e-5)
+    calls = {"sum": "sum(", "bmm": "torch.bmm", "linear": "torch._C._nn.linear"}
+    assert [k for k, call in calls.items() if call in graphs[0]] == [op], graphs[0]
 
 
 def test_engine_compiled_equals_eager():

@@ -5,7 +5,9 @@
 import pytest
 import torch
 
-from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams
+import torch.nn.functional as F
+
+from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams, cpu_gemv
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
 
@@ -45,6 +47,46 @@ def test_kv_cache_decoding_matches_full_forward(extra):
         torch.testing.assert_close(got, full[:, t], atol=1e-5, rtol=1e-5)
     # the cache is preallocated and written in place
     assert cache.max_len == 32 and cache.len == 17
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_eager_cpu_decoding_splits_weight_rows_between_threads(threads, monkeypatch):
+    """cpu_gemv, the eager few-rows matmul on CPU: one bmm over `threads` slices of W's rows where they
+    divide evenly and W is large (F.linear's gemv runs on one thread), F.linear otherwise; the same
+    values either way, and KV-cache decoding through it still matches the full forward."""
+    bmms = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: bmms.append(a[1].shape) or bmm(*a))
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        for rows, out, width, bias in [(1, 12, 11000, False), (4, 12, 11000, True), (3, 7, 20000, False),
+                                       (1, 12, 40, False)]:
+            w, x = torch.randn(out, width), torch.randn(1, rows, width)
+            b = torch.randn(out) if bias else None
+            bmms.clear()
+            with torch.no_grad():
+                got = cpu_gemv(x, w, b)
+            torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-4, rtol=1e-5)
+            split = threads > 1 and out % threads == 0 and width > 40
+            assert bmms == ([(threads, width, out // threads)] if split else []), (rows, out, width)
+        with torch.enable_grad():  # training never takes the split
+            bmms.clear()
+            cpu_gemv(torch.randn(1, 11000), torch.randn(12, 11000, requires_grad=True))
+            assert bmms == []
+        m = MiniMind(ModelConfig(vocab_size=300, dim=512, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384)).eval()
+        idx = torch.randint(0, 300, (1, 12))
+        with torch.no_grad():
+            full, _ = m(idx)
+            cache = m.new_cache(1, 16)
+            m(idx[:, :8], cache=cache)
+            bmms.clear()
+            steps = [m(idx[:, t:t + 1], cache=cache)[0][0, -1] for t in range(8, 12)]
+        torch.testing.assert_close(torch.stack(steps), full[0, 8:12], atol=1e-5, rtol=1e-5)
+        assert bool(bmms) == (threads > 1)
+    finally:
+        torch.set_num_threads(saved)
 
 
 def test_kv_cache_overflow_is_an_error():
