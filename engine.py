@@ -29,7 +29,7 @@ from typing import Callable, Optional
 
 import torch
 
-from minimind import Sampler, SamplingParams
+from minimind import Linear, Sampler, SamplingParams
 from runtime import tick_threads
 
 
@@ -139,10 +139,12 @@ class Engine:
 
     @torch.no_grad()
     def _warm_up(self):
-        """Compile the decode step for a full batch, a few rows and one (a few tokens each) before
-        serving; if that fails, say why and decode eagerly."""
+        """Compile the decode step before serving, a few tokens for each graph a batch can need: one row,
+        and on CPU the first row count of each of minimind.Linear's regimes (multiply-and-sum, split,
+        sgemm), up to a full batch; if that fails, say why and decode eagerly."""
+        firsts = {1, 2} | ({Linear.DECODE_ROWS + 1, Linear.SPLIT_ROWS + 1} if self.device.type == "cpu" else set())
         try:
-            for rows in sorted({self.max_batch, 2, 1}, reverse=True):  # a graph each (Linear.DECODE_ROWS)
+            for rows in sorted({r for r in firsts if r < self.max_batch} | {self.max_batch}, reverse=True):
                 idx = torch.full((rows, 1), self.eos_id, dtype=torch.long, device=self.device)
                 for _ in self.model.generate_stream(idx, 3, temperature=0, compiled=True):
                     pass
