@@ -53,7 +53,7 @@ from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizer
 
 import mmkernels
 from benchlib import (bench_batch, contention, contention_lines, ddp_fsdp_peaks, fresh_inductor_cache,
-                      measure_bandwidth, sync_fn, timed_rates, train_step_time)
+                      measure_bandwidth, sync_fn, timed_rates, train_step_time, unsplit_linear)
 from checkpoint import save_checkpoint
 from minimind import PRESETS, FeedForward, MiniMind, MoE, left_pad
 from mmkernels import moe_experts, moe_route, rms_norm, rope
@@ -218,8 +218,8 @@ def bench_memory(device, out, name: str, seq_len: int, steps: int):
 
 
 def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=True):
-    """Batch-1 KV-cache decoding against one pass over all weights per token, eager and compiled
-    (MiniMind.step through torch.compile), with the compile time (cold: an empty inductor cache; warm:
+    """Batch-1 KV-cache decoding against one pass over all weights per token, eager (also with F.linear
+    for every matmul: `unsplit_linear`) and compiled (MiniMind.step through torch.compile), with the compile time (cold: an empty inductor cache; warm:
     compiled again from the cache it filled) and the tokens after which compiling has paid for itself.
     The limit's bandwidth is measured between the timed runs (a busy machine's bandwidth changes)."""
     rows = out.setdefault("decode_limit", [])
@@ -230,6 +230,7 @@ def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=T
         model = MiniMind(PRESETS[name]).to(device, dtype).eval()
         prompt = torch.randint(3, 6400, (1, 16), device=device)
         variants = {"eager": lambda: sum(1 for _ in model.generate_stream(prompt, new_tokens, temperature=0))}
+        variants["eager_unsplit"] = unsplit_linear()(variants["eager"])  # F.linear's one-thread gemv
         list(model.generate_stream(prompt, 4, temperature=0))  # warm up
         row = {"model": name, "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
         if compile_too:
@@ -251,7 +252,9 @@ def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=T
             row[f"{k}_tok_s"], row[f"{k}_cpu_tok_s"] = round(tps, 1), round(cpu_tps, 1)
             row[f"{k}_fraction"] = round(tps / limit, 3)
         e = rates["eager"][0]
-        line = f"decode {name:16s} batch 1: eager {e:7.1f} tok/s ({100 * e / limit:.0f}%)"
+        u = rates["eager_unsplit"][0]
+        line = (f"decode {name:16s} batch 1: eager {e:7.1f} tok/s ({100 * e / limit:.0f}%; F.linear's gemv "
+                f"{u:.1f}, {100 * u / limit:.0f}%)")
         if compile_too:
             c = rates["compiled"][0]
             saved = 1 / e - 1 / c  # seconds per token

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minimind import PRESETS, MiniMind
+from minimind import PRESETS, Linear, MiniMind
 from optim import make_optimizer
 from runtime import CpuThreads, PeakMalloc, keep_freed_memory, malloc_in_use, parallelize, setup_distributed
 
@@ -72,6 +72,17 @@ def timed_rates(variants: dict, reps: int, sync, probe=None):
             runs[k].append((n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)))
     rates = {k: tuple(statistics.median(r[i] for r in v) for i in (0, 1)) for k, v in runs.items()}
     return (rates, statistics.median(probes)) if probe is not None else rates
+
+
+@contextlib.contextmanager
+def unsplit_linear():
+    """minimind.Linear without split_linear (F.linear at every row count: MKL's one-thread sgemv for a
+    row), eager decoding as it was before the split, for a ratio measured in the same run."""
+    saved, Linear.SPLIT_ROWS = Linear.SPLIT_ROWS, 0
+    try:
+        yield
+    finally:
+        Linear.SPLIT_ROWS = saved
 
 
 @contextlib.contextmanager

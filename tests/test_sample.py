@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from bench import bench_decode
+from bench import bench_decode, bench_decode_limit
 from conftest import ROOT
+from minimind import Linear
 from tokenizer import Tokenizer, TokenDecoder, _byte_level_alphabet
 from sample import fit_history, generate_batch, stream_tokens
 from tokenizer import token_bytes
@@ -226,3 +227,12 @@ def test_bench_decode_reports_rates():
     rows = out["decode"]
     assert [(r["model"], r["batch"]) for r in rows] == [("tiny", 1), ("tiny", 3)]
     assert all(r["kv_tok_s"] > 0 and r["naive_tok_s"] > 0 and r["speedup"] > 0 for r in rows)
+
+
+def test_bench_decode_limit_compares_the_split_with_f_linear_in_one_run():
+    out, split_rows = {}, Linear.SPLIT_ROWS
+    bench_decode_limit("cpu", out, ["tiny"], new_tokens=4, reps=1, compile_too=False)
+    (row,) = out["decode_limit"]
+    assert row["limit_tok_s"] > 0 and row["eager_tok_s"] > 0 and row["eager_unsplit_tok_s"] > 0
+    assert row["eager_unsplit_fraction"] == round(row["eager_unsplit_tok_s"] / row["limit_tok_s"], 3)
+    assert Linear.SPLIT_ROWS == split_rows  # unsplit_linear put it back
