@@ -11,9 +11,11 @@ the calculator walks the `ast` of the expression and never calls eval/exec. Refu
 responses for the model, never exceptions.
 """
 import ast
+import itertools
 import json
 import math
 import operator
+import re
 import sys
 import unicodedata
 import warnings
@@ -322,12 +324,27 @@ def schemas_of(record) -> dict:
     return {t.get("function", t)["name"]: t.get("function", t).get("parameters", {}) for t in tools}
 
 
+MAX_JSON_DEPTH = 64  # a tool call nests a few levels; deeper is refused before parsing
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NESTING = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def json_depth(text: str) -> int:
+    """The deepest nesting of [ and { in `text`, brackets inside JSON strings not counted. Checked
+    before json.loads, so that a deep call is refused the same way whatever Python's recursion limit
+    (1,000 by default; inductor raises it to 2,000 once it compiles, and json's parser recurses)."""
+    bare = _JSON_STRING.sub("", text)
+    return max(itertools.accumulate(_NESTING.get(c, 0) for c in bare), default=0)
+
+
 def check_tool_call(block: str, schemas: dict):
     """Parse one tool-call block (its JSON, with or without the tags) against `schemas` (name ->
     parameters). Returns (call dict or None, error message or None)."""
     inner = find_tool_calls(block)
     text = inner[0] if inner else block.strip()
     try:
+        if json_depth(text) > MAX_JSON_DEPTH:
+            raise RecursionError
         call = json.loads(text)
     except RecursionError:
         return None, "tool call is not valid JSON (nested too deeply)"

@@ -7,6 +7,7 @@ each one a 1 MB input with a time and memory bound.
     OMP_NUM_THREADS=1 python -m pytest tests/test_hostile_output.py -q
 """
 import json
+import sys
 import time
 import tracemalloc
 
@@ -41,6 +42,21 @@ def test_deep_brackets_are_an_invalid_call_not_a_recursion_error(depth):
     total, parts = rl.compute_rewards(rl.parse_reward_specs("tool exact think"), [[]], [block], [{"answer": "1"}])
     assert total.tolist() == [-1.0] and parts["tool"].tolist() == [-1.0]
     assert parse_reply("hi " + block) == ("", "hi " + block, [])  # an unparsable call stays in the content
+
+
+def test_deep_brackets_are_refused_whatever_the_recursion_limit():
+    """inductor raises Python's recursion limit to 2,000 once it compiles (serve.py --compile), where
+    json's parser would take 1,000 brackets and fail on the next character: the depth is checked
+    first (rl.tools.json_depth), so the answer stays the same; brackets inside strings do not count."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(5000)
+    try:
+        assert rl.check_tool_call(DEEP, rl.schemas_of(None)) == (None, "tool call is not valid JSON (nested too deeply)")
+        parens = "(" * 100 + "1" + ")" * 100
+        call, error = rl.check_tool_call(CALC % json.dumps(parens), rl.schemas_of(None))
+        assert error is None and call["arguments"]["expression"] == parens
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 class ScriptedModel(torch.nn.Module):
