@@ -219,8 +219,9 @@ def bench_memory(device, out, name: str, seq_len: int, steps: int):
 
 def bench_decode_limit(device, out, models, new_tokens=64, reps=5, compile_too=True):
     """Batch-1 KV-cache decoding against one pass over all weights per token, eager (also with F.linear
-    for every matmul: `unsplit_linear`) and compiled (MiniMind.step through torch.compile), with the compile time (cold: an empty inductor cache; warm:
-    compiled again from the cache it filled) and the tokens after which compiling has paid for itself.
+    for every matmul: `unsplit_linear`) and compiled (MiniMind.step through torch.compile), with the
+    compile time (cold: an empty inductor cache; warm: compiled again from the cache it filled) and
+    the tokens after which compiling has paid for itself.
     The limit's bandwidth is measured between the timed runs (a busy machine's bandwidth changes)."""
     rows = out.setdefault("decode_limit", [])
     sync = sync_fn(device)

@@ -173,9 +173,10 @@ def cpu_gemv(x, w, bias=None):
     (split_linear) where `splits` allows. MKL's sgemv, what F.linear runs for one row, uses one thread
     (2-core EPYC, minimind-3's shapes, cold weights: 13-18 GB/s, split 24-30 GB/s, a plain read
     26-30), and its sgemm at 4-64 rows ran 0.5-0.9x as fast as the split."""
-    if not splits(w, torch.get_num_threads(), x.dtype):
+    parts = torch.get_num_threads()
+    if not splits(w, parts, x.dtype):
         return F.linear(x, w, bias)
-    y = split_linear(x.reshape(-1, w.shape[1]), w, torch.get_num_threads()).view(*x.shape[:-1], w.shape[0])
+    y = split_linear(x.reshape(-1, w.shape[1]), w, parts).view(*x.shape[:-1], w.shape[0])
     return y if bias is None else y + bias
 
 

@@ -342,12 +342,10 @@ def check_tool_call(block: str, schemas: dict):
     parameters). Returns (call dict or None, error message or None)."""
     inner = find_tool_calls(block)
     text = inner[0] if inner else block.strip()
-    try:
-        if json_depth(text) > MAX_JSON_DEPTH:
-            raise RecursionError
-        call = json.loads(text)
-    except RecursionError:
+    if json_depth(text) > MAX_JSON_DEPTH:  # so json's parser, which recurses, never meets it
         return None, "tool call is not valid JSON (nested too deeply)"
+    try:
+        call = json.loads(text)
     except ValueError as e:  # a JSONDecodeError, or int()'s refusal of a number of over 4300 digits
         return None, f"tool call is not valid JSON ({getattr(e, 'msg', str(e).split(':')[0])})"
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or "arguments" not in call:
