@@ -37,11 +37,15 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def rope_torch(q, k, cos, sin, offset: int = 0):
     # q: (B, T, Hq, D), k: (B, T, Hk, D), cos/sin: (T', D) or (B, T', D), fp32
-    T, Hq = q.shape[1], q.shape[2]
-    cos, sin = cos[..., offset:offset + T, None, :], sin[..., offset:offset + T, None, :]  # (B|, T, 1, D)
-    x = torch.cat([q, k], dim=2).float()  # (B, T, Hq + Hk, D): both in one go (decoding: half the ops)
-    y = x * cos + rotate_half(x) * sin
-    return y[:, :, :Hq].to(q.dtype), y[:, :, Hq:].to(k.dtype)
+    T = q.shape[1]
+    cos, sin = cos[..., offset:offset + T, :], sin[..., offset:offset + T, :]
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B|1, T, 1, D)
+    qf, kf = q.float(), k.float()
+    q_out = qf * cos + rotate_half(qf) * sin
+    k_out = kf * cos + rotate_half(kf) * sin
+    return q_out.to(q.dtype), k_out.to(k.dtype)
 
 
 # -----------------------------------------------------------------------------
