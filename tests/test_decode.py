@@ -7,10 +7,9 @@ seconds once inductor's cache is warm); the others run decode_step eagerly.
 """
 import pytest
 import torch
-
-from engine import Engine, GenRequest
 import torch.nn.functional as F
 
+from engine import Engine, GenRequest
 from minimind import WINDOW, Linear, MiniMind, ModelConfig, SamplingParams, cache_slots, left_pad
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, qk_norm=True)

@@ -4,7 +4,6 @@
 """
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from minimind import PRESETS, MiniMind, ModelConfig, Sampler, SamplingParams, cpu_gemv
